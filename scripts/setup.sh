@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs everything qwen-edit needs on a fresh machine, idempotently, into the repo:
+#   .venv/  Python env (export tool, reference pipeline, ONNX Runtime's shared library)
+#   .deps/  build-time headers and a sourced env file (.deps/env)
+# Usage: scripts/setup.sh [runtime|all]   (runtime = only what `serve`/`edit` need)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+MODE=${1:-all}
+PY=${PYTHON:-python3}
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+mkdir -p .deps
+
+# --- Python environment -------------------------------------------------------------
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv"
+  "$PY" -m venv .venv
+fi
+VPY=$ROOT/.venv/bin/python
+stamp_ok() { [ -f "$1" ] && cmp -s "$1" "$2"; }
+if [ "$MODE" = runtime ]; then
+  ORT_VER=$(sed -n 's/^onnxruntime==//p' export/requirements.txt)
+  if ! "$VPY" -c "import onnxruntime" 2>/dev/null; then
+    log "installing onnxruntime==$ORT_VER (runtime only)"
+    "$VPY" -m pip install -q --disable-pip-version-check "onnxruntime==$ORT_VER"
+  fi
+else
+  if ! stamp_ok .venv/.requirements.stamp export/requirements.txt; then
+    log "installing export/requirements.txt (torch is large: a few minutes)"
+    "$VPY" -m pip install -q --disable-pip-version-check -r export/requirements.txt
+    cp export/requirements.txt .venv/.requirements.stamp
+  fi
+fi
+
+# --- environment file sourced by the Makefile and CI ---------------------------------
+ORT_LIB=$("$VPY" - <<'PY'
+import glob, os, onnxruntime
+d = os.path.join(os.path.dirname(onnxruntime.__file__), "capi")
+libs = sorted(glob.glob(os.path.join(d, "libonnxruntime.so.*")))
+print(libs[-1] if libs else "")
+PY
+)
+[ -n "$ORT_LIB" ] || { log "libonnxruntime not found in the onnxruntime wheel"; exit 1; }
+{
+  echo "export QWEN_EDIT_ORT_LIB='$ORT_LIB'"
+} > .deps/env
+log "ready (mode: $MODE); environment in .deps/env"
