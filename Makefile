@@ -1,0 +1,23 @@
+# The two entry points of README.md. Both install what they need first (idempotent).
+#   make serve  - serve the embedded tiny model on $(API_HOST):$(API_PORT) (CPU, ONNX Runtime)
+#   make test   - every test: Rust unit + integration tests, export tests, tiny-set regeneration check
+SHELL := /bin/bash
+.ONESHELL:
+.PHONY: serve test setup setup-runtime
+
+setup-runtime:
+	scripts/setup.sh runtime
+
+setup:
+	scripts/setup.sh all
+
+serve: setup-runtime
+	source .deps/env
+	cargo run --release --bin qwen-edit -- serve
+
+test: setup
+	set -euo pipefail
+	source .deps/env
+	cargo test --all-targets
+	.venv/bin/python -m pytest
+	.venv/bin/python -m export check

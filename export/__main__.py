@@ -1,0 +1,114 @@
+"""Command line of the export tool: `python -m export {bundle,tiny,reference,check} ...`.
+
+Exit codes: 0 success, 1 verification/check failure, 2 bad use (missing checkpoint, unknown variant,
+LoRA that does not fit, ...), each reported as one clear line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .variants import VARIANTS, UsageError, get_variant
+
+
+def _areas(args, variant):
+    from .bundle import REAL_CONDITION_AREA, REAL_VAE_AREA, Areas
+
+    vae = args.vae_area or REAL_VAE_AREA
+    cond = (args.condition_area or REAL_CONDITION_AREA) if variant.plus else None
+    return Areas(vae, cond)
+
+
+def cmd_bundle(args) -> int:
+    from . import bundle
+    from .variants import detect_variant
+
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_dir():
+        raise UsageError(f"checkpoint directory not found: {ckpt}")
+    variant = get_variant(args.variant) if args.variant else detect_variant(ckpt)
+    report = bundle.export_bundle(
+        ckpt, Path(args.out), variant=variant, dtype=args.dtype,
+        lightning_lora=Path(args.lightning_lora) if args.lightning_lora else None, lora_scale=args.lora_scale,
+        areas=_areas(args, variant), name=args.name,
+    )
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def cmd_tiny(args) -> int:
+    from . import tinyset
+
+    tinyset.make_all(Path(args.engines), references=not args.no_references, report=args.report)
+    return 0
+
+
+def cmd_check(args) -> int:
+    from . import tinyset
+
+    return 0 if tinyset.check(Path(args.engines)) else 1
+
+
+def _quiet() -> None:
+    """Keeps stderr to our own progress lines: no exporter chatter, no progress bars."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.disable_progress_bar()
+        tlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+        tlog.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("bundle", help="export a diffusers Qwen-Image-Edit checkpoint to a bundle")
+    b.add_argument("--checkpoint", required=True, help="local diffusers-format checkpoint directory")
+    b.add_argument("--out", required=True, help="bundle directory to write")
+    b.add_argument("--variant", help=f"one of {', '.join(VARIANTS)} (default: detected from the checkpoint)")
+    b.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16 (graph weights and activations)")
+    b.add_argument("--lightning-lora", help="LoRA .safetensors to fuse into the transformer before export")
+    b.add_argument("--lora-scale", type=float, default=1.0)
+    b.add_argument("--vae-area", type=int, help="pixel area of the VAE image (default 1024*1024)")
+    b.add_argument("--condition-area", type=int, help="Plus: pixel area of the VL image (default 384*384)")
+    b.add_argument("--name", help="bundle name recorded in the manifest")
+    b.add_argument("--report", help="write the verification report (JSON) here")
+    b.set_defaults(fn=cmd_bundle)
+
+    t = sub.add_parser("tiny", help="make the tiny checkpoints, bundles and reference vectors")
+    t.add_argument("--engines", default="engines", help="output root (default: engines)")
+    t.add_argument("--no-references", action="store_true")
+    t.add_argument("--report", help="write the verification report (JSON) here")
+    t.set_defaults(fn=cmd_tiny)
+
+    c = sub.add_parser("check", help="regenerate the tiny set in a temp dir and compare with the committed one")
+    c.add_argument("--engines", default="engines")
+    c.set_defaults(fn=cmd_check)
+
+    args = ap.parse_args(argv)
+    _quiet()
+    try:
+        return args.fn(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
