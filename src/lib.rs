@@ -1,4 +1,5 @@
 //! qwen-edit: a native inference server for the Qwen-Image-Edit models.
 //! The pipeline runs above one seam (`runtime::Engine`): ONNX Runtime on CPU, TensorRT on GPU.
 
+pub mod pipeline;
 pub mod runtime;
