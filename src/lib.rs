@@ -1,5 +1,6 @@
 //! qwen-edit: a native inference server for the Qwen-Image-Edit models.
 //! The pipeline runs above one seam (`runtime::Engine`): ONNX Runtime on CPU, TensorRT on GPU.
 
+pub mod bundle;
 pub mod pipeline;
 pub mod runtime;

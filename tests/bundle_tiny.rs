@@ -1,0 +1,33 @@
+//! The committed tiny bundles open, verify their hashes, and every component loaded with ONNX
+//! Runtime matches the IO contract its manifest declares.
+
+use qwen_edit::bundle::{Bundle, Variant, COMPONENTS};
+use qwen_edit::runtime::ort::{OrtBackend, OrtSettings};
+use qwen_edit::runtime::Engine;
+use std::path::Path;
+
+fn bundle(name: &str) -> Bundle {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("engines").join(name);
+    Bundle::open_verified(&dir).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[test]
+fn tiny_bundles_open_verify_and_match_their_graphs() {
+    let ort = OrtBackend::new(OrtSettings { intra_threads: Some(1), ..Default::default() })
+        .unwrap_or_else(|e| panic!("ONNX Runtime is needed for this test: {e}"));
+    for (name, variant, zero_cond_t) in
+        [("tiny", Variant::Edit, false), ("tiny-2509", Variant::EditPlus, false), ("tiny-2511", Variant::EditPlus, true)]
+    {
+        let b = bundle(name);
+        let m = b.manifest();
+        assert_eq!(m.variant, variant, "{name}");
+        assert_eq!(m.transformer.zero_cond_t, zero_cond_t, "{name}");
+        assert!(b.tokenizer_path().is_file());
+        for c in COMPONENTS {
+            let engine = ort.load(c, &b.onnx_path(c).unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"));
+            b.check_engine(&engine).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(engine.inputs().len(), b.component(c).unwrap().inputs.len());
+            assert_eq!(b.plan_path(c).unwrap(), b.dir().join(format!("{c}.plan")));
+        }
+    }
+}
