@@ -45,4 +45,6 @@ PY
 {
   echo "export QWEN_EDIT_ORT_LIB='$ORT_LIB'"
 } > .deps/env
+# TensorRT + CUDA headers (compile the shim) and test libraries; appends its exports to .deps/env.
+PYTHON=$VPY scripts/fetch-gpu-headers.sh
 log "ready (mode: $MODE); environment in .deps/env"

@@ -2,5 +2,7 @@
 //! The pipeline runs above one seam (`runtime::Engine`): ONNX Runtime on CPU, TensorRT on GPU.
 
 pub mod bundle;
+pub mod builder;
+pub mod onnx;
 pub mod pipeline;
 pub mod runtime;

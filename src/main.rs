@@ -18,9 +18,9 @@ enum Command {
     /// Edit images from the command line.
     Edit,
     /// Compile a bundle's ONNX graphs into TensorRT engines.
-    Build,
+    Build(qwen_edit::builder::BuildArgs),
     /// Print the inputs and outputs of an ONNX graph or TensorRT engine.
-    Inspect,
+    Inspect(qwen_edit::builder::InspectArgs),
 }
 
 fn main() -> ExitCode {
@@ -28,8 +28,8 @@ fn main() -> ExitCode {
     let name = match cli.command {
         Command::Serve => "serve",
         Command::Edit => "edit",
-        Command::Build => "build",
-        Command::Inspect => "inspect",
+        Command::Build(args) => return ExitCode::from(qwen_edit::builder::main_build(&args)),
+        Command::Inspect(args) => return ExitCode::from(qwen_edit::builder::main_inspect(&args)),
     };
     eprintln!("qwen-edit {name}: not implemented yet");
     ExitCode::from(2)

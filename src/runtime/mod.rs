@@ -1,8 +1,14 @@
 //! The engine seam: one trait between "what to compute" (pipeline) and "where it runs".
 //! `ort` runs the ONNX graphs on CPU (the reference); `tensorrt` runs compiled engines on a GPU.
 
+pub mod backend;
+pub mod cuda;
 pub mod ort;
+pub mod shim;
+#[cfg(qe_trt)]
+mod shim_ffi;
 pub mod tensor;
+pub mod tensorrt;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

@@ -1,0 +1,61 @@
+//! Build script: compiles the C++ TensorRT shim (cpp/) with cxx-build where the TensorRT and CUDA
+//! headers are found, and sets `cfg(qe_trt)` so the Rust side knows; elsewhere the crate builds without it.
+
+use std::env;
+use std::path::{Path, PathBuf};
+
+fn main() {
+    println!("cargo::rustc-check-cfg=cfg(qe_trt)");
+    println!("cargo::rerun-if-env-changed=TENSORRT_INCLUDE_DIR");
+    println!("cargo::rerun-if-env-changed=CUDA_INCLUDE_DIR");
+    println!("cargo::rerun-if-env-changed=QWEN_EDIT_NO_TRT_SHIM");
+    println!("cargo::rerun-if-changed=build.rs");
+
+    let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let dir = |var: &str, default: &str| -> PathBuf {
+        env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| root.join(default))
+    };
+    let trt = dir("TENSORRT_INCLUDE_DIR", ".deps/tensorrt/include");
+    let cuda = dir("CUDA_INCLUDE_DIR", ".deps/cuda/include");
+    // Re-run when the headers appear or change (a missing path makes cargo re-run every build,
+    // which is cheap here: nothing is compiled then).
+    println!("cargo::rerun-if-changed={}", trt.join("NvInferVersion.h").display());
+    println!("cargo::rerun-if-changed={}", cuda.join("cuda_runtime_api.h").display());
+
+    if env::var_os("QWEN_EDIT_NO_TRT_SHIM").is_some_and(|v| v == "1") {
+        println!("cargo::warning=QWEN_EDIT_NO_TRT_SHIM=1: building without the TensorRT shim");
+        return;
+    }
+    let missing: Vec<String> = [
+        (&trt, "NvInferRuntime.h"),
+        (&trt, "NvOnnxParser.h"),
+        (&cuda, "cuda_runtime_api.h"),
+        (&cuda, "crt/host_defines.h"),
+    ]
+    .iter()
+    .filter(|(d, f)| !Path::new(d).join(f).is_file())
+    .map(|(d, f)| d.join(f).display().to_string())
+    .collect();
+    if !missing.is_empty() {
+        println!(
+            "cargo::warning=TensorRT shim not compiled (missing {}): run scripts/fetch-gpu-headers.sh \
+             or set TENSORRT_INCLUDE_DIR / CUDA_INCLUDE_DIR",
+            missing.join(", ")
+        );
+        return;
+    }
+
+    for f in ["cpp/trt_shim.cpp", "cpp/trt_shim.h", "src/runtime/shim_ffi.rs"] {
+        println!("cargo::rerun-if-changed={f}");
+    }
+    cxx_build::bridge("src/runtime/shim_ffi.rs")
+        .file("cpp/trt_shim.cpp")
+        .include(&trt)
+        .include(&cuda)
+        .std("c++17")
+        .flag_if_supported("-Wno-deprecated-declarations")
+        .flag_if_supported("-Wno-unused-parameter")
+        .compile("qwen_edit_trt_shim");
+    println!("cargo::rustc-link-lib=dylib=dl");
+    println!("cargo::rustc-cfg=qe_trt");
+}

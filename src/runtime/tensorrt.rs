@@ -1,0 +1,880 @@
+//! TensorRT backend: runs a bundle's `.plan` engines through the C++ shim on one CUDA stream per worker,
+//! with device buffers sized once from the profiles, pinned staging, text-length buckets and CUDA graphs.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::hash::Hash;
+use std::path::Path;
+use std::sync::Arc;
+
+use ndarray::{ArrayD, IxDyn, SliceInfoElem};
+
+use super::cuda::{Device, DeviceBuffer, PinnedBuffer};
+use super::shim::{self, ContextHandle, CudaRuntime, CudaStatus, EngineHandle, GraphHandle, TrtLibrary, TrtVersion};
+use super::{check_inputs, DType, Dim, Engine, Error, Outputs, Tensor, TensorInfo};
+
+const BACKEND: &str = "TensorRT";
+
+/// Settings of the TensorRT backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrtOptions {
+    /// CUDA device ordinal of this worker.
+    pub device: usize,
+    /// CUDA graphs kept per engine (least recently used evicted); 0 runs plain enqueues.
+    pub graph_cache: usize,
+    /// Symbolic dims padded up to a bucket so that graph shapes repeat (text lengths).
+    pub bucketed_dims: Vec<String>,
+}
+
+impl Default for TrtOptions {
+    fn default() -> TrtOptions {
+        TrtOptions { device: 0, graph_cache: 32, bucketed_dims: vec!["seq".into(), "txt_seq".into()] }
+    }
+}
+
+fn unavailable(reason: impl Into<String>) -> Error {
+    Error::Unavailable { backend: BACKEND.into(), reason: reason.into() }
+}
+
+fn missing(library: &str, e: shim::ShimError) -> Error {
+    Error::LibraryMissing { library: library.into(), reason: e.to_string() }
+}
+
+/// A worker's TensorRT environment: the libraries, the TensorRT runtime and the worker's device/stream.
+pub struct TrtWorker {
+    runtime: shim::Runtime,
+    trt: TrtLibrary,
+    cuda: CudaRuntime,
+    device: Arc<Device>,
+    options: TrtOptions,
+}
+
+impl TrtWorker {
+    /// Loads CUDA and TensorRT and opens the device. Each missing piece is a clean error that names it:
+    /// no shim, no libcudart, no driver, no device, no libnvinfer (checked in that order).
+    pub fn open(options: TrtOptions) -> Result<TrtWorker, Error> {
+        if !shim::COMPILED {
+            return Err(missing("TensorRT shim", shim::ShimError::NotCompiled));
+        }
+        let cuda = CudaRuntime::load(&shim::cudart_candidates()).map_err(|e| missing("CUDA runtime (libcudart)", e))?;
+        match cuda.status() {
+            CudaStatus::Ready { devices, .. } if (options.device as u32) < devices => {}
+            CudaStatus::Ready { devices, .. } => {
+                return Err(unavailable(format!("CUDA device {} does not exist ({devices} visible)", options.device)))
+            }
+            CudaStatus::NoDriver { reason } | CudaStatus::NoDevice { reason } | CudaStatus::Error { reason } => {
+                return Err(unavailable(reason))
+            }
+        }
+        let trt = TrtLibrary::load(&shim::nvinfer_candidates()).map_err(|e| missing("TensorRT (libnvinfer)", e))?;
+        let device = Arc::new(Device::open(options.device)?);
+        let ordinal = i32::try_from(options.device).map_err(|_| unavailable("device ordinal out of range"))?;
+        let runtime = shim::Runtime::new(&trt, &cuda, ordinal).map_err(|e| unavailable(e.to_string()))?;
+        Ok(TrtWorker { runtime, trt, cuda, device, options })
+    }
+
+    pub fn tensorrt_version(&self) -> Option<TrtVersion> {
+        self.trt.version()
+    }
+
+    pub fn libraries(&self) -> (String, String) {
+        (self.trt.path(), self.cuda.path())
+    }
+
+    pub fn device(&self) -> &Arc<Device> {
+        &self.device
+    }
+
+    /// Loads the engine at `plan`. `contract` (the manifest's inputs and outputs) names the dynamic
+    /// dims, which the text buckets need; without it no dim is bucketed.
+    pub fn load(&self, component: &str, plan: &Path, contract: Option<(&[TensorInfo], &[TensorInfo])>) -> Result<TrtEngine, Error> {
+        let load_err = |reason: String| Error::Load { component: component.into(), path: plan.display().to_string(), reason };
+        let bytes = std::fs::read(plan).map_err(|e| load_err(format!("cannot read the engine: {e}")))?;
+        let engine = self.runtime.deserialize(&bytes).map_err(|e| load_err(e.to_string()))?;
+        drop(bytes);
+        TrtEngine::new(component, engine, self.device.clone(), contract, &self.options).map_err(|e| match e {
+            Error::Load { .. } => e,
+            other => load_err(other.to_string()),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pure decisions (unit-tested without a GPU)
+
+/// Bucket sizes for a padded dim: 16, 24, 32, 48, 64, 96, ... (powers of two and 1.5x between),
+/// so padding wastes at most a third of the length and shapes repeat across requests.
+pub fn bucket_series(limit: usize) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut p = 16usize;
+    while p <= limit {
+        out.push(p);
+        let mid = p + p / 2;
+        if mid <= limit {
+            out.push(mid);
+        }
+        p = match p.checked_mul(2) {
+            Some(v) => v,
+            None => break,
+        };
+    }
+    out
+}
+
+/// The padded length for `len` in a profile allowing `[min, max]`: the smallest bucket >= len,
+/// never beyond `max` (the max itself is always a bucket). None when len is outside the range.
+pub fn bucket_len(len: usize, min: usize, max: usize) -> Option<usize> {
+    if len < min || len > max {
+        return None;
+    }
+    Some(bucket_series(max).into_iter().find(|&b| b >= len).unwrap_or(max).max(min))
+}
+
+/// Min and max shapes of every input (in the engine's input order) in one optimization profile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProfileShapes {
+    pub min: Vec<Vec<usize>>,
+    pub max: Vec<Vec<usize>>,
+}
+
+impl ProfileShapes {
+    fn fits(&self, shapes: &[Vec<usize>]) -> bool {
+        shapes.len() == self.min.len()
+            && shapes.iter().zip(self.min.iter().zip(&self.max)).all(|(s, (lo, hi))| {
+                s.len() == lo.len() && s.iter().zip(lo.iter().zip(hi)).all(|(&d, (&a, &b))| a <= d && d <= b)
+            })
+    }
+    fn volume(&self) -> u128 {
+        self.max.iter().map(|s| s.iter().map(|&d| d as u128).product::<u128>()).sum()
+    }
+}
+
+/// How one run executes: the profile, the padded input shapes, and each bucketed dim's (real, padded) length.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunPlan {
+    pub profile: usize,
+    pub shapes: Vec<Vec<usize>>,
+    pub padded: BTreeMap<String, (usize, usize)>,
+}
+
+/// Chooses the profile and padding for concrete input `shapes` (in `inputs` order): every profile
+/// whose ranges hold the padded shapes qualifies; the tightest (smallest max volume) wins.
+pub fn plan_run(
+    inputs: &[TensorInfo],
+    shapes: &[Vec<usize>],
+    profiles: &[ProfileShapes],
+    bucketed: &[String],
+) -> Result<RunPlan, String> {
+    // The length of each bucketed dim, which every input that has it must agree on.
+    let mut lengths: BTreeMap<String, usize> = BTreeMap::new();
+    for (info, shape) in inputs.iter().zip(shapes) {
+        for (d, &n) in info.shape.iter().zip(shape) {
+            if let Dim::Dynamic(name) = d {
+                if bucketed.contains(name) {
+                    if let Some(&prev) = lengths.get(name) {
+                        if prev != n {
+                            return Err(format!("inputs disagree on dim `{name}`: {prev} vs {n} (`{}`)", info.name));
+                        }
+                    }
+                    lengths.insert(name.clone(), n);
+                }
+            }
+        }
+    }
+    let mut best: Option<(u128, RunPlan)> = None;
+    'profiles: for (pi, p) in profiles.iter().enumerate() {
+        // The tightest range each bucketed dim has in this profile, over every input that has it.
+        let mut range: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+        for (i, info) in inputs.iter().enumerate() {
+            for (axis, d) in info.shape.iter().enumerate() {
+                if let Dim::Dynamic(name) = d {
+                    if lengths.contains_key(name) {
+                        let (lo, hi) = (p.min[i].get(axis).copied().unwrap_or(0), p.max[i].get(axis).copied().unwrap_or(0));
+                        let e = range.entry(name.as_str()).or_insert((lo, hi));
+                        *e = (e.0.max(lo), e.1.min(hi));
+                    }
+                }
+            }
+        }
+        let mut padded = BTreeMap::new();
+        for (name, &n) in &lengths {
+            let (lo, hi) = range.get(name.as_str()).copied().unwrap_or((n, n));
+            match bucket_len(n, lo, hi) {
+                Some(b) => {
+                    padded.insert(name.clone(), (n, b));
+                }
+                None => continue 'profiles,
+            }
+        }
+        let new_shapes: Vec<Vec<usize>> = inputs
+            .iter()
+            .zip(shapes)
+            .map(|(info, shape)| {
+                info.shape
+                    .iter()
+                    .zip(shape)
+                    .map(|(d, &n)| match d {
+                        Dim::Dynamic(name) => padded.get(name).map(|&(_, b)| b).unwrap_or(n),
+                        Dim::Fixed(_) => n,
+                    })
+                    .collect()
+            })
+            .collect();
+        if !p.fits(&new_shapes) {
+            continue;
+        }
+        let v = p.volume();
+        if best.as_ref().is_none_or(|(bv, _)| v < *bv) {
+            best = Some((v, RunPlan { profile: pi, shapes: new_shapes, padded }));
+        }
+    }
+    best.map(|(_, p)| p).ok_or_else(|| {
+        let given: Vec<String> = inputs.iter().zip(shapes).map(|(i, s)| format!("{} {:?}", i.name, s)).collect();
+        let ranges: Vec<String> = profiles
+            .iter()
+            .enumerate()
+            .map(|(k, p)| {
+                let r: Vec<String> =
+                    inputs.iter().enumerate().map(|(i, info)| format!("{} {:?}..{:?}", info.name, p.min[i], p.max[i])).collect();
+                format!("profile {k}: {}", r.join(", "))
+            })
+            .collect();
+        format!(
+            "input shapes [{}] are outside every optimization profile of the engine ({}): add the size to the \
+             manifest's profiles and rebuild the engine",
+            given.join(", "),
+            ranges.join("; ")
+        )
+    })
+}
+
+/// The value padding positions get, per input (engines/README.md): masks 0 (padding is masked),
+/// `position_ids` 1 (as the reference pads), `image_embed_index` -1 (no vision token), else 0.
+pub fn pad_value(input: &str) -> f64 {
+    match input {
+        "position_ids" => 1.0,
+        "image_embed_index" => -1.0,
+        _ => 0.0,
+    }
+}
+
+fn pad_array<T: Clone>(a: &ArrayD<T>, shape: &[usize], fill: T) -> ArrayD<T> {
+    let mut out = ArrayD::from_elem(IxDyn(shape), fill);
+    let info: Vec<SliceInfoElem> = a.shape().iter().map(|&n| SliceInfoElem::Slice { start: 0, end: Some(n as isize), step: 1 }).collect();
+    out.slice_mut(info.as_slice()).assign(a);
+    out
+}
+
+fn crop_array<T: Clone>(a: &ArrayD<T>, shape: &[usize]) -> ArrayD<T> {
+    let info: Vec<SliceInfoElem> = shape.iter().map(|&n| SliceInfoElem::Slice { start: 0, end: Some(n as isize), step: 1 }).collect();
+    a.slice(info.as_slice()).to_owned()
+}
+
+/// Pads `t` (at the end of each axis) up to `shape` with `value`.
+pub fn pad_tensor(t: &Tensor, shape: &[usize], value: f64) -> Result<Tensor, String> {
+    if shape.len() != t.shape().len() || shape.iter().zip(t.shape()).any(|(&s, &n)| s < n) {
+        return Err(format!("cannot pad a {:?} tensor to {:?}", t.shape(), shape));
+    }
+    Ok(match t {
+        Tensor::F32(a) => Tensor::F32(pad_array(a, shape, value as f32)),
+        Tensor::F16(a) => Tensor::F16(pad_array(a, shape, half::f16::from_f64(value))),
+        Tensor::BF16(a) => Tensor::BF16(pad_array(a, shape, half::bf16::from_f64(value))),
+        Tensor::I64(a) => Tensor::I64(pad_array(a, shape, value as i64)),
+        Tensor::I32(a) => Tensor::I32(pad_array(a, shape, value as i32)),
+        Tensor::Bool(a) => Tensor::Bool(pad_array(a, shape, value != 0.0)),
+    })
+}
+
+/// Keeps the leading `shape` part of `t`.
+pub fn crop_tensor(t: &Tensor, shape: &[usize]) -> Result<Tensor, String> {
+    if shape.len() != t.shape().len() || shape.iter().zip(t.shape()).any(|(&s, &n)| s > n) {
+        return Err(format!("cannot crop a {:?} tensor to {:?}", t.shape(), shape));
+    }
+    Ok(match t {
+        Tensor::F32(a) => Tensor::F32(crop_array(a, shape)),
+        Tensor::F16(a) => Tensor::F16(crop_array(a, shape)),
+        Tensor::BF16(a) => Tensor::BF16(crop_array(a, shape)),
+        Tensor::I64(a) => Tensor::I64(crop_array(a, shape)),
+        Tensor::I32(a) => Tensor::I32(crop_array(a, shape)),
+        Tensor::Bool(a) => Tensor::Bool(crop_array(a, shape)),
+    })
+}
+
+/// Bytes of every IO buffer: the largest tensor any profile allows, rounded up to 256 bytes
+/// (TensorRT's alignment). `shapes[p][i]` is tensor i's largest shape in profile p.
+pub fn buffer_sizes(dtypes: &[DType], shapes: &[Vec<Vec<usize>>]) -> Result<Vec<usize>, String> {
+    let mut out = vec![0usize; dtypes.len()];
+    for per_profile in shapes {
+        if per_profile.len() != dtypes.len() {
+            return Err(format!("{} shapes for {} tensors", per_profile.len(), dtypes.len()));
+        }
+        for (i, (shape, dtype)) in per_profile.iter().zip(dtypes).enumerate() {
+            let bytes = shape
+                .iter()
+                .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+                .ok_or_else(|| format!("tensor {i} of shape {shape:?} overflows the address space"))?;
+            out[i] = out[i].max(bytes);
+        }
+    }
+    Ok(out.into_iter().map(|b| b.max(1).div_ceil(256) * 256).collect())
+}
+
+/// Identifies one captured CUDA graph: the profile and the exact (padded) input shapes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct GraphKey {
+    pub profile: usize,
+    pub shapes: Vec<Vec<usize>>,
+}
+
+/// A small least-recently-used map with a fixed capacity (capacity 0 stores nothing).
+pub struct LruCache<K, V> {
+    capacity: usize,
+    map: HashMap<K, V>,
+    order: VecDeque<K>,
+}
+
+impl<K: Clone + Eq + Hash, V> LruCache<K, V> {
+    pub fn new(capacity: usize) -> Self {
+        LruCache { capacity, map: HashMap::new(), order: VecDeque::new() }
+    }
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+    pub fn contains(&self, k: &K) -> bool {
+        self.map.contains_key(k)
+    }
+    fn touch(&mut self, k: &K) {
+        if let Some(i) = self.order.iter().position(|x| x == k) {
+            if let Some(x) = self.order.remove(i) {
+                self.order.push_back(x);
+            }
+        }
+    }
+    /// The value for `k`, marked most recently used.
+    pub fn get(&mut self, k: &K) -> Option<&mut V> {
+        if self.map.contains_key(k) {
+            self.touch(k);
+        }
+        self.map.get_mut(k)
+    }
+    /// Inserts (or replaces) `k`; returns what was evicted to make room.
+    pub fn insert(&mut self, k: K, v: V) -> Vec<(K, V)> {
+        let mut evicted = Vec::new();
+        if self.capacity == 0 {
+            evicted.push((k, v));
+            return evicted;
+        }
+        if self.map.insert(k.clone(), v).is_some() {
+            self.touch(&k);
+            return evicted;
+        }
+        self.order.push_back(k);
+        while self.map.len() > self.capacity {
+            let Some(old) = self.order.pop_front() else { break };
+            if let Some(v) = self.map.remove(&old) {
+                evicted.push((old, v));
+            }
+        }
+        evicted
+    }
+}
+
+fn parse_dtype(s: &str) -> Option<DType> {
+    Some(match s {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        "i64" => DType::I64,
+        "i32" => DType::I32,
+        "bool" => DType::Bool,
+        _ => return None,
+    })
+}
+
+/// TensorInfo of an engine tensor: dtype from the engine; dynamic dims named after the contract
+/// (when it has the tensor with the same rank), else `d<axis>`.
+fn engine_info(io: &shim::IoTensor, contract: Option<&[TensorInfo]>) -> Result<TensorInfo, String> {
+    let dtype = parse_dtype(&io.dtype).ok_or_else(|| format!("`{}` has element type {} which the seam does not carry", io.name, io.dtype))?;
+    let named = contract.and_then(|c| c.iter().find(|t| t.name == io.name && t.shape.len() == io.shape.len()));
+    let shape = io
+        .shape
+        .iter()
+        .enumerate()
+        .map(|(axis, &d)| match usize::try_from(d) {
+            Ok(n) => Dim::Fixed(n),
+            Err(_) => match named.map(|t| &t.shape[axis]) {
+                Some(Dim::Dynamic(name)) => Dim::Dynamic(name.clone()),
+                _ => Dim::Dynamic(format!("d{axis}")),
+            },
+        })
+        .collect();
+    Ok(TensorInfo { name: io.name.clone(), dtype, shape })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The engine
+
+struct GraphEntry {
+    // Field order = drop order: the graph before the context it was captured from.
+    graph: GraphHandle,
+    _context: ContextHandle,
+    out_shapes: Vec<Vec<usize>>,
+}
+
+/// Counters for logs and /health.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TrtStats {
+    pub runs: u64,
+    pub graph_replays: u64,
+    pub graph_captures: u64,
+    pub capture_failures: u64,
+    pub plain_enqueues: u64,
+    pub graphs_cached: usize,
+}
+
+/// One TensorRT engine on one worker's device and stream.
+pub struct TrtEngine {
+    component: String,
+    inputs: Vec<TensorInfo>,
+    outputs: Vec<TensorInfo>,
+    profiles: Vec<ProfileShapes>,
+    bucketed: Vec<String>,
+    // Drop order matters: graphs and contexts before the engine, everything before the buffers.
+    graphs: LruCache<GraphKey, GraphEntry>,
+    uncapturable: HashSet<GraphKey>,
+    base: Vec<Option<ContextHandle>>,
+    engine: EngineHandle,
+    in_bufs: Vec<(DeviceBuffer, PinnedBuffer)>,
+    out_bufs: Vec<(DeviceBuffer, PinnedBuffer)>,
+    activation: DeviceBuffer,
+    device: Arc<Device>,
+    stats: TrtStats,
+}
+
+impl TrtEngine {
+    fn new(
+        component: &str,
+        engine: EngineHandle,
+        device: Arc<Device>,
+        contract: Option<(&[TensorInfo], &[TensorInfo])>,
+        options: &TrtOptions,
+    ) -> Result<TrtEngine, Error> {
+        let load_err = |reason: String| Error::Load { component: component.into(), path: String::new(), reason };
+        let io = engine.io_tensors();
+        for t in &io {
+            if !t.linear || !t.on_device || t.shape_tensor {
+                return Err(load_err(format!(
+                    "IO tensor `{}` is not a plain linear device tensor (vectorized format, host location or shape tensor)",
+                    t.name
+                )));
+            }
+        }
+        let (ci, co) = match contract {
+            Some((i, o)) => (Some(i), Some(o)),
+            None => (None, None),
+        };
+        let inputs: Vec<TensorInfo> = io.iter().filter(|t| t.is_input).map(|t| engine_info(t, ci)).collect::<Result<_, _>>().map_err(load_err)?;
+        let outputs: Vec<TensorInfo> = io.iter().filter(|t| !t.is_input).map(|t| engine_info(t, co)).collect::<Result<_, _>>().map_err(load_err)?;
+        let n_profiles = engine.num_profiles();
+        if n_profiles == 0 {
+            return Err(load_err("the engine has no optimization profile".into()));
+        }
+        let mut profiles = Vec::with_capacity(n_profiles);
+        for p in 0..n_profiles {
+            let mut shapes = ProfileShapes { min: vec![], max: vec![] };
+            for t in &inputs {
+                let r = engine.profile(&t.name, p).map_err(|e| load_err(e.to_string()))?;
+                let conv = |v: &[i64]| -> Result<Vec<usize>, Error> {
+                    v.iter().map(|&d| usize::try_from(d).map_err(|_| load_err(format!("profile {p} of `{}` has a negative dim", t.name)))).collect()
+                };
+                shapes.min.push(conv(&r.min)?);
+                shapes.max.push(conv(&r.max)?);
+            }
+            profiles.push(shapes);
+        }
+
+        device.bind()?;
+        let stream = device.stream_handle();
+        let act_bytes = engine.device_memory_size();
+        let activation = device.alloc(act_bytes)?;
+        // One base context per profile; set to the profile's largest inputs it tells the largest outputs.
+        let mut base = Vec::with_capacity(n_profiles);
+        let mut in_max: Vec<Vec<Vec<usize>>> = Vec::new();
+        let mut out_max: Vec<Vec<Vec<usize>>> = Vec::new();
+        for (p, shapes) in profiles.iter().enumerate() {
+            let mut ctx = engine
+                .create_context(p, stream, activation.ptr() as usize, act_bytes.max(1))
+                .map_err(|e| load_err(e.to_string()))?;
+            for (t, s) in inputs.iter().zip(&shapes.max) {
+                ctx.set_input_shape(&t.name, s).map_err(|e| load_err(e.to_string()))?;
+            }
+            let outs = outputs.iter().map(|t| ctx.tensor_shape(&t.name)).collect::<Result<Vec<_>, _>>().map_err(|e| load_err(e.to_string()))?;
+            in_max.push(shapes.max.clone());
+            out_max.push(outs);
+            base.push(Some(ctx));
+        }
+        let in_sizes = buffer_sizes(&inputs.iter().map(|t| t.dtype).collect::<Vec<_>>(), &in_max).map_err(load_err)?;
+        let out_sizes = buffer_sizes(&outputs.iter().map(|t| t.dtype).collect::<Vec<_>>(), &out_max).map_err(load_err)?;
+        let in_bufs = in_sizes.iter().map(|&b| Ok((device.alloc(b)?, device.pinned(b, false)?))).collect::<Result<Vec<_>, Error>>()?;
+        let out_bufs = out_sizes.iter().map(|&b| Ok((device.alloc(b)?, device.pinned(b, true)?))).collect::<Result<Vec<_>, Error>>()?;
+        // Addresses never change: set them once on every base context.
+        for ctx in base.iter_mut().flatten() {
+            bind_addresses(ctx, &inputs, &outputs, &in_bufs, &out_bufs).map_err(|e| load_err(e.to_string()))?;
+        }
+        tracing::info!(
+            component,
+            profiles = n_profiles,
+            activation_bytes = act_bytes,
+            io_bytes = in_sizes.iter().chain(&out_sizes).sum::<usize>(),
+            "TensorRT engine loaded"
+        );
+        Ok(TrtEngine {
+            component: component.into(),
+            inputs,
+            outputs,
+            profiles,
+            bucketed: options.bucketed_dims.clone(),
+            graphs: LruCache::new(options.graph_cache),
+            uncapturable: HashSet::new(),
+            base,
+            engine,
+            in_bufs,
+            out_bufs,
+            activation,
+            device,
+            stats: TrtStats::default(),
+        })
+    }
+
+    pub fn stats(&self) -> TrtStats {
+        TrtStats { graphs_cached: self.graphs.len(), ..self.stats }
+    }
+
+    /// Optimization profiles of the engine (min/max input shapes).
+    pub fn profiles(&self) -> &[ProfileShapes] {
+        &self.profiles
+    }
+
+    fn run_err(&self, reason: impl std::fmt::Display) -> Error {
+        Error::Run { component: self.component.clone(), reason: reason.to_string() }
+    }
+
+    fn execute(&mut self, plan: &RunPlan) -> Result<Vec<Vec<usize>>, Error> {
+        let stream = self.device.stream_handle();
+        let key = GraphKey { profile: plan.profile, shapes: plan.shapes.clone() };
+        if let Some(entry) = self.graphs.get(&key) {
+            entry.graph.launch(stream).map_err(|e| Error::Run { component: self.component.clone(), reason: e.to_string() })?;
+            self.stats.graph_replays += 1;
+            return Ok(entry.out_shapes.clone());
+        }
+        let capture = self.graphs.capacity > 0 && !self.uncapturable.contains(&key);
+        if capture {
+            // A dedicated context per graph: a captured graph keeps referring to its context's state.
+            let mut ctx = self
+                .engine
+                .create_context(plan.profile, stream, self.activation.ptr() as usize, self.activation.bytes().max(1))
+                .map_err(|e| self.run_err(e))?;
+            bind_addresses(&mut ctx, &self.inputs, &self.outputs, &self.in_bufs, &self.out_bufs).map_err(|e| self.run_err(e))?;
+            for (t, s) in self.inputs.iter().zip(&plan.shapes) {
+                ctx.set_input_shape(&t.name, s).map_err(|e| self.run_err(e))?;
+            }
+            // The warm-up enqueue computes this run's result; the capture records the next ones.
+            ctx.enqueue(stream).map_err(|e| self.run_err(e))?;
+            self.stats.plain_enqueues += 1;
+            let out_shapes = self.outputs.iter().map(|t| ctx.tensor_shape(&t.name)).collect::<Result<Vec<_>, _>>().map_err(|e| self.run_err(e))?;
+            match ctx.capture(stream) {
+                Ok(graph) => {
+                    self.stats.graph_captures += 1;
+                    // Evicted graphs are idle: each run synchronises before it returns.
+                    let evicted = self.graphs.insert(key, GraphEntry { graph, _context: ctx, out_shapes: out_shapes.clone() });
+                    drop(evicted);
+                }
+                Err(e) => {
+                    self.stats.capture_failures += 1;
+                    tracing::warn!(component = %self.component, error = %e, "CUDA graph capture failed; this shape runs without a graph");
+                    self.uncapturable.insert(key);
+                }
+            }
+            return Ok(out_shapes);
+        }
+        let component = self.component.clone();
+        let run_err = |e: shim::ShimError| Error::Run { component: component.clone(), reason: e.to_string() };
+        let ctx = self.base.get_mut(plan.profile).and_then(Option::as_mut).ok_or_else(|| Error::Run {
+            component: component.clone(),
+            reason: format!("no context for profile {}", plan.profile),
+        })?;
+        for (t, s) in self.inputs.iter().zip(&plan.shapes) {
+            ctx.set_input_shape(&t.name, s).map_err(run_err)?;
+        }
+        ctx.enqueue(stream).map_err(run_err)?;
+        self.stats.plain_enqueues += 1;
+        self.outputs.iter().map(|t| ctx.tensor_shape(&t.name)).collect::<Result<Vec<_>, _>>().map_err(run_err)
+    }
+}
+
+fn bind_addresses(
+    ctx: &mut ContextHandle,
+    inputs: &[TensorInfo],
+    outputs: &[TensorInfo],
+    in_bufs: &[(DeviceBuffer, PinnedBuffer)],
+    out_bufs: &[(DeviceBuffer, PinnedBuffer)],
+) -> Result<(), shim::ShimError> {
+    for (t, (d, _)) in inputs.iter().zip(in_bufs).chain(outputs.iter().zip(out_bufs)) {
+        ctx.set_tensor_address(&t.name, d.ptr())?;
+    }
+    Ok(())
+}
+
+impl Engine for TrtEngine {
+    fn component(&self) -> &str {
+        &self.component
+    }
+    fn inputs(&self) -> &[TensorInfo] {
+        &self.inputs
+    }
+    fn outputs(&self) -> &[TensorInfo] {
+        &self.outputs
+    }
+
+    fn run(&mut self, inputs: &[(&str, &Tensor)]) -> Result<Outputs, Error> {
+        check_inputs(&self.component, &self.inputs, inputs)?;
+        let ordered: Vec<&Tensor> = self
+            .inputs
+            .iter()
+            .map(|info| inputs.iter().find(|(n, _)| *n == info.name).map(|(_, t)| *t))
+            .collect::<Option<_>>()
+            .ok_or_else(|| self.run_err("an input went missing after the contract check"))?;
+        let shapes: Vec<Vec<usize>> = ordered.iter().map(|t| t.shape().to_vec()).collect();
+        let plan = plan_run(&self.inputs, &shapes, &self.profiles, &self.bucketed)
+            .map_err(|reason| Error::Contract { component: self.component.clone(), reason })?;
+        self.stats.runs += 1;
+        self.device.bind()?;
+
+        // Host -> device: convert at the seam, pad to the bucket, stage in pinned memory, copy.
+        for (i, (info, t)) in self.inputs.iter().zip(&ordered).enumerate() {
+            let mut t = t.to_dtype(info.dtype).map_err(|e| Error::Contract { component: self.component.clone(), reason: format!("`{}`: {e}", info.name) })?;
+            if t.shape() != plan.shapes[i].as_slice() {
+                t = pad_tensor(&t, &plan.shapes[i], pad_value(&info.name)).map_err(|e| self.run_err(e))?;
+            }
+            let bytes = t.to_bytes();
+            let (dev, pinned) = &mut self.in_bufs[i];
+            self.device.upload(&bytes, pinned, dev)?;
+        }
+
+        let out_shapes = match self.execute(&plan) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = self.device.synchronize(); // leave the stream idle for the next run
+                return Err(e);
+            }
+        };
+
+        // Device -> host.
+        let mut sizes = Vec::with_capacity(out_shapes.len());
+        for (i, (info, shape)) in self.outputs.iter().zip(&out_shapes).enumerate() {
+            let n = shape.iter().product::<usize>() * info.dtype.size();
+            let (dev, pinned) = &mut self.out_bufs[i];
+            if n > dev.bytes() {
+                let _ = self.device.synchronize();
+                return Err(Error::Run {
+                    component: self.component.clone(),
+                    reason: format!("output `{}` of shape {shape:?} exceeds its {} byte buffer", info.name, dev.bytes()),
+                });
+            }
+            self.device.download(dev, n, pinned)?;
+            sizes.push(n);
+        }
+        self.device.synchronize()?;
+
+        let mut out = Vec::with_capacity(self.outputs.len());
+        for (i, (info, shape)) in self.outputs.iter().zip(&out_shapes).enumerate() {
+            let bytes = self.out_bufs[i].1.read(sizes[i])?;
+            let mut t = Tensor::from_bytes(info.dtype, shape, bytes).map_err(|e| self.run_err(e))?;
+            // Crop bucketed dims back to the real lengths.
+            let real: Vec<usize> = info
+                .shape
+                .iter()
+                .zip(shape)
+                .map(|(d, &n)| match d {
+                    Dim::Dynamic(name) => plan.padded.get(name).map(|&(r, _)| r).unwrap_or(n),
+                    Dim::Fixed(_) => n,
+                })
+                .collect();
+            if real != *shape {
+                t = crop_tensor(&t, &real).map_err(|e| self.run_err(e))?;
+            }
+            if t.dtype().is_float() && t.dtype() != DType::F32 {
+                t = t.to_dtype(DType::F32).map_err(|e| self.run_err(e))?;
+            }
+            out.push((info.name.clone(), t));
+        }
+        Ok(Outputs(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(name: &str, shape: Vec<Dim>) -> TensorInfo {
+        TensorInfo { name: name.into(), dtype: DType::F32, shape }
+    }
+    fn dynamic(n: &str) -> Dim {
+        Dim::Dynamic(n.into())
+    }
+
+    #[test]
+    fn bucket_series_and_lengths() {
+        assert_eq!(bucket_series(200), vec![16, 24, 32, 48, 64, 96, 128, 192]);
+        assert_eq!(bucket_len(1, 1, 1600), Some(16));
+        assert_eq!(bucket_len(17, 1, 1600), Some(24));
+        assert_eq!(bucket_len(100, 1, 1600), Some(128));
+        assert_eq!(bucket_len(1537, 1, 1600), Some(1600)); // past the last bucket: the profile max
+        assert_eq!(bucket_len(1600, 1, 1600), Some(1600));
+        assert_eq!(bucket_len(1601, 1, 1600), None);
+        assert_eq!(bucket_len(5, 8, 64), None);
+        assert_eq!(bucket_len(10, 10, 12), Some(12));
+        // Waste is bounded: the bucket is less than 1.5x the length above 16.
+        for len in 16..5000 {
+            let b = bucket_len(len, 1, 8192).unwrap();
+            assert!(b >= len && (b as f64) <= len as f64 * 1.5 + 1.0, "{len} -> {b}");
+        }
+    }
+
+    fn transformer() -> (Vec<TensorInfo>, Vec<ProfileShapes>) {
+        let inputs = vec![
+            info("hidden_states", vec![dynamic("batch"), dynamic("img_seq"), Dim::Fixed(64)]),
+            info("encoder_hidden_states", vec![dynamic("batch"), dynamic("txt_seq"), Dim::Fixed(32)]),
+            info("encoder_hidden_states_mask", vec![dynamic("batch"), dynamic("txt_seq")]),
+            info("txt_cos", vec![dynamic("txt_seq"), Dim::Fixed(64)]),
+        ];
+        let p0 = ProfileShapes {
+            min: vec![vec![1, 8, 64], vec![1, 1, 32], vec![1, 1], vec![1, 64]],
+            max: vec![vec![8, 8192, 64], vec![8, 1000, 32], vec![8, 1000], vec![1000, 64]],
+        };
+        let p1 = ProfileShapes {
+            min: vec![vec![1, 8, 64], vec![1, 1, 32], vec![1, 1], vec![1, 64]],
+            max: vec![vec![2, 8192, 64], vec![2, 1000, 32], vec![2, 1000], vec![1000, 64]],
+        };
+        (inputs, vec![p0, p1])
+    }
+
+    #[test]
+    fn plans_pad_text_and_pick_the_tightest_profile() {
+        let (inputs, profiles) = transformer();
+        let bucketed = vec!["txt_seq".to_string()];
+        let shapes = vec![vec![2, 4096, 64], vec![2, 77, 32], vec![2, 77], vec![77, 64]];
+        let plan = plan_run(&inputs, &shapes, &profiles, &bucketed).unwrap();
+        assert_eq!(plan.profile, 1, "batch 2 fits the smaller profile");
+        assert_eq!(plan.shapes, vec![vec![2, 4096, 64], vec![2, 96, 32], vec![2, 96], vec![96, 64]]);
+        assert_eq!(plan.padded["txt_seq"], (77, 96));
+        // Batch 4 only fits profile 0; a text of 999 pads to the profile max 1000.
+        let shapes = vec![vec![4, 4096, 64], vec![4, 999, 32], vec![4, 999], vec![999, 64]];
+        let plan = plan_run(&inputs, &shapes, &profiles, &bucketed).unwrap();
+        assert_eq!((plan.profile, plan.padded["txt_seq"]), (0, (999, 1000)));
+        // Same bucket -> same graph key.
+        let a = plan_run(&inputs, &[vec![1, 64, 64], vec![1, 70, 32], vec![1, 70], vec![70, 64]], &profiles, &bucketed).unwrap();
+        let b = plan_run(&inputs, &[vec![1, 64, 64], vec![1, 90, 32], vec![1, 90], vec![90, 64]], &profiles, &bucketed).unwrap();
+        assert_eq!(GraphKey { profile: a.profile, shapes: a.shapes }, GraphKey { profile: b.profile, shapes: b.shapes });
+        // Without bucketing the shapes stay exact.
+        let c = plan_run(&inputs, &[vec![1, 64, 64], vec![1, 70, 32], vec![1, 70], vec![70, 64]], &profiles, &[]).unwrap();
+        assert_eq!(c.shapes[1], vec![1, 70, 32]);
+    }
+
+    #[test]
+    fn plans_reject_what_no_profile_holds() {
+        let (inputs, profiles) = transformer();
+        let bucketed = vec!["txt_seq".to_string()];
+        let e = plan_run(&inputs, &[vec![9, 64, 64], vec![9, 7, 32], vec![9, 7], vec![7, 64]], &profiles, &bucketed).unwrap_err();
+        assert!(e.contains("outside every optimization profile") && e.contains("rebuild"), "{e}");
+        let e = plan_run(&inputs, &[vec![1, 64, 64], vec![1, 7, 32], vec![1, 8], vec![7, 64]], &profiles, &bucketed).unwrap_err();
+        assert!(e.contains("disagree on dim `txt_seq`"), "{e}");
+        let e = plan_run(&inputs, &[vec![1, 64, 64], vec![1, 1001, 32], vec![1, 1001], vec![1001, 64]], &profiles, &bucketed).unwrap_err();
+        assert!(e.contains("outside"), "{e}");
+    }
+
+    #[test]
+    fn padding_and_cropping_round_trip() {
+        let t = Tensor::i64(&[2, 3], vec![1, 2, 3, 4, 5, 6]);
+        let p = pad_tensor(&t, &[2, 5], pad_value("position_ids")).unwrap();
+        assert_eq!(p, Tensor::i64(&[2, 5], vec![1, 2, 3, 1, 1, 4, 5, 6, 1, 1]));
+        assert_eq!(crop_tensor(&p, &[2, 3]).unwrap(), t);
+        let m = pad_tensor(&Tensor::i64(&[1, 2], vec![1, 1]), &[1, 4], pad_value("attention_mask")).unwrap();
+        assert_eq!(m, Tensor::i64(&[1, 4], vec![1, 1, 0, 0]));
+        let idx = pad_tensor(&Tensor::i64(&[1, 1], vec![3]), &[1, 2], pad_value("image_embed_index")).unwrap();
+        assert_eq!(idx, Tensor::i64(&[1, 2], vec![3, -1]));
+        let h = Tensor::f32(&[1, 1], vec![2.5]).to_dtype(DType::BF16).unwrap();
+        let hp = pad_tensor(&h, &[2, 1], 0.0).unwrap();
+        assert_eq!(hp.into_f32().unwrap().into_raw_vec_and_offset().0, vec![2.5, 0.0]);
+        assert!(pad_tensor(&t, &[1, 3], 0.0).is_err());
+        assert!(crop_tensor(&t, &[2, 4]).is_err());
+    }
+
+    #[test]
+    fn buffers_hold_the_largest_profile_shape() {
+        let dtypes = [DType::F16, DType::I64];
+        let shapes = vec![
+            vec![vec![8, 100, 64], vec![8, 10]],
+            vec![vec![2, 1000, 64], vec![2, 3]],
+        ];
+        let s = buffer_sizes(&dtypes, &shapes).unwrap();
+        assert_eq!(s, vec![(2 * 1000 * 64 * 2usize).div_ceil(256) * 256, 768]);
+        assert!(s.iter().all(|b| b % 256 == 0));
+        assert_eq!(buffer_sizes(&[DType::Bool], &[vec![vec![0]]]).unwrap(), vec![256]);
+        assert!(buffer_sizes(&dtypes, &[vec![vec![1]]]).is_err());
+        assert!(buffer_sizes(&[DType::F32], &[vec![vec![usize::MAX, 2]]]).is_err());
+    }
+
+    #[test]
+    fn graph_cache_evicts_least_recently_used() {
+        let key = |b: usize| GraphKey { profile: 0, shapes: vec![vec![b, 16]] };
+        let mut c: LruCache<GraphKey, &str> = LruCache::new(2);
+        assert!(c.insert(key(1), "one").is_empty());
+        assert!(c.insert(key(2), "two").is_empty());
+        assert_eq!(c.get(&key(1)).map(|v| *v), Some("one")); // 1 is now the most recent
+        let evicted = c.insert(key(3), "three");
+        assert_eq!(evicted.len(), 1);
+        assert_eq!(evicted[0].0, key(2));
+        assert!(c.contains(&key(1)) && c.contains(&key(3)) && !c.contains(&key(2)));
+        assert!(c.insert(key(3), "again").is_empty(), "replacing does not evict");
+        assert_eq!(c.len(), 2);
+        let mut off: LruCache<GraphKey, u8> = LruCache::new(0);
+        assert_eq!(off.insert(key(1), 1).len(), 1);
+        assert!(off.is_empty());
+        // Keys differ by profile and by every dim.
+        assert_ne!(GraphKey { profile: 1, shapes: vec![vec![1, 16]] }, key(1));
+    }
+
+    #[test]
+    fn engine_io_takes_dim_names_from_the_contract() {
+        let io = shim::IoTensor {
+            name: "encoder_hidden_states".into(),
+            is_input: true,
+            dtype: "bf16".into(),
+            shape: vec![-1, -1, 32],
+            linear: true,
+            on_device: true,
+            shape_tensor: false,
+        };
+        let contract = [info("encoder_hidden_states", vec![dynamic("batch"), dynamic("txt_seq"), Dim::Fixed(32)])];
+        let t = engine_info(&io, Some(&contract)).unwrap();
+        assert_eq!(t.dtype, DType::BF16);
+        assert_eq!(t.shape, vec![dynamic("batch"), dynamic("txt_seq"), Dim::Fixed(32)]);
+        assert_eq!(engine_info(&io, None).unwrap().shape[1], dynamic("d1"));
+        let fp8 = shim::IoTensor { dtype: "fp8".into(), ..io };
+        assert!(engine_info(&fp8, None).unwrap_err().contains("fp8"));
+    }
+
+    #[test]
+    fn opening_a_worker_here_names_what_is_missing() {
+        // No GPU on this machine or in CI: opening must fail cleanly, naming the missing piece.
+        let e = match TrtWorker::open(TrtOptions::default()) {
+            Ok(_) => return, // a GPU host with TensorRT: covered by scripts/gpu-smoke.sh
+            Err(e) => e.to_string(),
+        };
+        let named = ["shim", "libcudart", "driver", "device", "libnvinfer", "libcuda"].iter().any(|w| e.contains(w));
+        assert!(named, "{e}");
+    }
+}
