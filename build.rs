@@ -9,6 +9,8 @@ fn main() {
     println!("cargo::rerun-if-env-changed=TENSORRT_INCLUDE_DIR");
     println!("cargo::rerun-if-env-changed=CUDA_INCLUDE_DIR");
     println!("cargo::rerun-if-env-changed=QWEN_EDIT_NO_TRT_SHIM");
+    println!("cargo::rerun-if-env-changed=QWEN_EDIT_REQUIRE_TRT_SHIM");
+    let required = env::var_os("QWEN_EDIT_REQUIRE_TRT_SHIM").is_some_and(|v| v == "1");
     println!("cargo::rerun-if-changed=build.rs");
 
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
@@ -22,7 +24,7 @@ fn main() {
     println!("cargo::rerun-if-changed={}", trt.join("NvInferVersion.h").display());
     println!("cargo::rerun-if-changed={}", cuda.join("cuda_runtime_api.h").display());
 
-    if env::var_os("QWEN_EDIT_NO_TRT_SHIM").is_some_and(|v| v == "1") {
+    if env::var_os("QWEN_EDIT_NO_TRT_SHIM").is_some_and(|v| v == "1") && !required {
         println!("cargo::warning=QWEN_EDIT_NO_TRT_SHIM=1: building without the TensorRT shim");
         return;
     }
@@ -37,6 +39,13 @@ fn main() {
     .map(|(d, f)| d.join(f).display().to_string())
     .collect();
     if !missing.is_empty() {
+        if required {
+            panic!(
+                "QWEN_EDIT_REQUIRE_TRT_SHIM=1 but the TensorRT shim cannot be compiled: missing {}. Run \
+                 scripts/fetch-gpu-headers.sh (CI: scripts/setup.sh) or set TENSORRT_INCLUDE_DIR / CUDA_INCLUDE_DIR",
+                missing.join(", ")
+            );
+        }
         println!(
             "cargo::warning=TensorRT shim not compiled (missing {}): run scripts/fetch-gpu-headers.sh \
              or set TENSORRT_INCLUDE_DIR / CUDA_INCLUDE_DIR",
