@@ -1,8 +1,12 @@
 //! qwen-edit: a native inference server for the Qwen-Image-Edit models.
 //! The pipeline runs above one seam (`runtime::Engine`): ONNX Runtime on CPU, TensorRT on GPU.
 
+pub mod batcher;
 pub mod bundle;
 pub mod builder;
+pub mod config;
+pub mod metrics;
 pub mod onnx;
 pub mod pipeline;
 pub mod runtime;
+pub mod server;

@@ -14,7 +14,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the RunPod-style HTTP API.
-    Serve,
+    Serve(qwen_edit::config::ServeArgs),
     /// Edit images from the command line.
     Edit,
     /// Compile a bundle's ONNX graphs into TensorRT engines.
@@ -26,7 +26,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let name = match cli.command {
-        Command::Serve => "serve",
+        Command::Serve(args) => return ExitCode::from(qwen_edit::server::main_serve(&args)),
         Command::Edit => "edit",
         Command::Build(args) => return ExitCode::from(qwen_edit::builder::main_build(&args)),
         Command::Inspect(args) => return ExitCode::from(qwen_edit::builder::main_inspect(&args)),

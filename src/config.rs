@@ -1,0 +1,363 @@
+//! Settings of `qwen-edit serve`: command-line flags, each also read from the environment under the
+//! names users of the Python server already have (`API_HOST`, `API_PORT`, `BATCH_SIZE`, ...).
+//!
+//! Precedence: a flag beats its environment variable beats the default. `Settings::from_args`
+//! validates everything once at start-up so the server never runs with a nonsensical value.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::BoolishValueParser;
+use clap::ArgAction;
+use ipnet::IpNet;
+
+use crate::runtime::backend::BackendRequest;
+
+/// Default body limit: a 20 MiB image sent as base64 (4/3 of it, 27.96 MB) plus the JSON around it.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 28 * 1024 * 1024;
+
+/// Flags of `qwen-edit serve` (each with its environment variable).
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "API_HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+    /// Port to listen on (0 = any free port; the chosen one is logged).
+    #[arg(long, env = "API_PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// Model bundle directory.
+    #[arg(long, env = "QWEN_EDIT_BUNDLE", default_value = "engines/tiny")]
+    pub bundle: PathBuf,
+    /// Backend: auto (TensorRT when a GPU and engines are present, else CPU), ort/cpu, tensorrt.
+    #[arg(long, env = "QWEN_EDIT_BACKEND", default_value = "auto")]
+    pub backend: BackendRequest,
+    /// Largest batch the engine worker runs.
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 4)]
+    pub batch_size: usize,
+    /// How long the oldest job of a partial batch waits for company before the batch runs anyway.
+    #[arg(long, env = "BATCH_TIMEOUT_MS", default_value_t = 40)]
+    pub batch_timeout_ms: u64,
+    /// Use the Lightning schedule (and the Lightning LoRA fused into the bundle, if it has one).
+    #[arg(long = "lightning", env = "USE_LIGHTNING_LORA", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    pub use_lightning_lora: bool,
+    /// Default number of steps when Lightning is on.
+    #[arg(long, env = "LIGHTNING_STEPS", default_value_t = 8)]
+    pub lightning_steps: u32,
+    /// Precision of the TensorRT engines: auto, fp32, fp16, bf16, fp8 (reported; CPU runs the bundle's dtype).
+    #[arg(long = "precision", env = "PRECISION_MODE", default_value = "auto")]
+    pub precision_mode: String,
+    /// Jobs admitted but not yet running (reading, decoding, preparing, queued); beyond it: 503.
+    #[arg(long, env = "MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
+    /// Seconds one request may take from its headers to its response (504 after it).
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value_t = 300.0)]
+    pub request_timeout: f64,
+    /// Largest request body in bytes (413 above it). The default fits a 20 MiB image as base64.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+    /// If set, /run and /runsync require `Authorization: Bearer <API_KEY>`.
+    #[arg(long, env = "API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Let image_url reach non-public addresses: `false` (default), `true` (any, except cloud
+    /// metadata endpoints), or a comma-separated list of addresses/CIDRs (e.g. `10.0.0.0/8,127.0.0.1`).
+    #[arg(long, env = "ALLOW_PRIVATE_URLS", default_value = "false")]
+    pub allow_private_urls: String,
+    /// Log format: text or json.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+    /// Seconds to finish queued and in-flight jobs after SIGTERM/SIGINT before giving up.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value_t = 60.0)]
+    pub shutdown_timeout: f64,
+    /// Seconds a client has to send the request headers (slow-client guard).
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value_t = 10.0)]
+    pub header_read_timeout: f64,
+    /// Requests slower than this many milliseconds are logged as warnings.
+    #[arg(long, env = "SLOW_REQUEST_MS", default_value_t = 10_000)]
+    pub slow_request_ms: u64,
+    /// Longest accepted prompt / negative prompt, in characters (the bundle also limits tokens).
+    #[arg(long, env = "MAX_PROMPT_CHARS", default_value_t = 4096)]
+    pub max_prompt_chars: usize,
+    /// Largest input image side in pixels (checked from the header, before decoding).
+    #[arg(long, env = "MAX_IMAGE_SIDE", default_value_t = 8192)]
+    pub max_image_side: u32,
+    /// Largest input image in megapixels (checked from the header, before decoding).
+    #[arg(long, env = "MAX_IMAGE_MEGAPIXELS", default_value_t = 40.0)]
+    pub max_image_megapixels: f64,
+    /// Largest requested output side (`width`/`height`), in pixels.
+    #[arg(long, env = "MAX_OUTPUT_SIDE", default_value_t = 2048)]
+    pub max_output_side: u32,
+    /// Largest image_url download in bytes.
+    #[arg(long, env = "URL_MAX_BYTES", default_value_t = 20 * 1024 * 1024)]
+    pub url_max_bytes: usize,
+    /// Seconds for the whole image_url fetch (all redirects and retries).
+    #[arg(long, env = "URL_TIMEOUT", default_value_t = 20.0)]
+    pub url_timeout: f64,
+    /// Seconds to open one connection for image_url.
+    #[arg(long, env = "URL_CONNECT_TIMEOUT", default_value_t = 5.0)]
+    pub url_connect_timeout: f64,
+    /// Extra attempts for a transient image_url failure (connect error, timeout, 5xx, 429).
+    #[arg(long, env = "URL_RETRIES", default_value_t = 2)]
+    pub url_retries: u32,
+}
+
+/// How `image_url` may reach non-public addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PrivateUrls {
+    /// Only public addresses (the default).
+    Deny,
+    /// Any address except the cloud metadata endpoints.
+    AllowAll,
+    /// Public addresses plus these networks (metadata endpoints stay blocked).
+    Allow(Vec<IpNet>),
+}
+
+impl std::str::FromStr for PrivateUrls {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim().to_ascii_lowercase();
+        match t.as_str() {
+            "" | "0" | "false" | "no" | "off" => return Ok(PrivateUrls::Deny),
+            "1" | "true" | "yes" | "on" => return Ok(PrivateUrls::AllowAll),
+            _ => {}
+        }
+        let mut nets = Vec::new();
+        for part in t.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let net = match part.parse::<IpNet>() {
+                Ok(n) => n,
+                Err(_) => part
+                    .parse::<IpAddr>()
+                    .map(IpNet::from)
+                    .map_err(|_| format!("ALLOW_PRIVATE_URLS: `{part}` is not true/false, an IP address or a CIDR network"))?,
+            };
+            nets.push(net);
+        }
+        Ok(PrivateUrls::Allow(nets))
+    }
+}
+
+/// Log output format.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Validated settings.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub addr: SocketAddr,
+    pub bundle: PathBuf,
+    pub backend: BackendRequest,
+    pub batch_size: usize,
+    pub batch_timeout: Duration,
+    pub lightning: bool,
+    pub lightning_steps: u32,
+    pub precision: String,
+    pub max_queue: usize,
+    pub request_timeout: Duration,
+    pub max_body_bytes: usize,
+    pub api_key: Option<String>,
+    pub private_urls: PrivateUrls,
+    pub log_format: LogFormat,
+    pub shutdown_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub slow_request: Duration,
+    pub max_prompt_chars: usize,
+    pub max_image_side: u32,
+    pub max_image_pixels: u64,
+    pub max_output_side: u32,
+    pub url_max_bytes: usize,
+    pub url_timeout: Duration,
+    pub url_connect_timeout: Duration,
+    pub url_retries: u32,
+}
+
+/// A setting that makes no sense.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {name}: {reason}")]
+pub struct ConfigError {
+    pub name: &'static str,
+    pub reason: String,
+}
+
+fn bad(name: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError { name, reason: reason.into() }
+}
+
+fn seconds(name: &'static str, v: f64) -> Result<Duration, ConfigError> {
+    if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+        return Err(bad(name, format!("{v} is not a number of seconds in (0, 86400]")));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+impl Settings {
+    /// Validates the flags.
+    pub fn from_args(a: &ServeArgs) -> Result<Settings, ConfigError> {
+        if !(1..=64).contains(&a.batch_size) {
+            return Err(bad("BATCH_SIZE", format!("{} is not in 1..=64", a.batch_size)));
+        }
+        if a.batch_timeout_ms > 60_000 {
+            return Err(bad("BATCH_TIMEOUT_MS", format!("{} ms is more than a minute", a.batch_timeout_ms)));
+        }
+        if !(1..=100).contains(&a.lightning_steps) {
+            return Err(bad("LIGHTNING_STEPS", format!("{} is not in 1..=100", a.lightning_steps)));
+        }
+        let precision = a.precision_mode.trim().to_ascii_lowercase();
+        if !["auto", "fp32", "fp16", "bf16", "fp8"].contains(&precision.as_str()) {
+            return Err(bad("PRECISION_MODE", format!("`{}` is not one of auto, fp32, fp16, bf16, fp8", a.precision_mode)));
+        }
+        if a.max_queue == 0 || a.max_queue > 100_000 {
+            return Err(bad("MAX_QUEUE", format!("{} is not in 1..=100000", a.max_queue)));
+        }
+        if a.max_body_bytes < 1024 {
+            return Err(bad("MAX_BODY_BYTES", format!("{} bytes is too small for any request", a.max_body_bytes)));
+        }
+        let api_key = match a.api_key.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(k) => Some(k.to_string()),
+        };
+        let log_format = match a.log_format.trim().to_ascii_lowercase().as_str() {
+            "text" | "pretty" | "plain" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => return Err(bad("LOG_FORMAT", format!("`{other}` is not text or json"))),
+        };
+        if a.max_prompt_chars == 0 {
+            return Err(bad("MAX_PROMPT_CHARS", "must be at least 1"));
+        }
+        if !(16..=65_535).contains(&a.max_image_side) {
+            return Err(bad("MAX_IMAGE_SIDE", format!("{} is not in 16..=65535", a.max_image_side)));
+        }
+        if !(a.max_image_megapixels.is_finite() && a.max_image_megapixels > 0.0 && a.max_image_megapixels <= 1000.0) {
+            return Err(bad("MAX_IMAGE_MEGAPIXELS", format!("{} is not in (0, 1000]", a.max_image_megapixels)));
+        }
+        if !(16..=16_384).contains(&a.max_output_side) {
+            return Err(bad("MAX_OUTPUT_SIDE", format!("{} is not in 16..=16384", a.max_output_side)));
+        }
+        if a.url_retries > 10 {
+            return Err(bad("URL_RETRIES", format!("{} is more than 10", a.url_retries)));
+        }
+        Ok(Settings {
+            addr: SocketAddr::new(a.host, a.port),
+            bundle: a.bundle.clone(),
+            backend: a.backend,
+            batch_size: a.batch_size,
+            batch_timeout: Duration::from_millis(a.batch_timeout_ms),
+            lightning: a.use_lightning_lora,
+            lightning_steps: a.lightning_steps,
+            precision,
+            max_queue: a.max_queue,
+            request_timeout: seconds("REQUEST_TIMEOUT", a.request_timeout)?,
+            max_body_bytes: a.max_body_bytes,
+            api_key,
+            private_urls: a.allow_private_urls.parse().map_err(|e| bad("ALLOW_PRIVATE_URLS", e))?,
+            log_format,
+            shutdown_timeout: seconds("SHUTDOWN_TIMEOUT", a.shutdown_timeout)?,
+            header_read_timeout: seconds("HEADER_READ_TIMEOUT", a.header_read_timeout)?,
+            slow_request: Duration::from_millis(a.slow_request_ms),
+            max_prompt_chars: a.max_prompt_chars,
+            max_image_side: a.max_image_side,
+            max_image_pixels: (a.max_image_megapixels * 1e6) as u64,
+            max_output_side: a.max_output_side,
+            url_max_bytes: a.url_max_bytes,
+            url_timeout: seconds("URL_TIMEOUT", a.url_timeout)?,
+            url_connect_timeout: seconds("URL_CONNECT_TIMEOUT", a.url_connect_timeout)?,
+            url_retries: a.url_retries,
+        })
+    }
+
+    /// The documented defaults, independent of the environment.
+    pub fn builtin() -> Settings {
+        Settings {
+            addr: SocketAddr::from(([0, 0, 0, 0], 8000)),
+            bundle: PathBuf::from("engines/tiny"),
+            backend: BackendRequest::Auto,
+            batch_size: 4,
+            batch_timeout: Duration::from_millis(40),
+            lightning: false,
+            lightning_steps: 8,
+            precision: "auto".into(),
+            max_queue: 64,
+            request_timeout: Duration::from_secs(300),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            api_key: None,
+            private_urls: PrivateUrls::Deny,
+            log_format: LogFormat::Text,
+            shutdown_timeout: Duration::from_secs(60),
+            header_read_timeout: Duration::from_secs(10),
+            slow_request: Duration::from_secs(10),
+            max_prompt_chars: 4096,
+            max_image_side: 8192,
+            max_image_pixels: 40_000_000,
+            max_output_side: 2048,
+            url_max_bytes: 20 * 1024 * 1024,
+            url_timeout: Duration::from_secs(20),
+            url_connect_timeout: Duration::from_secs(5),
+            url_retries: 2,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct P {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    fn parse(argv: &[&str]) -> Result<Settings, String> {
+        let mut full = vec!["serve"];
+        full.extend_from_slice(argv);
+        let p = P::try_parse_from(full).map_err(|e| e.to_string())?;
+        Settings::from_args(&p.args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn builtin_defaults_match_the_documented_ones_and_the_flag_defaults() {
+        let b = Settings::builtin();
+        assert_eq!(b.addr.to_string(), "0.0.0.0:8000");
+        assert_eq!((b.batch_size, b.batch_timeout.as_millis(), b.lightning_steps), (4, 40, 8));
+        assert!(b.max_body_bytes >= (20 * 1024 * 1024 / 3 + 1) * 4, "must fit a 20 MiB image as base64");
+        // The flag defaults (with none of the variables set) agree with `builtin`. The variables
+        // could be set in the test's environment, so compare only what clap derived from defaults.
+        let p = P::try_parse_from(["serve", "--host", "0.0.0.0", "--port", "8000", "--batch-size", "4"]).unwrap();
+        let s = Settings::from_args(&p.args).unwrap();
+        assert_eq!(s.addr, b.addr);
+        assert_eq!(s.batch_size, b.batch_size);
+    }
+
+    #[test]
+    fn flags_parse_and_are_validated() {
+        let s = parse(&["--port", "0", "--batch-size", "2", "--lightning", "--allow-private-urls", "127.0.0.1,10.0.0.0/8"]).unwrap();
+        assert_eq!(s.addr.port(), 0);
+        assert_eq!(s.batch_size, 2);
+        assert!(s.lightning);
+        assert_eq!(
+            s.private_urls,
+            PrivateUrls::Allow(vec!["127.0.0.1/32".parse().unwrap(), "10.0.0.0/8".parse().unwrap()])
+        );
+        assert!(parse(&["--lightning", "false"]).map(|s| !s.lightning).unwrap_or(true));
+        assert!(parse(&["--batch-size", "0"]).unwrap_err().contains("BATCH_SIZE"));
+        assert!(parse(&["--max-queue", "0"]).unwrap_err().contains("MAX_QUEUE"));
+        assert!(parse(&["--log-format", "xml"]).unwrap_err().contains("LOG_FORMAT"));
+        assert!(parse(&["--precision", "int3"]).unwrap_err().contains("PRECISION_MODE"));
+        assert!(parse(&["--request-timeout=-1"]).unwrap_err().contains("REQUEST_TIMEOUT"));
+        assert!(parse(&["--allow-private-urls", "maybe"]).unwrap_err().contains("ALLOW_PRIVATE_URLS"));
+        assert!(parse(&["--backend", "tpu"]).is_err());
+        assert_eq!(parse(&["--api-key", "  "]).unwrap().api_key, None);
+    }
+
+    #[test]
+    fn private_url_settings() {
+        assert_eq!("false".parse::<PrivateUrls>().unwrap(), PrivateUrls::Deny);
+        assert_eq!("".parse::<PrivateUrls>().unwrap(), PrivateUrls::Deny);
+        assert_eq!("TRUE".parse::<PrivateUrls>().unwrap(), PrivateUrls::AllowAll);
+        assert_eq!("::1".parse::<PrivateUrls>().unwrap(), PrivateUrls::Allow(vec!["::1/128".parse().unwrap()]));
+    }
+}

@@ -1,0 +1,180 @@
+//! The server's Prometheus metrics (TGI/Triton-style names), one registry per server instance
+//! (`metrics` + `metrics-exporter-prometheus`, not the process-global recorder, so several servers
+//! in one process, as in tests, keep separate counts). Rendered by `GET /metrics`.
+//!
+//! | name | type | meaning |
+//! | --- | --- | --- |
+//! | `qwen_edit_requests_total{outcome}` | counter | /run + /runsync requests by outcome: `success`, `client_error`, `unauthorized`, `overloaded`, `not_ready`, `timeout`, `server_error`, `cancelled` |
+//! | `qwen_edit_request_duration_seconds` | histogram | /run* wall time, headers to response |
+//! | `qwen_edit_queue_duration_seconds` | histogram | time a job waited in the batcher |
+//! | `qwen_edit_batch_inference_duration_seconds` | histogram | time the engine ran one batch |
+//! | `qwen_edit_batch_size` | histogram | jobs per batch (average = `_sum / _count`) |
+//! | `qwen_edit_queue_size` | gauge | jobs admitted and not yet running |
+//! | `qwen_edit_jobs_cancelled_total` | counter | queued jobs dropped because the client went away |
+//! | `qwen_edit_batch_failures_total` | counter | jobs that failed inside a batch |
+//! | `qwen_edit_ready` | gauge | 1 when serving, 0 while loading or draining |
+
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+use crate::batcher::Observer;
+
+/// Outcomes of a /run request (the `outcome` label).
+pub const OUTCOMES: [&str; 8] = ["success", "client_error", "unauthorized", "overloaded", "not_ready", "timeout", "server_error", "cancelled"];
+
+const DURATION_BUCKETS: [f64; 16] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+
+/// The server's metrics.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    requests: Vec<(&'static str, Counter)>,
+    request_duration: Histogram,
+    queue_duration: Histogram,
+    batch_duration: Histogram,
+    batch_size: Histogram,
+    queue_size: Gauge,
+    cancelled: Counter,
+    batch_failures: Counter,
+    ready: Gauge,
+}
+
+static META: Metadata<'static> = Metadata::new("qwen_edit", Level::INFO, None);
+
+impl Metrics {
+    /// A fresh registry; `max_batch` sets the batch-size histogram's buckets (1..=max_batch).
+    pub fn new(max_batch: usize) -> Metrics {
+        let sizes: Vec<f64> = (1..=max_batch.max(1)).map(|n| n as f64).collect();
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), &DURATION_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full("qwen_edit_batch_size".into()), &sizes));
+        // Both bucket lists are non-empty constants, so the builder cannot fail; fall back to summaries if it ever does.
+        let recorder = builder.unwrap_or_else(|_| PrometheusBuilder::new()).build_recorder();
+        let handle = recorder.handle();
+        let describe = |name: &'static str, help: &'static str| {
+            recorder.describe_counter(name.into(), None, help.into());
+        };
+        describe("qwen_edit_requests_total", "Edit requests (/run, /runsync) by outcome");
+        describe("qwen_edit_request_duration_seconds", "Edit request wall time, from headers to response");
+        describe("qwen_edit_queue_duration_seconds", "Time a job waited in the batcher before its batch started");
+        describe("qwen_edit_batch_inference_duration_seconds", "Time the engine worker spent on one batch");
+        describe("qwen_edit_batch_size", "Jobs per batch");
+        describe("qwen_edit_queue_size", "Jobs admitted and not yet running");
+        describe("qwen_edit_jobs_cancelled_total", "Queued jobs dropped before compute because the client went away");
+        describe("qwen_edit_batch_failures_total", "Jobs that failed inside a batch (engine or pipeline error)");
+        describe("qwen_edit_ready", "1 while serving, 0 while loading or draining");
+        let counter = |name: &'static str| recorder.register_counter(&Key::from_name(name), &META);
+        let histogram = |name: &'static str| recorder.register_histogram(&Key::from_name(name), &META);
+        let gauge = |name: &'static str| recorder.register_gauge(&Key::from_name(name), &META);
+        let requests = OUTCOMES
+            .iter()
+            .map(|o| (*o, recorder.register_counter(&Key::from_parts("qwen_edit_requests_total", vec![Label::new("outcome", *o)]), &META)))
+            .collect();
+        Metrics {
+            requests,
+            request_duration: histogram("qwen_edit_request_duration_seconds"),
+            queue_duration: histogram("qwen_edit_queue_duration_seconds"),
+            batch_duration: histogram("qwen_edit_batch_inference_duration_seconds"),
+            batch_size: histogram("qwen_edit_batch_size"),
+            queue_size: gauge("qwen_edit_queue_size"),
+            cancelled: counter("qwen_edit_jobs_cancelled_total"),
+            batch_failures: counter("qwen_edit_batch_failures_total"),
+            ready: gauge("qwen_edit_ready"),
+            recorder,
+            handle,
+        }
+    }
+
+    /// Counts one finished /run request.
+    pub fn request(&self, outcome: &str, duration: Duration) {
+        if let Some((_, c)) = self.requests.iter().find(|(o, _)| *o == outcome) {
+            c.increment(1);
+        }
+        self.request_duration.record(duration.as_secs_f64());
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(if ready { 1.0 } else { 0.0 });
+    }
+
+    /// A labelled info gauge (`qwen_edit_info{bundle, variant, backend} 1`).
+    pub fn set_info(&self, labels: &[(&'static str, String)]) {
+        let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::new(*k, v.clone())).collect();
+        self.recorder.register_gauge(&Key::from_parts("qwen_edit_info", labels), &META).set(1.0);
+    }
+
+    /// The Prometheus text, with the queue size as of now.
+    pub fn render(&self, queue_size: usize) -> String {
+        self.queue_size.set(queue_size as f64);
+        self.handle.render()
+    }
+
+    /// Drains histogram samples into their buckets; call every few seconds so memory stays flat
+    /// when nobody scrapes.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}
+
+impl Observer for Metrics {
+    fn batch_started(&self, size: usize, queue_times: &[Duration]) {
+        self.batch_size.record(size as f64);
+        for q in queue_times {
+            self.queue_duration.record(q.as_secs_f64());
+        }
+    }
+    fn batch_finished(&self, _size: usize, compute: Duration, failed: usize) {
+        self.batch_duration.record(compute.as_secs_f64());
+        self.batch_failures.increment(failed as u64);
+    }
+    fn cancelled(&self, n: usize) {
+        self.cancelled.increment(n as u64);
+    }
+}
+
+/// Reads one sample from Prometheus text: `name` with an optional `{labels}` exactly as rendered.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (s, v) = l.rsplit_once(' ')?;
+        (s == series).then(|| v.parse().ok()).flatten()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counts_histograms_and_gauges() {
+        let m = Metrics::new(4);
+        m.request("success", Duration::from_millis(20));
+        m.request("overloaded", Duration::from_millis(1));
+        m.request("no-such-outcome", Duration::from_millis(1));
+        m.batch_started(3, &[Duration::from_millis(5); 3]);
+        m.batch_started(1, &[Duration::from_millis(40)]);
+        m.batch_finished(3, Duration::from_millis(250), 1);
+        m.cancelled(2);
+        m.set_ready(true);
+        m.set_info(&[("bundle", "tiny".into())]);
+        let t = m.render(7);
+        assert_eq!(sample(&t, "qwen_edit_requests_total{outcome=\"success\"}"), Some(1.0), "{t}");
+        assert_eq!(sample(&t, "qwen_edit_requests_total{outcome=\"overloaded\"}"), Some(1.0));
+        assert_eq!(sample(&t, "qwen_edit_requests_total{outcome=\"timeout\"}"), Some(0.0));
+        assert_eq!(sample(&t, "qwen_edit_batch_size_sum"), Some(4.0));
+        assert_eq!(sample(&t, "qwen_edit_batch_size_count"), Some(2.0));
+        assert_eq!(sample(&t, "qwen_edit_batch_size_bucket{le=\"1\"}"), Some(1.0), "{t}");
+        assert_eq!(sample(&t, "qwen_edit_queue_duration_seconds_count"), Some(4.0));
+        assert_eq!(sample(&t, "qwen_edit_request_duration_seconds_count"), Some(3.0));
+        assert_eq!(sample(&t, "qwen_edit_batch_inference_duration_seconds_count"), Some(1.0));
+        assert_eq!(sample(&t, "qwen_edit_queue_size"), Some(7.0));
+        assert_eq!(sample(&t, "qwen_edit_jobs_cancelled_total"), Some(2.0));
+        assert_eq!(sample(&t, "qwen_edit_batch_failures_total"), Some(1.0));
+        assert_eq!(sample(&t, "qwen_edit_ready"), Some(1.0));
+        assert_eq!(sample(&t, "qwen_edit_info{bundle=\"tiny\"}"), Some(1.0));
+        assert!(t.contains("# HELP qwen_edit_batch_size Jobs per batch"), "{t}");
+        // Separate instances count separately.
+        assert_eq!(sample(&Metrics::new(4).render(0), "qwen_edit_requests_total{outcome=\"success\"}"), Some(0.0));
+    }
+}

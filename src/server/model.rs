@@ -1,0 +1,73 @@
+//! The pipeline as the server sees it: opened on the engine worker thread, described for /health
+//! and request validation (`ModelInfo`), and run by the batcher (`PipelineRunner`).
+
+use crate::batcher::Runner;
+use crate::config::Settings;
+use crate::pipeline::edit::{EditError, EditOutput, Pipeline, PipelineInfo, PipelineOptions, Prepared, Preprocessor};
+
+/// What the HTTP side needs to know about the loaded model.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ModelInfo {
+    /// The bundle directory as configured.
+    pub bundle: String,
+    /// The bundle's name (manifest).
+    pub name: String,
+    /// `edit` or `edit-plus`.
+    pub variant: String,
+    /// Input images per request (1 for Qwen-Image-Edit).
+    pub max_images: usize,
+    pub backend: String,
+    pub backend_reason: String,
+    pub gpu_available: bool,
+    pub default_steps: u32,
+    pub default_true_cfg_scale: f32,
+    pub lightning_enabled: bool,
+    /// Whether the bundle has the Lightning LoRA fused into its transformer.
+    pub lightning_fused: bool,
+    /// Longest prompt (after the system prompt) in tokens.
+    pub max_text_tokens: usize,
+}
+
+/// What the worker hands back once the pipeline is open.
+pub struct Loaded {
+    pub info: ModelInfo,
+    pub preprocessor: Preprocessor,
+}
+
+/// The batcher's runner: the pipeline, owned by the engine worker thread.
+pub struct PipelineRunner(Pipeline);
+
+impl Runner for PipelineRunner {
+    type Job = Prepared;
+    type Output = EditOutput;
+    fn run_batch(&mut self, jobs: Vec<Prepared>) -> Vec<Result<EditOutput, EditError>> {
+        self.0.run_batch(jobs)
+    }
+}
+
+/// Opens the bundle (call on the engine worker thread).
+pub fn open(settings: &Settings) -> Result<(PipelineRunner, Loaded), String> {
+    let options = PipelineOptions { backend: settings.backend, ..PipelineOptions::default() };
+    let pipeline = Pipeline::open(&settings.bundle, &options)
+        .map_err(|e| format!("cannot open the model bundle {}: {e}", settings.bundle.display()))?;
+    let info = describe(pipeline.info(), settings);
+    let preprocessor = pipeline.preprocessor();
+    Ok((PipelineRunner(pipeline), Loaded { info, preprocessor }))
+}
+
+fn describe(info: &PipelineInfo, settings: &Settings) -> ModelInfo {
+    ModelInfo {
+        bundle: settings.bundle.display().to_string(),
+        name: info.bundle.clone(),
+        variant: info.variant.to_string(),
+        max_images: info.max_images.max(1),
+        backend: info.backend.to_string(),
+        backend_reason: info.backend_reason.clone(),
+        gpu_available: info.gpu_available,
+        default_steps: if settings.lightning { settings.lightning_steps } else { info.default_steps },
+        default_true_cfg_scale: info.default_true_cfg_scale,
+        lightning_enabled: settings.lightning,
+        lightning_fused: info.lightning_fused,
+        max_text_tokens: info.max_text_tokens,
+    }
+}

@@ -1,0 +1,189 @@
+//! `qwen-edit serve` as a process (the built binary, the real tiny bundle, loopback): SIGTERM with
+//! requests in flight, and overload with a bounded queue over repeated bursts (503 + Retry-After,
+//! the rest complete, the server stays healthy, memory stays flat).
+
+mod server_support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use server_support::*;
+
+struct Proc {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+    /// Resident memory in KiB.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([sig, &self.pid().to_string()]).status().map(|s| s.success()).unwrap_or(false);
+        assert!(ok, "kill {sig} failed");
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the binary on an ephemeral port with `env`, waits for `ready`.
+async fn spawn(env: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qwen-edit"));
+    cmd.arg("serve")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("API_HOST", "127.0.0.1")
+        .env("API_PORT", "0")
+        .env("QWEN_EDIT_BUNDLE", BUNDLE)
+        .env("QWEN_EDIT_BACKEND", "ort")
+        .env("RUST_LOG", "info")
+        .env_remove("API_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn qwen-edit serve");
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let l = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                let _ = tx.send(rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':').collect::<String>());
+            }
+            l.lock().unwrap().push(line);
+        }
+    });
+    let addr: SocketAddr = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(a) => a.parse().expect("address in the log"),
+        Err(_) => panic!("the server did not say where it listens:\n{}", log.lock().unwrap().join("\n")),
+    };
+    let p = Proc { child, addr, log };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let h = get(p.addr, "/health").await;
+        if h.status == 200 {
+            break;
+        }
+        assert_eq!(h.json()["status"], "loading", "{}", p.log());
+        assert!(Instant::now() < deadline, "not ready in time:\n{}", p.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    p
+}
+
+fn body(i: u64, steps: u32) -> String {
+    edit_body(&format!("request {i}"), i, steps, &b64(&png(&picture(64, 48, i as u32))))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0() {
+    let mut p = spawn(&[("BATCH_SIZE", "2"), ("BATCH_TIMEOUT_MS", "20"), ("SHUTDOWN_TIMEOUT", "120")]).await;
+    let addr = p.addr;
+    let in_flight: Vec<_> = (0..4u64).map(|i| tokio::spawn(post_json(addr, body(i, 40)))).collect();
+    // Wait until the first batch runs, so every request is in flight.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let t = get(addr, "/metrics").await.text();
+        if metric(&t, "qwen_edit_batch_size_count") >= 1.0 && metric(&t, "qwen_edit_queue_size") >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no batch started:\n{t}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let running = in_flight.iter().filter(|t| !t.is_finished()).count();
+    assert!(running >= 2, "only {running} requests were still in flight at SIGTERM");
+    p.signal("-TERM");
+
+    // New connections are refused once the listener is closed (at once, up to scheduling).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::net::TcpStream::connect(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            Err(e) => panic!("unexpected connect error {e}"),
+            Ok(_) => {
+                assert!(Instant::now() < deadline, "still accepting connections 5 s after SIGTERM");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    for (i, t) in in_flight.into_iter().enumerate() {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200, "in-flight request {i}: {}\n{}", r.text(), p.log());
+        assert_eq!(r.json()["seed"].as_u64(), Some(i as u64));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "did not exit:\n{}", p.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "{}", p.log());
+    let log = p.log();
+    assert!(log.contains("SIGTERM received") && log.contains("shutdown complete"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overload_gets_503_with_retry_after_the_rest_complete_and_memory_stays_flat() {
+    let p = spawn(&[("BATCH_SIZE", "2"), ("BATCH_TIMEOUT_MS", "10"), ("MAX_QUEUE", "3"), ("LOG_FORMAT", "json")]).await;
+    let addr = p.addr;
+    let burst = 24u64;
+    let mut rss = Vec::new();
+    let rounds = 10;
+    for round in 0..rounds {
+        let tasks: Vec<_> = (0..burst).map(|i| tokio::spawn(post_json(addr, body(round * 100 + i, 2)))).collect();
+        let (mut ok, mut rejected) = (0, 0);
+        for t in tasks {
+            let r = t.await.unwrap();
+            match r.status {
+                200 => ok += 1,
+                503 => {
+                    rejected += 1;
+                    assert_eq!(r.error_type(), "overloaded", "{}", r.text());
+                    let after: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+                    assert!((1..=60).contains(&after));
+                }
+                s => panic!("unexpected status {s}: {}", r.text()),
+            }
+        }
+        assert!(rejected >= 1, "round {round}: a burst of {burst} over a queue of 3 must shed load");
+        assert!(ok >= 3, "round {round}: only {ok} completed");
+        let h = get(addr, "/health").await;
+        assert_eq!((h.status, h.json()["status"].as_str()), (200, Some("ready")));
+        let t = get(addr, "/metrics").await.text();
+        assert_eq!(metric(&t, "qwen_edit_queue_size"), 0.0);
+        rss.push(p.rss_kib());
+        eprintln!("round {round}: {ok} ok, {rejected} rejected, RSS {} KiB", rss[round as usize]);
+    }
+    let t = get(addr, "/metrics").await.text();
+    assert!(metric(&t, "qwen_edit_requests_total{outcome=\"overloaded\"}") >= rounds as f64);
+    // Memory is flat after warm-up: the last round holds no more than the second plus 10% (allocator slack).
+    let (warm, last) = (rss[1], rss[rounds as usize - 1]);
+    assert!(last <= warm + warm / 10, "RSS grew from {warm} KiB to {last} KiB over repeated bursts: {rss:?}");
+    // The JSON log format is in effect.
+    assert!(p.log().lines().all(|l| l.trim_start().starts_with('{')), "{}", p.log());
+}
