@@ -30,7 +30,19 @@ COMPONENTS = ("text_encoder", "transformer", "vae_encoder", "vae_decoder")
 PROFILE_RATIOS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
 REAL_VAE_AREA = 1024 * 1024
 REAL_CONDITION_AREA = 384 * 384
-MAX_TEXT_TOKENS = 1024
+# Longest user text (tokens) a bundle accepts; the manifest's `max_text_tokens` (longest row the
+# transformer sees after the drop) adds the image tokens of the working areas and the template.
+MAX_USER_TOKENS = 1024
+VL_TOKEN_PIXELS = 28 * 28  # pixels per merged vision token
+MAX_PLUS_IMAGES = 4
+
+
+def max_text_tokens(variant: Variant, areas: "Areas") -> int:
+    if variant.plus:
+        image_tokens = MAX_PLUS_IMAGES * math.ceil(areas.condition / VL_TOKEN_PIXELS)
+    else:
+        image_tokens = math.ceil(areas.vae / VL_TOKEN_PIXELS)
+    return (MAX_USER_TOKENS + image_tokens + 64 + 255) // 256 * 256
 
 
 @dataclass
@@ -301,7 +313,7 @@ def build_manifest(pipe, variant: Variant, dtype, paths: dict, areas: Areas, nam
             "template": variant.template,
             "image_template": variant.image_template,
             "drop_tokens": DROP_TOKENS,
-            "max_text_tokens": MAX_TEXT_TOKENS,
+            "max_text_tokens": max_text_tokens(variant, areas),
         },
         "vision": {
             "patch_size": ip.patch_size,
@@ -345,7 +357,7 @@ def build_manifest(pipe, variant: Variant, dtype, paths: dict, areas: Areas, nam
         "profiles": {
             "batch_sizes": [1, 2, 4],
             "resolutions": profile_resolutions(areas.vae),
-            "max_text_tokens": MAX_TEXT_TOKENS,
+            "max_text_tokens": max_text_tokens(variant, areas),
         },
     }
 

@@ -234,8 +234,17 @@ def run_case(pipe, variant: Variant, case: Case, images_dir: Path, areas, full: 
         callback_on_step_end=rec.on_step_end,
         callback_on_step_end_tensor_inputs=["latents"],
     )
-    image_arg = pil if (variant.plus or len(pil) > 1) else pil[0]
     with patched_areas(variant, areas.vae, areas.condition), torch.no_grad():
+        if not variant.plus and len(pil) > 1:
+            # diffusers' v1 pipeline resizes a single PIL image to the working size before the VL
+            # processor sees it, but passes a list through unresized (VaeImageProcessor.resize ignores
+            # lists): a batch would then encode other VL images than the same jobs one by one. Resizing
+            # the list first (the exact resize a single call does) keeps each job as it is alone.
+            import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as v1
+
+            w, h, _ = v1.calculate_dimensions(1024 * 1024, pil[0].width / pil[0].height)
+            pil = [pipe.image_processor.resize(im, h, w) for im in pil]
+        image_arg = pil if (variant.plus or len(pil) > 1) else pil[0]
         result = pipe(image=image_arg, **kwargs).images
     pipe.scheduler.sigmas  # noqa: B018 (recorded below)
     sched = pipe.scheduler
@@ -291,7 +300,8 @@ def run_case(pipe, variant: Variant, case: Case, images_dir: Path, areas, full: 
         "deviations": [
             "3-D mRoPE positions passed to Qwen2.5-VL (diffusers PR #14189)",
             "working areas patched to the bundle's",
-        ],
+        ] + (["v1 batch: images pre-resized to the working size (as a single call does)"]
+             if not variant.plus and len(case.images) > 1 else []),
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                     for k, v in tensors.items()},
     })
