@@ -523,3 +523,28 @@ async fn a_bundle_that_cannot_be_opened_stops_the_server_with_the_reason() {
     let e = server.wait().await.expect_err("stops with an error").to_string();
     assert!(e.contains("no-such-bundle"), "{e}");
 }
+
+/// An Edit Plus bundle takes an `images` list; with USE_LIGHTNING_LORA the default steps are
+/// LIGHTNING_STEPS and the response says Lightning ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn edit_plus_takes_several_images_and_lightning_sets_the_default_steps() {
+    let bundle = concat!(env!("CARGO_MANIFEST_DIR"), "/engines/tiny-2509");
+    let server = start(Settings { bundle: bundle.into(), lightning: true, lightning_steps: 3, ..settings() }).await;
+    let addr = server.addr();
+    let v = get(addr, "/health").await.json();
+    assert_eq!(v["model"]["variant"], "edit-plus");
+    assert_eq!(v["lightning_enabled"], true);
+    let body = serde_json::json!({"input": {"prompt": "put the cat from picture 2 into picture 1", "seed": 5,
+        "images": [{"image_base64": image_b64(1)}, {"image_base64": b64(&jpeg(&picture(48, 64, 2)))}]}});
+    let r = post_json(addr, body.to_string()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["num_inference_steps"], 3);
+    assert_eq!(v["lightning_enabled"], true);
+    // The output follows the last image's aspect (portrait here), as the reference does.
+    assert!(v["height"].as_u64() > v["width"].as_u64(), "{v}");
+    let five = serde_json::json!({"input": {"prompt": "x", "images": vec![serde_json::json!({"image_base64": image_b64(1)}); 5]}});
+    let r = post_json(addr, five.to_string()).await;
+    assert_eq!((r.status, r.error_type().as_str()), (422, "validation_error"), "{}", r.text());
+    stop(server).await;
+}

@@ -80,14 +80,19 @@ async fn spawn(env: &[(&str, &str)]) -> Proc {
         Ok(a) => a.parse().expect("address in the log"),
         Err(_) => panic!("the server did not say where it listens:\n{}", log.lock().unwrap().join("\n")),
     };
-    let p = Proc { child, addr, log };
+    let mut p = Proc { child, addr, log };
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let h = get(p.addr, "/health").await;
-        if h.status == 200 {
-            break;
+        if let Some(status) = p.child.try_wait().unwrap() {
+            panic!("qwen-edit serve exited with {status} before it was ready:\n{}", p.log());
         }
-        assert_eq!(h.json()["status"], "loading", "{}", p.log());
+        if tokio::net::TcpStream::connect(p.addr).await.is_ok() {
+            let h = get(p.addr, "/health").await;
+            if h.status == 200 {
+                break;
+            }
+            assert_eq!(h.json()["status"], "loading", "{}", p.log());
+        }
         assert!(Instant::now() < deadline, "not ready in time:\n{}", p.log());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -149,16 +154,16 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn overload_gets_503_with_retry_after_the_rest_complete_and_memory_stays_flat() {
-    let p = spawn(&[("BATCH_SIZE", "2"), ("BATCH_TIMEOUT_MS", "10"), ("MAX_QUEUE", "3"), ("LOG_FORMAT", "json")]).await;
+    let p = spawn(&[("BATCH_SIZE", "2"), ("BATCH_TIMEOUT_MS", "10"), ("MAX_QUEUE", "3"), ("LOG_FORMAT", "json"), ("SLOW_REQUEST_MS", "1")]).await;
     let addr = p.addr;
     let burst = 24u64;
     let mut rss = Vec::new();
-    let rounds = 10;
+    let rounds: u64 = std::env::var("QWEN_EDIT_TEST_OVERLOAD_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(10).max(3);
     for round in 0..rounds {
         let tasks: Vec<_> = (0..burst).map(|i| tokio::spawn(post_json(addr, body(round * 100 + i, 2)))).collect();
         let (mut ok, mut rejected) = (0, 0);
         for t in tasks {
-            let r = t.await.unwrap();
+            let r = t.await.unwrap_or_else(|e| panic!("a client failed in round {round}: {e}\nserver log:\n{}", p.log()));
             match r.status {
                 200 => ok += 1,
                 503 => {
@@ -186,4 +191,9 @@ async fn overload_gets_503_with_retry_after_the_rest_complete_and_memory_stays_f
     assert!(last <= warm + warm / 10, "RSS grew from {warm} KiB to {last} KiB over repeated bursts: {rss:?}");
     // The JSON log format is in effect.
     assert!(p.log().lines().all(|l| l.trim_start().starts_with('{')), "{}", p.log());
+    // Requests over SLOW_REQUEST_MS are logged as warnings, with their duration.
+    let slow = p.log().lines().find(|l| l.contains("slow request")).map(String::from).expect("a slow-request warning");
+    let v: serde_json::Value = serde_json::from_str(&slow).unwrap();
+    assert_eq!(v["level"], "WARN");
+    assert!(v["ms"].as_f64().unwrap() >= 1.0 && v["path"] == "/runsync", "{slow}");
 }

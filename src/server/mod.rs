@@ -416,6 +416,7 @@ pub fn main_serve(args: &ServeArgs) -> u8 {
         match result {
             Ok(Drain::Clean) => 0,
             Ok(Drain::TimedOut) => 1,
+            Err(ServeError::Load(_)) => 1, // already logged by the loader
             Err(e) => {
                 tracing::error!("{e}");
                 1
