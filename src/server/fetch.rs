@@ -616,12 +616,93 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(2));
     }
 
+    /// A CA and a leaf certificate for `names`, signed by it (DER).
+    struct TestPki {
+        ca: rustls::pki_types::CertificateDer<'static>,
+        leaf: rustls::pki_types::CertificateDer<'static>,
+        key: rustls::pki_types::PrivateKeyDer<'static>,
+    }
+
+    fn pki(names: &[&str]) -> TestPki {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap().signed_by(&leaf_key, &issuer).unwrap();
+        TestPki {
+            ca: ca.der().clone(),
+            leaf: leaf.der().clone(),
+            key: rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        }
+    }
+
+    /// A loopback HTTPS server answering every request with `body`.
+    async fn tls_fixture(p: &TestPki, body: &'static [u8]) -> SocketAddr {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![p.leaf.clone()], p.key.clone_key())
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut s) = acceptor.accept(tcp).await else { return };
+                    let mut buf = vec![0u8; 4096];
+                    let mut req = Vec::new();
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => req.extend_from_slice(&buf[..k]),
+                        }
+                    }
+                    let _ = s.write_all(&ok(body)).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn trusting(ca: &rustls::pki_types::CertificateDer<'static>) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    }
+
     #[tokio::test]
-    async fn https_speaks_tls() {
-        // A plain-HTTP fixture: the TLS handshake must be attempted and fail (no network for a real one).
-        let (addr, _) = fixture(|_, _| Some(ok(b"plain"))).await;
-        let f = Fetcher::new(FetchPolicy { retries: 0, ..policy(loopback_only()) }).unwrap();
-        let e = f.fetch(&format!("https://{addr}/")).await.unwrap_err();
-        assert!(matches!(&e, FetchError::Failed(m) if m.contains("TLS")), "{e:?}");
+    async fn https_verifies_the_chain_and_the_name() {
+        let good = pki(&["127.0.0.1", "localhost"]);
+        let addr = tls_fixture(&good, b"secure image").await;
+        let f = Fetcher::with_tls(FetchPolicy { retries: 0, ..policy(loopback_only()) }, trusting(&good.ca));
+        assert_eq!(&f.fetch(&format!("https://{addr}/a.png")).await.unwrap()[..], b"secure image");
+
+        // The default roots do not trust the test CA.
+        let public_roots = Fetcher::new(FetchPolicy { retries: 0, ..policy(loopback_only()) }).unwrap();
+        let e = public_roots.fetch(&format!("https://{addr}/a.png")).await.unwrap_err();
+        assert!(matches!(&e, FetchError::Failed(m) if m.contains("TLS") && m.contains("UnknownIssuer")), "{e:?}");
+
+        // A certificate for another name is refused even from a trusted CA.
+        let other = pki(&["images.example.com"]);
+        let addr = tls_fixture(&other, b"x").await;
+        let f = Fetcher::with_tls(FetchPolicy { retries: 0, ..policy(loopback_only()) }, trusting(&other.ca));
+        let e = f.fetch(&format!("https://{addr}/a.png")).await.unwrap_err();
+        assert!(matches!(&e, FetchError::Failed(m) if m.contains("TLS") && m.to_lowercase().contains("not valid for name")), "{e:?}");
     }
 }
