@@ -73,6 +73,9 @@ pub struct ServeArgs {
     /// Seconds a client has to send the request headers (slow-client guard).
     #[arg(long, env = "HEADER_READ_TIMEOUT", default_value_t = 10.0)]
     pub header_read_timeout: f64,
+    /// Seconds a client has to send the request body once its queue place is taken (408 after it).
+    #[arg(long, env = "BODY_READ_TIMEOUT", default_value_t = 60.0)]
+    pub body_read_timeout: f64,
     /// Requests slower than this many milliseconds are logged as warnings.
     #[arg(long, env = "SLOW_REQUEST_MS", default_value_t = 10_000)]
     pub slow_request_ms: u64,
@@ -163,6 +166,7 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub shutdown_timeout: Duration,
     pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
     pub slow_request: Duration,
     pub max_prompt_chars: usize,
     pub max_image_side: u32,
@@ -256,6 +260,7 @@ impl Settings {
             log_format,
             shutdown_timeout: seconds("SHUTDOWN_TIMEOUT", a.shutdown_timeout)?,
             header_read_timeout: seconds("HEADER_READ_TIMEOUT", a.header_read_timeout)?,
+            body_read_timeout: seconds("BODY_READ_TIMEOUT", a.body_read_timeout)?,
             slow_request: Duration::from_millis(a.slow_request_ms),
             max_prompt_chars: a.max_prompt_chars,
             max_image_side: a.max_image_side,
@@ -287,6 +292,7 @@ impl Settings {
             log_format: LogFormat::Text,
             shutdown_timeout: Duration::from_secs(60),
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(60),
             slow_request: Duration::from_secs(10),
             max_prompt_chars: 4096,
             max_image_side: 8192,

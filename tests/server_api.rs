@@ -548,3 +548,20 @@ async fn edit_plus_takes_several_images_and_lightning_sets_the_default_steps() {
     assert_eq!((r.status, r.error_type().as_str()), (422, "validation_error"), "{}", r.text());
     stop(server).await;
 }
+
+/// A client that trickles its body loses its queue place after BODY_READ_TIMEOUT (408), and the
+/// place is free again for the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_body_times_out_and_frees_its_queue_place() {
+    let server = start(Settings { body_read_timeout: Duration::from_millis(300), max_queue: 1, ..settings() }).await;
+    let addr = server.addr();
+    let started = Instant::now();
+    let out = raw(addr, b"POST /runsync HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{\"input\": ", Duration::from_secs(10)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"error_type\":\"body_timeout\""), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let r = post_json(addr, edit_body("after the stall", 3, STEPS, &image_b64(3))).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    stop(server).await;
+}

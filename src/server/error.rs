@@ -17,6 +17,7 @@ use crate::pipeline::edit::EditError;
 /// | 400 | `invalid_image` | the image is corrupt or truncated |
 /// | 401 | `unauthorized` | `API_KEY` is set and the bearer token is missing or wrong |
 /// | 404 / 405 | `not_found` / `method_not_allowed` | unknown route or method |
+/// | 408 | `body_timeout` | the body did not arrive within `BODY_READ_TIMEOUT` |
 /// | 413 | `payload_too_large` | body over `MAX_BODY_BYTES`, download over `URL_MAX_BYTES` |
 /// | 413 | `image_too_large` | image dimensions over the limits (checked before decoding) |
 /// | 415 | `unsupported_image_format` | not JPEG, PNG or WebP |

@@ -253,7 +253,15 @@ where
         )
     })?;
 
-    let body = read_body(req, state.settings.max_body_bytes).await?;
+    // The queue place is held while the body arrives: a client that trickles it is cut off.
+    let body_timeout = state.settings.body_read_timeout;
+    let body = tokio::time::timeout(body_timeout, read_body(req, state.settings.max_body_bytes)).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("the request body did not arrive within {:.0} s (BODY_READ_TIMEOUT)", body_timeout.as_secs_f64()),
+        )
+    })??;
     let limits = model.limits.clone();
     let params = input::blocking(&state.cpu, move || schema::parse(&body, &limits, || u64::from(rand::random::<u32>()))).await?;
     let schema::EditParams { prompt, negative_prompt, images, num_inference_steps, true_cfg_scale, seed, width, height, output_format } = params;
