@@ -45,6 +45,20 @@ PY
 {
   echo "export QWEN_EDIT_ORT_LIB='$ORT_LIB'"
 } > .deps/env
+# --- libjpeg-turbo 3 build tools (the turbojpeg crate builds it from source with cmake; nasm
+#     enables its SIMD; without nasm it still builds, slower). apt when root, else pip cmake.
+missing=""
+command -v cmake >/dev/null 2>&1 || missing="$missing cmake"
+command -v nasm >/dev/null 2>&1 || missing="$missing nasm"
+if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  log "installing$missing (apt) for the libjpeg-turbo build"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+fi
+if ! command -v cmake >/dev/null 2>&1; then
+  [ -x .venv/bin/cmake ] || { log "installing cmake (pip, into .venv)"; "$VPY" -m pip install -q --disable-pip-version-check 'cmake>=3.18,<4'; }
+  echo "export PATH='$ROOT/.venv/bin':\"\$PATH\"  # cmake for the libjpeg-turbo build" >> .deps/env
+fi
+command -v nasm >/dev/null 2>&1 || log "warning: nasm not found: libjpeg-turbo is built without SIMD (slower JPEG)"
 # TensorRT + CUDA headers (compile the shim) and test libraries; appends its exports to .deps/env.
 PYTHON=$VPY scripts/fetch-gpu-headers.sh
 log "ready (mode: $MODE); environment in .deps/env"

@@ -5,6 +5,8 @@ pub mod batcher;
 pub mod bundle;
 pub mod builder;
 pub mod config;
+pub mod editor;
+pub mod imaging;
 pub mod metrics;
 pub mod onnx;
 pub mod pipeline;

@@ -16,7 +16,7 @@ enum Command {
     /// Serve the RunPod-style HTTP API.
     Serve(qwen_edit::config::ServeArgs),
     /// Edit images from the command line.
-    Edit,
+    Edit(qwen_edit::editor::EditArgs),
     /// Compile a bundle's ONNX graphs into TensorRT engines.
     Build(qwen_edit::builder::BuildArgs),
     /// Print the inputs and outputs of an ONNX graph or TensorRT engine.
@@ -25,12 +25,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let name = match cli.command {
-        Command::Serve(args) => return ExitCode::from(qwen_edit::server::main_serve(&args)),
-        Command::Edit => "edit",
-        Command::Build(args) => return ExitCode::from(qwen_edit::builder::main_build(&args)),
-        Command::Inspect(args) => return ExitCode::from(qwen_edit::builder::main_inspect(&args)),
-    };
-    eprintln!("qwen-edit {name}: not implemented yet");
-    ExitCode::from(2)
+    ExitCode::from(match cli.command {
+        Command::Serve(args) => qwen_edit::server::main_serve(&args),
+        Command::Edit(args) => qwen_edit::editor::main_edit(&args),
+        Command::Build(args) => qwen_edit::builder::main_build(&args),
+        Command::Inspect(args) => qwen_edit::builder::main_inspect(&args),
+    })
 }
