@@ -18,6 +18,6 @@ serve: setup-runtime
 test: setup
 	set -euo pipefail
 	source .deps/env
-	cargo test --all-targets
+	QWEN_EDIT_REQUIRE_TRT_SHIM=1 cargo test --all-targets
 	.venv/bin/python -m pytest
 	.venv/bin/python -m export check

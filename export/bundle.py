@@ -330,6 +330,9 @@ def build_manifest(pipe, variant: Variant, dtype, paths: dict, areas: Areas, nam
             "video_token_id": te_cfg.video_token_id,
             "vision_start_token_id": te_cfg.vision_start_token_id,
             "condition_area": areas.condition if variant.plus else None,
+            # transformers' Qwen2VLImageProcessor: torchvision backend (uint8 antialiased bicubic,
+            # fused rescale/normalise); Qwen2VLProcessor cannot be built without torchvision.
+            "processor_backend": "torchvision",
         },
         "vae": {
             "scale_factor": 2 ** len(vae_cfg.temperal_downsample),

@@ -405,7 +405,7 @@ mod tests {
     use std::sync::Mutex;
 
     fn key(w: u32) -> BatchKey {
-        BatchKey { width: w, height: 16, condition_sizes: vec![(16, 16)], steps: 2, true_cfg: false, lightning: false }
+        BatchKey { width: w, height: 16, condition_sizes: vec![(16, 16)], steps: 2, true_cfg: false, lightning: false, text_len: 64 }
     }
 
     struct Item {

@@ -215,6 +215,9 @@ pub struct Vision {
     /// Plus: pixel area of the VL copy of each image; `null` for v1.
     #[serde(deserialize_with = "nullable")]
     pub condition_area: Option<u64>,
+    /// `torchvision` (the reference's, default when absent) or `pil` image processor arithmetic.
+    #[serde(default)]
+    pub processor_backend: crate::pipeline::vision::ProcessorBackend,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

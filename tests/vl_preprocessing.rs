@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use ndarray::Array3;
 use qwen_edit::imaging::{self, Filter, RgbImage};
 use qwen_edit::pipeline::prompt::{PromptEncoder, PromptRow, PromptSettings};
+use qwen_edit::pipeline::vision::ProcessorBackend;
 use qwen_edit::pipeline::vision::{
     self, cu_seqlens, smart_resize, window_index, ImageGrid, VisionBatch, VisionError, VisionImage, VisionSettings,
 };
@@ -79,8 +80,10 @@ fn synthetic(width: u32, height: u32, seed: u64) -> Vec<u8> {
     out
 }
 
+/// These goldens come from the PIL backend of the processor (`Qwen2VLImageProcessorPil`); the
+/// torchvision backend, the reference's, is checked in tests/torch_resize.rs and tests/parity.rs.
 fn settings(bounds: &str) -> VisionSettings {
-    let s = VisionSettings::qwen_image_edit();
+    let s = VisionSettings { processor_backend: ProcessorBackend::Pil, ..VisionSettings::qwen_image_edit() };
     match bounds {
         "real" => s,
         "tiny" => VisionSettings { max_pixels: 28 * 28 * 64, ..s },

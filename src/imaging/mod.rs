@@ -11,6 +11,7 @@ mod encode;
 mod normalize;
 mod probe;
 mod resize;
+pub mod torch_resize;
 
 pub use decode::{decode, Limits};
 pub use encode::{encode, OutputFormat};

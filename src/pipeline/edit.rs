@@ -35,6 +35,9 @@ pub struct BatchKey {
     pub steps: u32,
     pub true_cfg: bool,
     pub lightning: bool,
+    /// Text length the transformer sees (rows' longest, rounded up to the text bucket): jobs batch
+    /// only with jobs of the same bucket, so a job's tensors have the same shapes alone and batched.
+    pub text_len: usize,
 }
 
 /// A finished edit.
@@ -119,7 +122,13 @@ pub struct PipelineOptions {
     pub trt: TrtOptions,
     /// Check every component file against the manifest's sha256 before loading (slow for real models).
     pub verify_hashes: bool,
+    /// Text lengths are padded up to a multiple of this (0 = [`DEFAULT_TEXT_BUCKET`]): equal shapes
+    /// make a job's numbers independent of its batch, and repeat TensorRT graph shapes.
+    pub text_bucket: usize,
 }
+
+/// Default text bucket, in tokens.
+pub const DEFAULT_TEXT_BUCKET: usize = 64;
 
 /// What a loaded pipeline is and accepts; shown by /health and used for request defaults.
 #[derive(Clone, Debug, Serialize)]
@@ -190,6 +199,7 @@ struct Shared {
     rope: Rope,
     kernels: CpuKernels,
     z_dim: usize,
+    text_bucket: usize,
 }
 
 /// Converts one manifest section into the pipeline module's settings type (same keys).
@@ -200,7 +210,7 @@ fn section<T: serde::de::DeserializeOwned>(value: &impl Serialize, what: &str, b
 }
 
 impl Shared {
-    fn new(bundle: &Bundle, choice: &backend::BackendChoice) -> Result<Shared, LoadError> {
+    fn new(bundle: &Bundle, choice: &backend::BackendChoice, text_bucket: usize) -> Result<Shared, LoadError> {
         let m = bundle.manifest();
         let name = m.name.clone();
         let invalid = |reason: String| LoadError::Invalid { bundle: name.clone(), reason };
@@ -250,6 +260,7 @@ impl Shared {
             rope,
             kernels,
             z_dim: m.vae.z_dim,
+            text_bucket: if text_bucket == 0 { DEFAULT_TEXT_BUCKET } else { text_bucket },
         })
     }
 }
@@ -279,7 +290,7 @@ impl Pipeline {
         let probe = GpuProbe::detect();
         let plans = backend::plans_present(bundle.dir(), &onnx_files);
         let choice = backend::choose(options.backend, &probe, &plans)?;
-        let shared = Arc::new(Shared::new(&bundle, &choice)?);
+        let shared = Arc::new(Shared::new(&bundle, &choice, options.text_bucket)?);
         let mut engines: Vec<Box<dyn Engine>> = Vec::with_capacity(4);
         match choice.backend {
             BackendKind::Ort => {
@@ -376,7 +387,7 @@ fn vl_patches(image: &RgbImage, s: &VisionSettings) -> Result<VisionImage, EditE
     let img = if (tw, th) == (w, h) {
         image
     } else {
-        resized = imaging::resize(image, tw, th, Filter::Bicubic).map_err(|e| EditError::Internal(e.to_string()))?;
+        resized = vision::resize(image, tw, th, s).map_err(|e| EditError::Internal(e.to_string()))?;
         &resized
     };
     vision::patchify(img.as_raw(), tw, th, s).map_err(|e| EditError::Internal(e.to_string()))
@@ -440,9 +451,9 @@ impl Preprocessor {
         if true_cfg {
             rows.push(PromptRow { text: req.negative_prompt.as_deref().unwrap_or(""), images: &slots });
         }
-        let text = sh.prompt.encode(&rows, &grids).map_err(prompt_error)?;
-        let longest = text.kept_lengths().into_iter().max().unwrap_or(0);
-        sh.rope.tables(&sizes.img_shapes, longest).map_err(|e| EditError::Invalid(e.to_string()))?;
+        let text = sh.prompt.encode_bucketed(&rows, &grids, sh.text_bucket).map_err(prompt_error)?;
+        let text_len = text.seq - text.drop_tokens;
+        sh.rope.tables(&sizes.img_shapes, text_len).map_err(|e| EditError::Invalid(e.to_string()))?;
 
         let (lh, lw) = sizes.latent_size();
         let noise = match req.noise {
@@ -466,6 +477,7 @@ impl Preprocessor {
             steps: req.num_inference_steps,
             true_cfg,
             lightning: req.lightning,
+            text_len,
         };
         Ok(Prepared {
             key,
@@ -541,10 +553,6 @@ impl Pipeline {
         if n == 0 {
             return Vec::new();
         }
-        if let Some(bad) = jobs.iter().position(|j| j.key != jobs[0].key) {
-            let msg = format!("batch mixes incompatible jobs ({:?} vs {:?})", jobs[0].key, jobs[bad].key);
-            return (0..n).map(|_| Err(EditError::Internal(msg.clone()))).collect();
-        }
         let started = Instant::now();
         match self.run_checked(&jobs, None) {
             Ok(images) => {
@@ -579,6 +587,12 @@ impl Pipeline {
     }
 
     fn run_checked(&mut self, jobs: &[Prepared], mut trace: Option<&mut Trace>) -> Result<Vec<RgbImage>, EditError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(bad) = jobs.iter().position(|j| j.key != jobs[0].key) {
+            return Err(internal(format!("batch mixes incompatible jobs ({:?} vs {:?})", jobs[0].key, jobs[bad].key)));
+        }
         let sh = self.shared.clone();
         let key = &jobs[0].key;
         let b = jobs.len();
@@ -603,7 +617,10 @@ impl Pipeline {
             }
         }
         let grids: Vec<_> = vl_refs.iter().map(|v| v.grid).collect();
-        let text = sh.prompt.encode(&prompt_rows, &grids).map_err(prompt_error)?;
+        let text = sh.prompt.encode_bucketed(&prompt_rows, &grids, sh.text_bucket).map_err(prompt_error)?;
+        if text.seq - text.drop_tokens != key.text_len {
+            return Err(internal(format!("batch text length {} != key's {}", text.seq - text.drop_tokens, key.text_len)));
+        }
         if let Some(t) = trace.as_deref_mut() {
             t.input_ids = Some(ArrayD::from_shape_vec(IxDyn(&[text.batch, text.seq]), text.input_ids.clone()).map_err(internal)?);
             t.attention_mask =

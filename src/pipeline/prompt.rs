@@ -195,8 +195,8 @@ impl TextBatch {
     }
 
     /// The reference's post-processing of the encoder output `hidden` [batch, seq, dim]: per row the
-    /// valid hidden states without the first `drop_tokens`, zero-padded to the longest row, and the
-    /// matching mask [batch, kept] (1 = token).
+    /// valid hidden states without the first `drop_tokens`, zero-padded to `seq - drop_tokens` (the
+    /// longest row, or its bucket), and the matching mask (1 = token).
     pub fn prompt_embeds(&self, hidden: ArrayView3<f32>) -> Result<(Array3<f32>, Array2<i64>), PromptError> {
         let (b, s, d) = hidden.dim();
         if b != self.batch || s != self.seq {
@@ -205,8 +205,7 @@ impl TextBatch {
                 self.batch, self.seq
             )));
         }
-        let kept = self.kept_lengths();
-        let max = kept.iter().copied().max().unwrap_or(0);
+        let max = self.seq - self.drop_tokens;
         let mut embeds = Array3::<f32>::zeros((b, max, d));
         let mut mask = Array2::<i64>::zeros((b, max));
         for (r, &len) in self.lengths.iter().enumerate() {
@@ -336,6 +335,17 @@ impl PromptEncoder {
     /// Encodes a batch: `rows[r].images` index `grids` (the batch's image slots, in `VisionBatch`
     /// order). Rows are right-padded to the longest.
     pub fn encode(&self, rows: &[PromptRow<'_>], grids: &[ImageGrid]) -> Result<TextBatch, PromptError> {
+        self.encode_bucketed(rows, grids, 1)
+    }
+
+    /// [`PromptEncoder::encode`] with the kept part of the padded length (`seq - drop_tokens`) rounded
+    /// up to a multiple of `bucket`, so that batches of different prompts share shapes.
+    pub fn encode_bucketed(
+        &self,
+        rows: &[PromptRow<'_>],
+        grids: &[ImageGrid],
+        bucket: usize,
+    ) -> Result<TextBatch, PromptError> {
         if rows.is_empty() {
             return Err(PromptError::EmptyBatch);
         }
@@ -392,7 +402,8 @@ impl PromptEncoder {
         }
 
         let batch = rows.len();
-        let seq = rows_ids.iter().map(Vec::len).max().unwrap_or(0);
+        let longest = rows_ids.iter().map(Vec::len).max().unwrap_or(0);
+        let seq = drop + (longest - drop).div_ceil(bucket.max(1)) * bucket.max(1);
         let n = batch * seq;
         let mut out = TextBatch {
             batch,

@@ -66,6 +66,23 @@ pub struct VisionSettings {
     /// Plus: pixel area of the VL copy of each image; `None` for v1 (the VAE-sized image is used).
     #[serde(default)]
     pub condition_area: Option<u64>,
+    /// Which implementation of the image processor the reference ran (see [`ProcessorBackend`]).
+    #[serde(default)]
+    pub processor_backend: ProcessorBackend,
+}
+
+/// The two implementations transformers 5 has of the Qwen2-VL image processor. They resize and
+/// normalise with different arithmetic, so their pixel values differ in the last bits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProcessorBackend {
+    /// `Qwen2VLImageProcessor` (torchvision backend; what `Qwen2VLProcessor` loads whenever
+    /// torchvision is installed, which it requires): torch's uint8 antialiased bicubic resize, then
+    /// `(x - mean/rescale) / (std/rescale)` in f32.
+    #[default]
+    Torchvision,
+    /// `Qwen2VLImageProcessorPil`: Pillow bicubic, then `f32(x * rescale)` and `(x - mean) / std`.
+    Pil,
 }
 
 fn default_resample() -> String {
@@ -91,6 +108,7 @@ impl VisionSettings {
             video_token_id: 151656,
             vision_start_token_id: 151652,
             condition_area: None,
+            processor_backend: ProcessorBackend::Torchvision,
         }
     }
 
@@ -226,19 +244,40 @@ pub struct VisionImage {
     pub pixel_values: Vec<f32>,
 }
 
-/// Per channel, the processor's value of every u8: `f32(f64(v) * rescale_factor)`, then
-/// `(x - f32(mean)) / f32(std)` in f32, exactly the PIL backend's dtypes and operation order.
+/// Per channel, the processor's value of every u8, with the backend's dtypes and operation order:
+/// PIL: `f32(f64(v) * rescale_factor)`, then `(x - f32(mean)) / f32(std)` in f32; torchvision (fused
+/// rescale): `(f32(v) - f32(mean) * f32(1/rescale)) / (f32(std) * f32(1/rescale))` in f32.
 fn value_tables(s: &VisionSettings) -> [[f32; 256]; 3] {
     let mut t = [[0f32; 256]; 3];
     for (c, table) in t.iter_mut().enumerate() {
         let mean = s.image_mean[c] as f32;
         let std = s.image_std[c] as f32;
-        for (v, out) in table.iter_mut().enumerate() {
-            let x = (v as f64 * s.rescale_factor) as f32;
-            *out = (x - mean) / std;
+        match s.processor_backend {
+            ProcessorBackend::Pil => {
+                for (v, out) in table.iter_mut().enumerate() {
+                    let x = (v as f64 * s.rescale_factor) as f32;
+                    *out = (x - mean) / std;
+                }
+            }
+            ProcessorBackend::Torchvision => {
+                let inv = (1.0 / s.rescale_factor) as f32;
+                let (mean, std) = (mean * inv, std * inv);
+                for (v, out) in table.iter_mut().enumerate() {
+                    *out = (v as f32 - mean) / std;
+                }
+            }
         }
     }
     t
+}
+
+/// The processor's resize of `image` to `width x height` for the configured backend.
+pub fn resize(image: &RgbImage, width: u32, height: u32, s: &VisionSettings) -> Result<RgbImage, VisionError> {
+    let r = match s.processor_backend {
+        ProcessorBackend::Torchvision => imaging::torch_resize::resize_bicubic_aa(image, width, height),
+        ProcessorBackend::Pil => imaging::resize(image, width, height, Filter::Bicubic),
+    };
+    r.map_err(|e| VisionError::Resize(e.to_string()))
 }
 
 /// Rescales, normalises and patchifies an RGB8 image (HWC, row-major) that already has the
@@ -298,7 +337,7 @@ pub fn preprocess(image: &RgbImage, s: &VisionSettings) -> Result<VisionImage, V
     if (tw, th) == (w, h) {
         return patchify(image.as_raw(), w, h, s);
     }
-    let resized = imaging::resize(image, tw, th, Filter::Bicubic).map_err(|e| VisionError::Resize(e.to_string()))?;
+    let resized = resize(image, tw, th, s)?;
     patchify(resized.as_raw(), tw, th, s)
 }
 
