@@ -1,9 +1,10 @@
-# The two entry points of README.md. Both install what they need first (idempotent).
+# The two set-up commands of README.md (serve, test) and the bench run; each installs what it needs first.
 #   make serve  - serve the embedded tiny model on $(API_HOST):$(API_PORT) (CPU, ONNX Runtime)
 #   make test   - every test: Rust unit + integration tests, export tests, tiny-set regeneration check
+#   make bench  - every bench; rewrites the README's performance tables (scripts/bench.sh)
 SHELL := /bin/bash
 .ONESHELL:
-.PHONY: serve test setup setup-runtime
+.PHONY: serve test bench setup setup-runtime
 
 setup-runtime:
 	scripts/setup.sh runtime
@@ -21,3 +22,6 @@ test: setup
 	QWEN_EDIT_REQUIRE_TRT_SHIM=1 cargo test --all-targets
 	.venv/bin/python -m pytest
 	.venv/bin/python -m export check
+
+bench:
+	scripts/bench.sh

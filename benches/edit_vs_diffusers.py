@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -19,19 +18,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benches"))
+from report import machine  # noqa: E402
+
 RUNS = 15
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
 
 
 def time_diffusers() -> list[float]:
@@ -75,12 +65,20 @@ def main() -> int:
 
     rust = time_qwen_edit()
     py = statistics.median(time_diffusers())
-    print(f"Edit at 256x256, 4 steps, tiny model, CPU — {datetime.date.today().isoformat()}, {machine()}\n")
-    print("| implementation | median per edit (ms) | speed-up |")
-    print("| --- | ---: | ---: |")
-    print(f"| diffusers {diffusers.__version__} QwenImageEditPipeline (torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads) | {py * 1e3:.1f} | 1.0x |")
-    print(f"| qwen-edit (ONNX Runtime {onnxruntime.__version__}, CPU) | {rust * 1e3:.1f} | {py / rust:.1f}x |")
+    table = "\n".join([
+        f"Edit at 256x256, 4 steps, tiny model, CPU, same machine, same run (diffusers: median of {RUNS} runs after "
+        "2 warm-ups; qwen-edit: criterion median).\n",
+        "| implementation | median per edit (ms) | speed-up |",
+        "| --- | ---: | ---: |",
+        f"| diffusers {diffusers.__version__} QwenImageEditPipeline (torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads) | {py * 1e3:.1f} | 1.0x |",
+        f"| qwen-edit (ONNX Runtime {onnxruntime.__version__}, CPU) | {rust * 1e3:.1f} | {py / rust:.1f}x |",
+    ]) + "\n"
+    print(f"{datetime.date.today().isoformat()}, {machine()}\n")
+    print(table)
+    out = ROOT / "target/bench-tables"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "edit_vs_diffusers.md").write_text(table)
     return 0
 
 

@@ -6,6 +6,7 @@
 //! (smart_resize to multiples of 28: bicubic 1024 -> 1036, rescale/normalize, patchify) -> VAE input
 //! (1024x1024 to CHW half floats in [-1, 1]) -> PNG-encode the 1024x1024 result -> base64 -> response JSON.
 //! One more row: the Lanczos 1024 -> 384x384 copy that Edit Plus feeds its VL encoder.
+//! Group `io_1024`: preprocessing of a JPEG and a PNG upload, and response encoding (PNG/JPEG + base64).
 //! Run: `cargo bench --bench server_overhead`.
 
 use std::hint::black_box;
@@ -110,6 +111,23 @@ fn bench(c: &mut Criterion) {
     g.bench_function("base64_encode", |b| b.iter(|| encode_base64(black_box(&f.png))));
     g.bench_function("response_json", |b| b.iter(|| response(black_box(f.png_b64.clone()))));
     g.bench_function("total_without_model", |b| b.iter(|| whole_request(black_box(&f), &vl, &mut vae)));
+    g.finish();
+
+    // Issue 6's rows: preprocessing (decode + VL resize/normalize + VAE input) of a JPEG and a PNG
+    // upload, and response encoding (PNG or JPEG, then base64) of a 1024x1024 result.
+    let png_upload = imaging::encode(&f.image, OutputFormat::Png).unwrap();
+    let preprocess = |bytes: &[u8], vae: &mut [f16]| {
+        let img = imaging::decode(bytes, &imaging::Limits::default()).unwrap();
+        imaging::preprocess_into_f16(&img, vae).unwrap();
+        vision::preprocess(&img, &vl).unwrap().pixel_values.len()
+    };
+    let mut g = c.benchmark_group("io_1024");
+    g.sample_size(20);
+    g.bench_function("preprocess_jpeg", |b| b.iter(|| preprocess(black_box(&f.jpeg), &mut vae)));
+    g.bench_function("preprocess_png", |b| b.iter(|| preprocess(black_box(&png_upload), &mut vae)));
+    for (name, format) in [("encode_png_base64", OutputFormat::Png), ("encode_jpeg_base64", OutputFormat::Jpeg { quality: 90 })] {
+        g.bench_function(name, |b| b.iter(|| encode_base64(&imaging::encode(black_box(&f.result), format).unwrap()).len()));
+    }
     g.finish();
 }
 

@@ -1,13 +1,16 @@
 """Baseline for benches/server_overhead.rs: the same per-request CPU steps as the Python server did
-them (json, base64, Pillow, transformers' Qwen2-VL PIL processor, diffusers' VaeImageProcessor).
+them (json, base64, Pillow, transformers' Qwen2-VL image processor with the torchvision backend as
+diffusers' pipeline loads it, diffusers' VaeImageProcessor).
 
 Run from the repo root: `.venv/bin/python benches/server_overhead_baseline.py` (single-threaded
-torch, like one request). Prints a markdown table of median milliseconds per stage.
+torch, like one request). Prints a markdown table of median milliseconds per stage and writes them to
+target/bench-tables/server_overhead_baseline.json for benches/report.py.
 """
 
 import base64
 import io
 import json
+from pathlib import Path
 import statistics
 import time
 
@@ -15,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 from diffusers.image_processor import VaeImageProcessor
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
 torch.set_num_threads(1)
 PROMPT = "Change the sky to a sunset, keep everything else"
@@ -50,7 +53,7 @@ def main():
     jpeg = buf.getvalue()
     b64 = base64.b64encode(jpeg).decode()
     body = json.dumps({"input": {"prompt": PROMPT, "image_base64": b64, "num_inference_steps": 8, "seed": 42}}).encode()
-    vl = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 16384)  # Qwen-Image-Edit preprocessor_config
+    vl = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 16384)  # Qwen-Image-Edit preprocessor_config
     vae = VaeImageProcessor(vae_scale_factor=16)
     decoded = Image.open(io.BytesIO(jpeg)).convert("RGB")
     png_buf = io.BytesIO()
@@ -90,8 +93,13 @@ def main():
     print(f"JPEG {len(jpeg)} bytes, body {len(body)} bytes, PNG {len(png)} bytes")
     print("| stage | Python ms (median) |")
     print("| --- | ---: |")
+    medians = {}
     for name, fn in rows:
-        print(f"| {name} | {timeit(fn):.2f} |")
+        medians[name] = timeit(fn)
+        print(f"| {name} | {medians[name]:.2f} |")
+    out = Path(__file__).resolve().parents[1] / "target/bench-tables"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "server_overhead_baseline.json").write_text(json.dumps(medians, indent=1))
 
 
 if __name__ == "__main__":

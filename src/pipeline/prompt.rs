@@ -339,7 +339,8 @@ impl PromptEncoder {
     }
 
     /// [`PromptEncoder::encode`] with the kept part of the padded length (`seq - drop_tokens`) rounded
-    /// up to a multiple of `bucket`, so that batches of different prompts share shapes.
+    /// up to a multiple of `bucket` (at most `max_text_tokens`), so that batches of different prompts
+    /// share shapes.
     pub fn encode_bucketed(
         &self,
         rows: &[PromptRow<'_>],
@@ -403,7 +404,9 @@ impl PromptEncoder {
 
         let batch = rows.len();
         let longest = rows_ids.iter().map(Vec::len).max().unwrap_or(0);
-        let seq = drop + (longest - drop).div_ceil(bucket.max(1)) * bucket.max(1);
+        // Never past max_text_tokens (the engines' text profile), even when it is not a multiple.
+        let kept = ((longest - drop).div_ceil(bucket.max(1)) * bucket.max(1)).min(self.settings.max_text_tokens);
+        let seq = drop + kept;
         let n = batch * seq;
         let mut out = TextBatch {
             batch,
@@ -662,6 +665,31 @@ mod tests {
         assert_eq!(w[14..], [0, 1, 2, 3, 4, 5, 0, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(b.image_embed_index[..10], [-1, -1, -1, 0, 1, 2, 3, 4, 5, -1]);
         assert_eq!(b.image_embed_index[14..20], [-1, -1, -1, 6, -1, -1]);
+    }
+
+    #[test]
+    fn buckets_round_the_kept_length_up_but_never_past_the_limit() {
+        let grids = [ImageGrid { t: 1, h: 2, w: 2 }];
+        let row = |text| [PromptRow { text, images: &[0] }];
+        // kept = text + 4 (vs, 1 pad, ve, im_end); drop = 2.
+        let e = encoder(v1(100));
+        let b = e.encode_bucketed(&row("x"), &grids, 8).unwrap();
+        assert_eq!((b.seq, b.lengths.clone(), b.kept_lengths()), (2 + 8, vec![7], vec![5]));
+        assert_eq!(b.attention_mask, [1, 1, 1, 1, 1, 1, 1, 0, 0, 0]);
+        assert_eq!(e.encode_bucketed(&row("12345678"), &grids, 8).unwrap().seq, 2 + 16);
+        assert_eq!(e.encode_bucketed(&row("1234"), &grids, 8).unwrap().seq, 2 + 8);
+        // Same bucket, same shapes: a job's tensors do not depend on its neighbours.
+        let one = e.encode_bucketed(&row("abc"), &grids, 8).unwrap();
+        let two = e.encode_bucketed(&[row("abc")[0], row("a")[0]], &grids, 8).unwrap();
+        assert_eq!(two.seq, one.seq);
+        assert_eq!(two.input_ids[..one.seq], one.input_ids[..]);
+        // A limit that is not a multiple of the bucket caps the padding.
+        let e = encoder(v1(10));
+        assert_eq!(e.encode_bucketed(&row("12345"), &grids, 8).unwrap().seq, 2 + 10);
+        // prompt_embeds pads to the bucket.
+        let hidden = Array3::<f32>::ones((1, 10, 3));
+        let (embeds, mask) = e.encode_bucketed(&row("12"), &grids, 8).unwrap().prompt_embeds(hidden.view()).unwrap();
+        assert_eq!((embeds.dim(), mask.row(0).sum()), ((1, 8, 3), 6));
     }
 
     #[test]

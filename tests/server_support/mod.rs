@@ -1,9 +1,13 @@
 //! Helpers of the server integration tests: settings for the real tiny bundle, a small HTTP client
-//! over loopback (hyper), raw-socket requests, test images and request bodies.
+//! over loopback (hyper), raw-socket requests, test images and request bodies, and the built binary
+//! as a child process (also used by benches/load.rs).
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -127,4 +131,92 @@ pub fn edit_body(prompt: &str, seed: u64, steps: u32, image_b64: &str) -> String
 /// `name{labels} value` from Prometheus text.
 pub fn metric(text: &str, series: &str) -> f64 {
     qwen_edit::metrics::sample(text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+/// `qwen-edit serve` as a child process (killed on drop), with its stderr collected.
+pub struct Proc {
+    pub child: Child,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+    /// Resident memory in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([sig, &self.pid().to_string()]).status().map(|s| s.success()).unwrap_or(false);
+        assert!(ok, "kill {sig} failed");
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the binary on an ephemeral port with `env`, waits for `ready`.
+pub async fn spawn(env: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qwen-edit"));
+    cmd.arg("serve")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("API_HOST", "127.0.0.1")
+        .env("API_PORT", "0")
+        .env("QWEN_EDIT_BUNDLE", BUNDLE)
+        .env("QWEN_EDIT_BACKEND", "ort")
+        .env("RUST_LOG", "info")
+        .env_remove("API_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn qwen-edit serve");
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let l = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                let _ = tx.send(rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':').collect::<String>());
+            }
+            l.lock().unwrap().push(line);
+        }
+    });
+    let addr: SocketAddr = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(a) => a.parse().expect("address in the log"),
+        Err(_) => panic!("the server did not say where it listens:\n{}", log.lock().unwrap().join("\n")),
+    };
+    let mut p = Proc { child, addr, log };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            panic!("qwen-edit serve exited with {status} before it was ready:\n{}", p.log());
+        }
+        if tokio::net::TcpStream::connect(p.addr).await.is_ok() {
+            let h = get(p.addr, "/health").await;
+            if h.status == 200 {
+                break;
+            }
+            assert_eq!(h.json()["status"], "loading", "{}", p.log());
+        }
+        assert!(Instant::now() < deadline, "not ready in time:\n{}", p.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    p
 }

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs every bench and rewrites the README's performance tables from their results (about 12 minutes
+# on 2 cores). Usage: scripts/bench.sh   (or `make bench`). Needs `scripts/setup.sh all` (it runs it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh all
+source .deps/env
+cargo bench --bench pipeline -- batch --noplot
+cargo bench --bench server_overhead -- --noplot
+.venv/bin/python benches/server_overhead_baseline.py
+.venv/bin/python benches/edit_vs_diffusers.py
+cargo bench --bench load
+python3 benches/report.py --readme README.md
