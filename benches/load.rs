@@ -81,7 +81,7 @@ async fn start(batch_size: usize, timeout_ms: u64, steps: u32) -> Proc {
     p
 }
 
-/// Mean seconds per request of BATCH_SIZE=1, one request at a time (the capacity the rates scale).
+/// Mean seconds per request of BATCH_SIZE=1, one request at a time (the unit the rates scale).
 async fn calibrate(steps: u32) -> f64 {
     let p = start(1, 0, steps).await;
     let n = 8;
@@ -169,7 +169,9 @@ async fn bench() {
     };
     let mut table = format!(
         "Tiny bundle, {steps} steps, one 256x192 PNG per request (edited at 128x128), {seconds} s of arrivals per row, \
-         MAX_QUEUE 64. Capacity of BATCH_SIZE=1 measured first: {:.1} ms per request ({:.2} requests/s).\n\n\
+         MAX_QUEUE 64. Arrival rates are multiples of the rate of one client sending one request after another to \
+         BATCH_SIZE=1 ({:.1} ms per request, {:.2} requests/s); under concurrency the server overlaps decoding and \
+         encoding with the model, so it can serve more than that.\n\n\
          | arrivals/s | BATCH_SIZE | BATCH_TIMEOUT_MS | throughput/s | p50 ms | p99 ms | avg batch | 503 |\n\
          | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         per_request * 1e3,

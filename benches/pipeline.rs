@@ -1,11 +1,13 @@
 //! Criterion benches of the edit pipeline on the tiny bundle (CPU backend): one edit at 256x256 with
-//! 4 steps (the diffusers comparison of benches/edit_vs_diffusers.py), and throughput per batch size.
+//! 4 steps (the diffusers comparison of benches/edit_vs_diffusers.py), and throughput per batch size;
+//! then a table of where the time of a batch goes, per stage and batch size (target/bench-tables/stages.md).
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{criterion_group, BatchSize, Criterion, Throughput};
 use qwen_edit::imaging::{self, Limits};
 use qwen_edit::pipeline::edit::{EditRequest, Pipeline, PipelineOptions};
 use std::path::PathBuf;
 use std::time::Duration;
+use std::fmt::Write as _;
 
 fn bundle() -> PathBuf {
     std::env::var_os("QWEN_EDIT_BENCH_BUNDLE")
@@ -65,5 +67,49 @@ fn benches(c: &mut Criterion) {
     g.finish();
 }
 
+/// Median stage times per image of `runs` batches of each size (after one warm-up batch).
+fn stage_table(runs: usize) -> String {
+    let mut pipeline = Pipeline::open(&bundle(), &PipelineOptions::default()).expect("open the bundle");
+    let pre = pipeline.preprocessor();
+    let mut table = String::from(
+        "| batch size | text encoder | VAE encoder | denoise (4 steps) | VAE decoder | total per image |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for n in [1usize, 2, 4, 8] {
+        let mut samples: Vec<[f64; 4]> = Vec::new();
+        for run in 0..=runs {
+            let jobs = (0..n).map(|i| pre.prepare(request((run * n + i) as u64, 256, 4)).unwrap()).collect();
+            assert!(pipeline.run_batch(jobs).iter().all(Result::is_ok));
+            let s = pipeline.last_stages().expect("stage times of the batch");
+            assert_eq!(s.batch, n);
+            if run > 0 {
+                let per = |d: Duration| d.as_secs_f64() * 1e3 / n as f64;
+                samples.push([per(s.text), per(s.vae_encode), per(s.denoise), per(s.decode)]);
+            }
+        }
+        let median = |k: usize| {
+            let mut v: Vec<f64> = samples.iter().map(|s| s[k]).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let m = [median(0), median(1), median(2), median(3)];
+        writeln!(table, "| {n} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |", m[0], m[1], m[2], m[3], m.iter().sum::<f64>()).unwrap();
+    }
+    table
+}
+
 criterion_group!(pipeline_benches, benches);
-criterion_main!(pipeline_benches);
+
+fn main() {
+    pipeline_benches();
+    Criterion::default().configure_from_args().final_summary();
+    let bench = std::env::args().any(|a| a == "--bench");
+    let runs = if bench { 10 } else { 1 };
+    let table = stage_table(runs);
+    println!("\nMilliseconds per image by stage (median of {runs} batches per size):\n\n{table}");
+    if bench {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-tables");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("stages.md"), table).unwrap();
+    }
+}

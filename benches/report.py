@@ -130,6 +130,7 @@ def tables() -> dict[str, str | None]:
     return {
         "edit-vs-diffusers": file_table("edit_vs_diffusers.md", "source .deps/env && .venv/bin/python benches/edit_vs_diffusers.py"),
         "batch": pipeline_table(),
+        "stages": file_table("stages.md", "cargo bench --bench pipeline"),
         "load": file_table("load.md", "cargo bench --bench load"),
         "server-overhead": overhead_table(),
         "io": io_table(),

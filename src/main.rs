@@ -25,6 +25,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `serve` sets up its own logging; the one-shot commands log only when RUST_LOG asks them to.
+    if !matches!(cli.command, Command::Serve(_)) && std::env::var_os("RUST_LOG").is_some() {
+        qwen_edit::server::init_logging(qwen_edit::config::LogFormat::Text);
+    }
     ExitCode::from(match cli.command {
         Command::Serve(args) => qwen_edit::server::main_serve(&args),
         Command::Edit(args) => qwen_edit::editor::main_edit(&args),

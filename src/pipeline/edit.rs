@@ -109,7 +109,7 @@ use ndarray::{s, Array2, Array4, ArrayD, Axis, Ix3, IxDyn};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// At most this many input images per Edit Plus request (each adds VL and latent tokens).
 pub const MAX_PLUS_IMAGES: usize = 4;
@@ -278,6 +278,20 @@ pub struct Pipeline {
     transformer: Box<dyn Engine>,
     vae_encoder: Box<dyn Engine>,
     vae_decoder: Box<dyn Engine>,
+    last_stages: Option<StageTimes>,
+}
+
+/// Wall time of each stage of one batch (for benches and logs).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StageTimes {
+    pub batch: usize,
+    /// VL processor patches to prompt embeddings (text encoder).
+    pub text: Duration,
+    pub vae_encode: Duration,
+    /// Every transformer step with its Euler update.
+    pub denoise: Duration,
+    /// VAE decoder and conversion to pictures.
+    pub decode: Duration,
 }
 
 impl Pipeline {
@@ -323,11 +337,17 @@ impl Pipeline {
             vae_encoder: take("vae_encoder"),
             vae_decoder: take("vae_decoder"),
             shared,
+            last_stages: None,
         })
     }
 
     pub fn info(&self) -> &PipelineInfo {
         &self.shared.info
+    }
+
+    /// Stage times of the last batch that completed.
+    pub fn last_stages(&self) -> Option<StageTimes> {
+        self.last_stages
     }
 
     pub fn preprocessor(&self) -> Preprocessor {
@@ -763,14 +783,9 @@ impl Pipeline {
             .chunks(per)
             .map(|chw| imaging::postprocess(chw, w, h).map_err(internal))
             .collect::<Result<Vec<_>, _>>()?;
-        tracing::debug!(
-            batch = b,
-            text_ms = t_text.as_millis() as u64,
-            vae_encode_ms = t_vae.as_millis() as u64,
-            denoise_ms = t_loop.as_millis() as u64,
-            decode_ms = t3.elapsed().as_millis() as u64,
-            "batch stages"
-        );
+        let stages = StageTimes { batch: b, text: t_text, vae_encode: t_vae, denoise: t_loop, decode: t3.elapsed() };
+        tracing::debug!(?stages, "batch stages");
+        self.last_stages = Some(stages);
         Ok(images)
     }
 }
