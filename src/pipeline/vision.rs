@@ -309,16 +309,18 @@ pub fn patchify(rgb: &[u8], width: u32, height: u32, s: &VisionSettings) -> Resu
                     r += 1;
                     let y0 = (bh * m + mh) * p;
                     let x0 = (bw * m + mw) * p;
-                    let mut k = 0;
-                    for (c, table) in tables.iter().enumerate() {
-                        for _ in 0..tp {
-                            for py in 0..p {
-                                let line = ((y0 + py) * w + x0) * 3 + c;
-                                for px in 0..p {
-                                    row[k] = table[rgb[line + px * 3] as usize];
-                                    k += 1;
-                                }
+                    // Per channel: the p x p patch once, then its copies for the other temporal
+                    // slots (the processor repeats a still image `temporal_patch_size` times).
+                    for (c, (table, block)) in tables.iter().zip(row.chunks_exact_mut(tp * p * p)).enumerate() {
+                        let (first, copies) = block.split_at_mut(p * p);
+                        for (py, dst) in first.chunks_exact_mut(p).enumerate() {
+                            let start = ((y0 + py) * w + x0) * 3;
+                            for (d, px) in dst.iter_mut().zip(rgb[start..start + p * 3].chunks_exact(3)) {
+                                *d = table[px[c] as usize];
                             }
+                        }
+                        for copy in copies.chunks_exact_mut(p * p) {
+                            copy.copy_from_slice(first);
                         }
                     }
                 }
@@ -328,8 +330,9 @@ pub fn patchify(rgb: &[u8], width: u32, height: u32, s: &VisionSettings) -> Resu
     Ok(VisionImage { grid, width, height, pixel_values: out })
 }
 
-/// The whole processor for one RGB image: `smart_resize`, Pillow-exact bicubic resize (skipped when
-/// the size is kept, as Pillow copies), then [`patchify`]. Bit-identical to `Qwen2VLImageProcessorPil`.
+/// The whole processor for one RGB image: `smart_resize`, the backend's exact bicubic resize (skipped
+/// when the size is kept, as both backends do), then [`patchify`]. Bit-identical to the processor of
+/// the configured backend (torchvision or PIL).
 pub fn preprocess(image: &RgbImage, s: &VisionSettings) -> Result<VisionImage, VisionError> {
     s.validate()?;
     let (w, h) = image.dimensions();
