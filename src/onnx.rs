@@ -341,26 +341,13 @@ pub fn calculate_dimensions(target_area: u64, ratio: f64) -> (u32, u32) {
     (u32::try_from(w).unwrap_or(u32::MAX), u32::try_from(h).unwrap_or(u32::MAX))
 }
 
-/// transformers' `smart_resize(height, width, factor, min_pixels, max_pixels)` -> (height, width):
-/// multiples of `factor` with the area in bounds (Python rounding: ties to even). Only sizes the
-/// profiles; the pipeline's own copy (pipeline::vision) is the one tested against the reference.
+/// transformers' `smart_resize` (the pipeline's, [`crate::pipeline::vision::smart_resize`]) with
+/// its error as text.
 fn smart_resize(height: u64, width: u64, factor: u64, min_pixels: u64, max_pixels: u64) -> Result<(u64, u64), String> {
-    if height == 0 || width == 0 || factor == 0 {
-        return Err(format!("empty image {width}x{height}"));
+    if factor == 0 {
+        return Err("smart_resize factor 0".into());
     }
-    let (h, w, f) = (height as f64, width as f64, factor as f64);
-    let mut hb = (h / f).round_ties_even() as u64 * factor;
-    let mut wb = (w / f).round_ties_even() as u64 * factor;
-    if hb * wb > max_pixels {
-        let beta = ((height * width) as f64 / max_pixels as f64).sqrt();
-        hb = factor.max((h / beta / f).floor() as u64 * factor);
-        wb = factor.max((w / beta / f).floor() as u64 * factor);
-    } else if hb * wb < min_pixels {
-        let beta = (min_pixels as f64 / (height * width) as f64).sqrt();
-        hb = (h * beta / f).ceil() as u64 * factor;
-        wb = (w * beta / f).ceil() as u64 * factor;
-    }
-    Ok((hb, wb))
+    crate::pipeline::vision::smart_resize(height, width, factor, min_pixels, max_pixels).map_err(|e| e.to_string())
 }
 
 /// Sizes every dynamic dim of the bundle can take for one component.

@@ -41,29 +41,24 @@ fn check_len(img: &RgbImage, len: usize) -> Result<usize, Error> {
 /// Writes `img` as a CHW f32 tensor in [-1, 1] into `out` (length `3 * H * W`), bit-identical to
 /// `VaeImageProcessor.preprocess` of an already-resized RGB image.
 pub fn preprocess_into(img: &RgbImage, out: &mut [f32]) -> Result<(), Error> {
-    let plane = check_len(img, out.len())?;
-    let t = table_f32();
-    let (r, rest) = out.split_at_mut(plane);
-    let (g, b) = rest.split_at_mut(plane);
-    for (i, px) in img.as_raw().chunks_exact(3).enumerate() {
-        r[i] = t[px[0] as usize];
-        g[i] = t[px[1] as usize];
-        b[i] = t[px[2] as usize];
-    }
-    Ok(())
+    planes(img, out, &table_f32())
 }
 
 /// As [`preprocess_into`], rounded to f16 (nearest, ties to even) for half-precision engines.
 pub fn preprocess_into_f16(img: &RgbImage, out: &mut [f16]) -> Result<(), Error> {
-    let plane = check_len(img, out.len())?;
     let t32 = table_f32();
-    let t: [f16; 256] = std::array::from_fn(|i| f16::from_f32(t32[i]));
+    planes(img, out, &std::array::from_fn(|i| f16::from_f32(t32[i])))
+}
+
+/// Maps every byte of `img` through `table` into three planes (R, G, B) of `out`.
+fn planes<T: Copy>(img: &RgbImage, out: &mut [T], table: &[T; 256]) -> Result<(), Error> {
+    let plane = check_len(img, out.len())?;
     let (r, rest) = out.split_at_mut(plane);
     let (g, b) = rest.split_at_mut(plane);
     for (i, px) in img.as_raw().chunks_exact(3).enumerate() {
-        r[i] = t[px[0] as usize];
-        g[i] = t[px[1] as usize];
-        b[i] = t[px[2] as usize];
+        r[i] = table[px[0] as usize];
+        g[i] = table[px[1] as usize];
+        b[i] = table[px[2] as usize];
     }
     Ok(())
 }

@@ -1,9 +1,9 @@
 //! Qwen2-VL image preprocessing and the vision tower's host-side index tensors, as transformers does it.
-//! smart_resize, rescale + normalize + patchify (PIL backend), vision positions, window order, segments.
+//! smart_resize, resize + rescale + normalize + patchify, vision positions, window order, segments.
 //!
-//! Reference (transformers 5.23): `Qwen2VLImageProcessorPil` (`smart_resize`, PIL bicubic resize,
-//! `PilBackend.rescale` = `uint8 -> f64 * scale -> f32`, `normalize` = `(x - mean) / std` in f32 with
-//! f32 mean/std, `patchify`), `vision_utils` (`get_vision_position_ids`, `get_vision_window_index`,
+//! Reference (transformers 5.23): `Qwen2VLImageProcessor` (torchvision backend, the default: torch's
+//! uint8 antialiased bicubic, normalisation folded as torchvision does) or `Qwen2VLImageProcessorPil`
+//! (PIL bicubic, `uint8 -> f64 * scale -> f32`, then `(x - mean) / std` in f32), `patchify`, `vision_utils` (`get_vision_position_ids`, `get_vision_window_index`,
 //! `get_vision_cu_seqlens`) and `Qwen2_5_VisionTransformerPretrainedModel.forward`, whose
 //! data-dependent parts the ONNX graph takes as inputs:
 //! - `window_index` [units]: merge units reordered window by window (`permute_input_for_window_attn`);
