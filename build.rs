@@ -1,5 +1,5 @@
-//! Build script: compiles the C++ TensorRT shim (cpp/) with cxx-build where the TensorRT and CUDA
-//! headers are found, and sets `cfg(qe_trt)` so the Rust side knows; elsewhere the crate builds without it.
+//! Build script: compiles the denoising step (cpp/denoise_step.h) for the host, always; and the C++
+//! TensorRT shim (cpp/) with cxx-build where the TensorRT and CUDA headers are found, setting `cfg(qe_trt)`.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -12,6 +12,18 @@ fn main() {
     println!("cargo::rerun-if-env-changed=QWEN_EDIT_REQUIRE_TRT_SHIM");
     let required = env::var_os("QWEN_EDIT_REQUIRE_TRT_SHIM").is_some_and(|v| v == "1");
     println!("cargo::rerun-if-changed=build.rs");
+
+    // The CPU side of the step the GPU kernel runs: no fused multiply-add, so both round alike.
+    for f in ["cpp/denoise_step.h", "cpp/denoise_host.cpp"] {
+        println!("cargo::rerun-if-changed={f}");
+    }
+    cc::Build::new()
+        .cpp(true)
+        .file("cpp/denoise_host.cpp")
+        .opt_level(2)
+        .flag_if_supported("-ffp-contract=off")
+        .flag_if_supported("-fno-fast-math")
+        .compile("qwen_edit_denoise_step");
 
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let dir = |var: &str, default: &str| -> PathBuf {

@@ -3,6 +3,7 @@
 #   .deps/tensorrt/include   TensorRT 11.4 headers (Apache-2.0), from the crates.io crate trtx-sys
 #   .deps/cuda/include, lib  CUDA runtime headers + libcudart, from the PyPI wheels
 #   .deps/tensorrt-lean/     libnvinfer_lean.so.11 (PyPI), to test the no-driver path with a real library
+#   .deps/cuda/nvrtc         libnvrtc.so.13 (PyPI): compiles the denoising step kernel to PTX in tests (no GPU needed)
 # and appends the matching exports to .deps/env (TENSORRT_INCLUDE_DIR, CUDA_INCLUDE_DIR, QWEN_EDIT_TEST_*).
 # Nothing here is built or linked: trtx-sys is only downloaded for its header folder.
 # Usage: scripts/fetch-gpu-headers.sh            (called by scripts/setup.sh)
@@ -74,6 +75,8 @@ cp -R "$CUDA"/wheel-nvidia-cuda-runtime/nvidia/cu13/include/. "$CUDA/include/"
 cp -R "$CUDA"/wheel-nvidia-cuda-crt/nvidia/cu13/include/. "$CUDA/include/"
 cp "$CUDA"/wheel-nvidia-cuda-runtime/nvidia/cu13/lib/libcudart.so.* "$CUDA/lib/"
 CUDART=$(ls "$CUDA"/lib/libcudart.so.* | head -n1)
+fetch_wheel nvidia-cuda-nvrtc "$CUDA_VERSION" "$CUDA"
+NVRTC=$(ls "$CUDA"/wheel-nvidia-cuda-nvrtc/nvidia/cu13/lib/libnvrtc.so.* | head -n1)
 
 LEAN=$DEPS/tensorrt-lean
 fetch_wheel tensorrt-lean-cu12-libs "$TRT_LEAN_VERSION" "$LEAN"
@@ -92,6 +95,7 @@ sed -i '/^# >>> gpu-headers/,/^# <<< gpu-headers/d' "$ENV"
   echo "export CUDA_INCLUDE_DIR='$CUDA/include'"
   echo "export QWEN_EDIT_TEST_CUDART_LIB='$CUDART'"
   echo "export QWEN_EDIT_TEST_TRT_LEAN_LIB='$LEAN_LIB'"
+  echo "export QWEN_EDIT_TEST_NVRTC_LIB='$NVRTC'"
   echo "# <<< gpu-headers"
 } >> "$ENV"
 log "TensorRT headers: $TRT_INC; CUDA headers: $CUDA/include"

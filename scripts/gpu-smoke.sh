@@ -3,7 +3,8 @@
 # serves them with the TensorRT backend and the same bundle with ONNX Runtime, sends the same /run to
 # both over loopback and compares the images. Exits non-zero on any failure.
 #   scripts/gpu-smoke.sh [bundle]        (default engines/tiny; run scripts/setup.sh first)
-# Tunables: SMOKE_MAX_MEAN_DIFF (mean |diff| in 8-bit levels, default 2.0), SMOKE_PORT (default 18080).
+# Tunables: SMOKE_MAX_MEAN_DIFF (mean |diff| in 8-bit levels, default 2.0), SMOKE_PORT (default 18080),
+# SMOKE_ALLOW_HOST_LOOP=1 (accept a TensorRT server whose denoising loop steps on the host).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -63,6 +64,10 @@ wait_ready "$PORT" || { cat "$WORK/serve-tensorrt.log" >&2; log "TensorRT server
 wait_ready "$((PORT + 1))" || { cat "$WORK/serve-ort.log" >&2; log "ORT server not ready"; exit 1; }
 curl -fsS "http://127.0.0.1:$PORT/health" | tee "$WORK/health.json" >&2
 grep -q tensorrt "$WORK/health.json" || { log "/health does not report the TensorRT backend"; exit 1; }
+if ! grep -Eq '"denoise_loop": ?"device"' "$WORK/health.json"; then
+  grep -i "step kernel" "$WORK/serve-tensorrt.log" >&2 || true
+  [ "${SMOKE_ALLOW_HOST_LOOP:-0}" = 1 ] || { log "the denoising loop is not on the device (NVRTC missing? SMOKE_ALLOW_HOST_LOOP=1 to accept)"; exit 1; }
+fi
 
 "$PY" - "$PORT" "$MAX_MEAN" <<'PY'
 import base64, io, json, sys, urllib.request

@@ -11,6 +11,7 @@ use qwen_edit::pipeline::latents::{
 use qwen_edit::pipeline::rope::{LatentGrid, Rope, RopeSpec};
 use qwen_edit::pipeline::schedule::{Schedule, ScheduleError, SchedulerConfig};
 use qwen_edit::pipeline::torch_cpu::{randn, torch_seed, CpuKernels};
+use qwen_edit::runtime::step::{cfg_euler, StepShape};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
@@ -118,9 +119,12 @@ fn euler_step_matches_scheduler_step() {
     assert_eq!(bits(&s.sigmas), bits(&f32s(&g["sigmas"])));
     let mut x = x0.iter().copied().collect::<Vec<f32>>();
     let mut dev = Deviation::default();
+    // The step the CPU pipeline and the GPU kernel run (cpp/denoise_step.h), without true CFG.
+    let (seq, ch) = (x.len() / 64, 64);
+    let shape = StepShape { batch: 1, seq, img_seq: seq, channels: ch, cfg: false };
     for i in 0..steps {
         let vi: Vec<f32> = v.index_axis(Axis(0), i).iter().copied().collect();
-        s.step(i, &mut x, &vi).unwrap();
+        cfg_euler(shape, &vi, &mut x, None, None, s.dt(i).unwrap()).unwrap();
         let wi: Vec<f32> = want.index_axis(Axis(0), i).iter().copied().collect();
         dev.add(&x, &wi, "euler");
         assert_eq!(bits(&x), bits(&wi), "step {i}");

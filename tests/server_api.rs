@@ -43,6 +43,7 @@ async fn health_metrics_and_a_round_trip() {
     assert_eq!(v["gpu_available"], false, "no GPU on this machine");
     assert_eq!(v["backend"], "onnxruntime");
     assert!(v["backend_reason"].as_str().unwrap().contains("ONNX Runtime"), "{v}");
+    assert_eq!(v["denoise_loop"], "host", "ONNX Runtime steps the denoising loop on the host: {v}");
     assert_eq!(v["queue_depth"], 0);
     assert!(v["bundle"].as_str().unwrap().ends_with("engines/tiny"));
     assert!(h.headers.contains_key("x-process-time"));

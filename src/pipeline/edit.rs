@@ -104,7 +104,8 @@ use crate::pipeline::vision::{self, VisionBatch, VisionImage, VisionSettings};
 use crate::runtime::backend::{self, BackendKind, BackendRequest, GpuProbe};
 use crate::runtime::ort::{OrtBackend, OrtSettings};
 use crate::runtime::tensorrt::{TrtOptions, TrtWorker};
-use crate::runtime::{DType, Engine, Tensor};
+use crate::runtime::step::{self, StepShape};
+use crate::runtime::{DType, DenoiseLoop, Engine, Tensor};
 use ndarray::{s, Array2, Array4, ArrayD, Axis, Ix3, IxDyn};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -153,6 +154,9 @@ pub struct PipelineInfo {
     pub max_text_tokens: usize,
     /// Pixel area of the default output (`vae.image_area`).
     pub image_area: u64,
+    /// Where the denoising loop runs between transformer calls: `device` (TensorRT with the step
+    /// kernel: latents never leave the GPU) or `host`.
+    pub denoise_loop: &'static str,
 }
 
 /// Errors of opening a pipeline.
@@ -188,6 +192,7 @@ pub fn cpu_kernels() -> CpuKernels {
 }
 
 /// Everything the CPU side needs, shared by the preprocessor(s) and the engine worker.
+#[derive(Clone)]
 struct Shared {
     info: PipelineInfo,
     prompt: PromptEncoder,
@@ -248,6 +253,7 @@ impl Shared {
             lightning_fused: m.lightning.is_some(),
             max_text_tokens: m.prompt.max_text_tokens,
             image_area: m.vae.image_area,
+            denoise_loop: "host",
         };
         Ok(Shared {
             info,
@@ -304,7 +310,7 @@ impl Pipeline {
         let probe = GpuProbe::detect();
         let plans = backend::plans_present(bundle.dir(), &onnx_files);
         let choice = backend::choose(options.backend, &probe, &plans)?;
-        let shared = Arc::new(Shared::new(&bundle, &choice, options.text_bucket)?);
+        let mut shared = Shared::new(&bundle, &choice, options.text_bucket)?;
         let mut engines: Vec<Box<dyn Engine>> = Vec::with_capacity(4);
         match choice.backend {
             BackendKind::Ort => {
@@ -330,13 +336,23 @@ impl Pipeline {
             let i = engines.iter().position(|e| e.component() == name).expect("all four components loaded");
             engines.swap_remove(i)
         };
-        tracing::info!(bundle = %shared.info.bundle, backend = %choice.backend, reason = %choice.reason, "pipeline loaded");
+        let mut transformer = take("transformer");
+        if transformer.device_loop().is_some() {
+            shared.info.denoise_loop = "device";
+        }
+        tracing::info!(
+            bundle = %shared.info.bundle,
+            backend = %choice.backend,
+            reason = %choice.reason,
+            denoise_loop = shared.info.denoise_loop,
+            "pipeline loaded"
+        );
         Ok(Pipeline {
             text_encoder: take("text_encoder"),
-            transformer: take("transformer"),
+            transformer,
             vae_encoder: take("vae_encoder"),
             vae_decoder: take("vae_decoder"),
-            shared,
+            shared: Arc::new(shared),
             last_stages: None,
         })
     }
@@ -348,6 +364,15 @@ impl Pipeline {
     /// Stage times of the last batch that completed.
     pub fn last_stages(&self) -> Option<StageTimes> {
         self.last_stages
+    }
+
+    /// Replaces the transformer with `wrap(transformer)`: instrumentation, and the emulated device
+    /// loop of tests/device_loop.rs (which checks the GPU loop's program without a GPU).
+    pub fn wrap_transformer(self, wrap: impl FnOnce(Box<dyn Engine>) -> Box<dyn Engine>) -> Pipeline {
+        let mut transformer = wrap(self.transformer);
+        let mut shared = (*self.shared).clone();
+        shared.info.denoise_loop = if transformer.device_loop().is_some() { "device" } else { "host" };
+        Pipeline { transformer, shared: Arc::new(shared), ..self }
     }
 
     pub fn preprocessor(&self) -> Preprocessor {
@@ -560,11 +585,6 @@ fn internal(e: impl std::fmt::Display) -> EditError {
     EditError::Internal(e.to_string())
 }
 
-/// `torch.norm(x, dim=-1)` of one token in float32 (sum of squares, then sqrt).
-fn norm(v: &[f32]) -> f32 {
-    v.iter().map(|x| x * x).sum::<f32>().sqrt()
-}
-
 impl Pipeline {
     /// Runs jobs that share one [`BatchKey`] as one batch and returns their results in order. An
     /// engine failure fails every job of this batch (and nothing else).
@@ -684,10 +704,13 @@ impl Pipeline {
             t.image_latents = Some(image_latents.clone().into_dyn());
         }
 
-        // 3. Denoising loop.
+        // 3. Denoising loop: each step runs the transformer, then runtime::step's CFG + Euler update
+        //    (which also rewrites the latent rows of hidden_states). An engine that keeps the loop on
+        //    its device (TensorRT) runs all of it there; otherwise it steps here. Traces need every
+        //    step's latents, so they always step here.
         let t2 = Instant::now();
         let noise_views: Vec<_> = jobs.iter().map(|j| j.noise.view()).collect();
-        let mut x = ndarray::concatenate(Axis(0), &noise_views).map_err(internal)?; // [b, seq, 64]
+        let mut x = ndarray::concatenate(Axis(0), &noise_views).map_err(internal)?.as_standard_layout().into_owned(); // [b, seq, 64]
         let seq = x.shape()[1];
         let ch = x.shape()[2];
         let sizes = &jobs[0].sizes;
@@ -699,7 +722,18 @@ impl Pipeline {
             t.noise = Some(x.clone().into_dyn());
             t.sigmas = schedule.sigmas.clone();
         }
-        let row_job = |r: usize| r % b;
+        let shape = StepShape { batch: b, seq, img_seq, channels: ch, cfg };
+        let mut hs = ndarray::Array3::<f32>::zeros((rows, img_seq, ch));
+        for r in 0..rows {
+            let j = r % b; // with CFG, row b + j is job j's negative row
+            hs.slice_mut(s![r, ..seq, ..]).assign(&x.slice(s![j, .., ..]));
+            hs.slice_mut(s![r, seq.., ..]).assign(&image_latents.slice(s![j, .., ..]));
+        }
+        let steps = schedule.steps();
+        let timesteps = (0..steps).map(|i| schedule.model_timestep(i)).collect::<Result<Vec<f32>, _>>().map_err(internal)?;
+        let dts = (0..steps).map(|i| schedule.dt(i)).collect::<Result<Vec<f32>, _>>().map_err(internal)?;
+        let scales: Vec<f32> = jobs.iter().map(|j| j.true_cfg_scale).collect();
+        let scales = cfg.then_some(&scales[..]);
         let ehs = Tensor::F32(embeds.into_dyn());
         let ehs_mask = Tensor::I64(mask.into_dyn());
         let img_cos = Tensor::F32(tables.img_cos.into_dyn());
@@ -711,50 +745,56 @@ impl Pipeline {
             m.slice_mut(s![.., seq..]).fill(1);
             Tensor::I64(m.into_dyn())
         });
-        for step in 0..schedule.steps() {
-            let mut hs = ndarray::Array3::<f32>::zeros((rows, img_seq, ch));
-            for r in 0..rows {
-                let j = row_job(r);
-                hs.slice_mut(s![r, ..seq, ..]).assign(&x.slice(s![j, .., ..]));
-                hs.slice_mut(s![r, seq.., ..]).assign(&image_latents.slice(s![j, .., ..]));
+        let mut fixed: Vec<(&str, &Tensor)> = vec![
+            ("encoder_hidden_states", &ehs),
+            ("encoder_hidden_states_mask", &ehs_mask),
+            ("img_cos", &img_cos),
+            ("img_sin", &img_sin),
+            ("txt_cos", &txt_cos),
+            ("txt_sin", &txt_sin),
+        ];
+        if let Some(m) = &modulate {
+            fixed.push(("modulate_index", m));
+        }
+        let xs = x.as_slice_mut().ok_or_else(|| internal("latents not contiguous"))?;
+        match (trace.is_none(), self.transformer.device_loop()) {
+            (true, Some(device)) => {
+                let state = Tensor::F32(hs.into_dyn());
+                let job = DenoiseLoop {
+                    fixed: &fixed,
+                    state_input: "hidden_states",
+                    state: &state,
+                    time_input: "timestep",
+                    timesteps: &timesteps,
+                    output: "sample",
+                    latents: xs,
+                    shape,
+                    dts: &dts,
+                    scales,
+                };
+                let out = device.run_loop(&job)?;
+                if out.len() != xs.len() {
+                    return Err(internal(format!("the device loop returned {} latent values, expected {}", out.len(), xs.len())));
+                }
+                xs.copy_from_slice(&out);
             }
-            let t = schedule.model_timestep(step).map_err(internal)?;
-            let mut inputs: Vec<(&str, Tensor)> = vec![
-                ("hidden_states", Tensor::F32(hs.into_dyn())),
-                ("encoder_hidden_states", ehs.clone()),
-                ("encoder_hidden_states_mask", ehs_mask.clone()),
-                ("timestep", Tensor::f32(&[rows], vec![t; rows])),
-                ("img_cos", img_cos.clone()),
-                ("img_sin", img_sin.clone()),
-                ("txt_cos", txt_cos.clone()),
-                ("txt_sin", txt_sin.clone()),
-            ];
-            if let Some(m) = &modulate {
-                inputs.push(("modulate_index", m.clone()));
-            }
-            let out = run_one(self.transformer.as_mut(), &inputs, "sample")?;
-            let out = out.into_dimensionality::<Ix3>().map_err(internal)?;
-            for (j, job) in jobs.iter().enumerate() {
-                let mut v: Vec<f32> = out.slice(s![j, ..seq, ..]).iter().copied().collect();
-                if cfg {
-                    let neg = out.slice(s![b + j, ..seq, ..]);
-                    let scale = job.true_cfg_scale;
-                    for (tok, neg_tok) in v.chunks_mut(ch).zip(neg.outer_iter()) {
-                        let cond_norm = norm(tok);
-                        let comb: Vec<f32> =
-                            tok.iter().zip(neg_tok.iter()).map(|(&c, &u)| u + scale * (c - u)).collect();
-                        let ratio = cond_norm / norm(&comb);
-                        for (o, c) in tok.iter_mut().zip(comb) {
-                            *o = c * ratio;
-                        }
+            _ => {
+                let mut hs = Tensor::F32(hs.into_dyn());
+                for step in 0..steps {
+                    let t = Tensor::f32(&[rows], vec![timesteps[step]; rows]);
+                    let mut inputs = fixed.clone();
+                    inputs.extend([("hidden_states", &hs), ("timestep", &t)]);
+                    let velocity = self.transformer.run(&inputs)?.take("sample").ok_or_else(|| internal("transformer returned no `sample`"))?;
+                    let velocity = velocity.into_f32().map_err(internal)?;
+                    let velocity = velocity.as_standard_layout();
+                    let v = velocity.as_slice().ok_or_else(|| internal("velocity not contiguous"))?;
+                    let Tensor::F32(h) = &mut hs else { return Err(internal("hidden states are not float32")) };
+                    let h = h.as_slice_mut().ok_or_else(|| internal("hidden states not contiguous"))?;
+                    step::cfg_euler(shape, v, xs, Some(h), scales, dts[step])?;
+                    if let Some(t) = trace.as_deref_mut() {
+                        t.latents.push(ArrayD::from_shape_vec(IxDyn(&[b, seq, ch]), xs.to_vec()).map_err(internal)?);
                     }
                 }
-                let mut xs = x.slice_mut(s![j, .., ..]);
-                let sample = xs.as_slice_mut().ok_or_else(|| internal("latents not contiguous"))?;
-                schedule.step(step, sample, &v).map_err(internal)?;
-            }
-            if let Some(t) = trace.as_deref_mut() {
-                t.latents.push(x.clone().into_dyn());
             }
         }
         let t_loop = t2.elapsed();
@@ -768,7 +808,7 @@ impl Pipeline {
             t.decode_in = Some(lat.clone().into_dyn());
         }
         let decoded = run_one(self.vae_decoder.as_mut(), &[("latent", Tensor::F32(lat.into_dyn()))], "image")?;
-        if let Some(t) = trace.as_deref_mut() {
+        if let Some(t) = trace {
             t.decoded = Some(decoded.clone());
         }
         let (w, h) = sizes.output;

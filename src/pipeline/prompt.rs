@@ -218,6 +218,7 @@ impl TextBatch {
 }
 
 /// Tokenizer + template of one bundle: turns prompt rows into the text encoder's text inputs.
+#[derive(Clone)]
 pub struct PromptEncoder {
     tokenizer: Tokenizer,
     settings: PromptSettings,

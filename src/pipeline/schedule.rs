@@ -33,8 +33,6 @@ pub enum ScheduleError {
     NonFinite { steps: usize, image_seq_len: u64, index: usize },
     #[error("step {step} is past the schedule's last step ({steps} steps)")]
     StepOutOfRange { step: usize, steps: usize },
-    #[error("Euler step needs a velocity of the sample's length: sample has {sample} values, velocity {velocity}")]
-    LengthMismatch { sample: usize, velocity: usize },
 }
 
 /// How `mu` shifts the sigmas when `use_dynamic_shifting` is on.
@@ -250,26 +248,14 @@ impl Schedule {
         self.timesteps.get(i).map(|&t| t / 1000.0).ok_or(ScheduleError::StepOutOfRange { step: i, steps: self.steps() })
     }
 
-    /// `scheduler.step` for step `i`: `sample += (sigmas[i+1] - sigmas[i]) * velocity` in float32.
-    pub fn step(&self, i: usize, sample: &mut [f32], velocity: &[f32]) -> Result<(), ScheduleError> {
+    /// `sigma_next - sigma` of step `i` in float32, as `scheduler.step` rounds it once before the
+    /// Euler update `sample + dt * velocity` (runtime::step runs that update, on the CPU or the GPU).
+    pub fn dt(&self, i: usize) -> Result<f32, ScheduleError> {
         if i >= self.steps() {
             return Err(ScheduleError::StepOutOfRange { step: i, steps: self.steps() });
         }
-        euler_step(sample, velocity, self.sigmas[i], self.sigmas[i + 1])
+        Ok(self.sigmas[i + 1] - self.sigmas[i])
     }
-}
-
-/// The Euler update `x + (sigma_next - sigma) * v` exactly as `scheduler.step` does it in float32:
-/// `dt` rounded once, then the product, then the sum.
-pub fn euler_step(sample: &mut [f32], velocity: &[f32], sigma: f32, sigma_next: f32) -> Result<(), ScheduleError> {
-    if sample.len() != velocity.len() {
-        return Err(ScheduleError::LengthMismatch { sample: sample.len(), velocity: velocity.len() });
-    }
-    let dt = sigma_next - sigma;
-    for (x, &v) in sample.iter_mut().zip(velocity) {
-        *x += dt * v;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -321,10 +307,12 @@ mod tests {
     }
 
     #[test]
-    fn euler_step_checks_lengths() {
-        let mut x = vec![1.0f32, 2.0];
-        euler_step(&mut x, &[1.0, -1.0], 1.0, 0.75).unwrap();
-        assert_eq!(x, vec![0.75, 2.25]);
-        assert!(euler_step(&mut x, &[1.0], 1.0, 0.5).is_err());
+    fn dt_is_the_rounded_sigma_difference() {
+        let s = Schedule::new(&SchedulerConfig::qwen_image(), 4, 4096).unwrap();
+        for i in 0..4 {
+            assert_eq!(s.dt(i).unwrap().to_bits(), (s.sigmas[i + 1] - s.sigmas[i]).to_bits());
+            assert!(s.dt(i).unwrap() < 0.0, "sigmas decrease");
+        }
+        assert!(matches!(s.dt(4), Err(ScheduleError::StepOutOfRange { step: 4, steps: 4 })));
     }
 }

@@ -1,10 +1,12 @@
 //! CUDA device memory, pinned host staging and the worker's stream, through cudarc (driver API,
 //! dlopen'ed). Every entry point checks for libcuda first: cudarc panics without it.
 
-use cudarc::driver::{result as cu, CudaContext, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
+use cudarc::driver::{result as cu, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg};
 use std::sync::Arc;
 
-use super::Error;
+use super::nvrtc::{self, Nvrtc};
+use super::step::{self, StepShape};
+use super::{DType, Error};
 
 fn unavailable(reason: impl Into<String>) -> Error {
     Error::Unavailable { backend: "TensorRT".into(), reason: reason.into() }
@@ -121,8 +123,96 @@ impl Device {
             .map_err(|e| driver("cuMemcpyDtoHAsync", e))
     }
 
+    /// Enqueues a device-to-device copy of `bytes` from `src` (at `src_offset`) to the start of `dst`.
+    pub fn copy(&self, src: &DeviceBuffer, src_offset: usize, dst: &DeviceBuffer, bytes: usize) -> Result<(), Error> {
+        if src_offset.checked_add(bytes).is_none_or(|end| end > src.bytes) || bytes > dst.bytes {
+            return Err(Error::Run {
+                component: "cuda".into(),
+                reason: format!("copy of {bytes} bytes at {src_offset} does not fit its buffers ({} -> {})", src.bytes, dst.bytes),
+            });
+        }
+        // SAFETY: both ranges were checked to lie inside live allocations; stream-ordered.
+        unsafe { cu::memcpy_dtod_async(dst.ptr, src.ptr + src_offset as u64, bytes, self.stream.cu_stream()) }
+            .map_err(|e| driver("cuMemcpyDtoDAsync", e))
+    }
+
+    /// Compiles the denoising step (runtime::step) with NVRTC for this device and loads it.
+    pub fn load_step_kernel(&self, nvrtc: &Nvrtc) -> Result<StepKernel, Error> {
+        let cc = self.ctx.compute_capability().map_err(|e| driver("compute capability", e))?;
+        // PTX for this device's architecture; an NVRTC older than the device compiles generic PTX,
+        // which the driver compiles for the device when loading it.
+        let ptx = nvrtc
+            .compile(step::SOURCE, "denoise_step.cu", &nvrtc::step_options(Some(cc)))
+            .or_else(|_| nvrtc.compile(step::SOURCE, "denoise_step.cu", &nvrtc::step_options(None)))?;
+        let module = self.ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| driver("cuModuleLoadData (step kernel)", e))?;
+        let func = module.load_function(step::KERNEL).map_err(|e| driver("cuModuleGetFunction (step kernel)", e))?;
+        Ok(StepKernel { func, compute_capability: cc })
+    }
+
+    /// Enqueues the step kernel on `velocity` (dtype `v`), the f32 latents `x`, the hidden states
+    /// (dtype `h`) and the CFG `scales` (when `shape.cfg`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch_step(
+        &self,
+        kernel: &StepKernel,
+        shape: StepShape,
+        velocity: (&DeviceBuffer, DType),
+        x: &DeviceBuffer,
+        hidden: (&DeviceBuffer, DType),
+        scales: Option<&DeviceBuffer>,
+        dt: f32,
+    ) -> Result<(), Error> {
+        let err = |reason: String| Error::Run { component: "step kernel".into(), reason };
+        let [batch, seq, img_seq, channels] = shape.kernel_dims()?;
+        let code = |d: DType| step::dtype_code(d).ok_or_else(|| err(format!("{d} is not a float type")));
+        let (v_code, h_code) = (code(velocity.1)?, code(hidden.1)?);
+        let need = [
+            (velocity.0.bytes, shape.hidden() * velocity.1.size(), "velocity"),
+            (x.bytes, shape.latents() * 4, "latents"),
+            (hidden.0.bytes, shape.hidden() * hidden.1.size(), "hidden states"),
+            (scales.map_or(usize::MAX, |s| s.bytes), if shape.cfg { shape.batch * 4 } else { 0 }, "CFG scales"),
+        ];
+        if let Some((have, want, what)) = need.iter().find(|(have, want, _)| have < want) {
+            return Err(err(format!("{what} buffer has {have} bytes, the step needs {want}")));
+        }
+        if shape.cfg != scales.is_some() {
+            return Err(err("CFG scales must be given exactly when the step has true CFG".into()));
+        }
+        let (v_ptr, x_ptr, h_ptr, s_ptr) = (velocity.0.ptr, x.ptr, hidden.0.ptr, scales.map_or(0u64, |s| s.ptr));
+        let (_, blocks) = shape.grid();
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (step::BLOCK, 1, 1), shared_mem_bytes: 0 };
+        let mut launch = self.stream.launch_builder(&kernel.func);
+        launch
+            .arg(&v_ptr)
+            .arg(&v_code)
+            .arg(&x_ptr)
+            .arg(&h_ptr)
+            .arg(&h_code)
+            .arg(&s_ptr)
+            .arg(&batch)
+            .arg(&seq)
+            .arg(&img_seq)
+            .arg(&channels)
+            .arg(&dt);
+        // SAFETY: the argument list matches qe_cfg_euler's signature (pointers as 64-bit device
+        // addresses); every buffer was checked to hold what the shape addresses.
+        unsafe { launch.launch(cfg) }.map(|_| ()).map_err(|e| driver("cuLaunchKernel (step kernel)", e))
+    }
+
     pub fn synchronize(&self) -> Result<(), Error> {
         self.stream.synchronize().map_err(|e| driver("cuStreamSynchronize", e))
+    }
+}
+
+/// The denoising step kernel, compiled for one device and loaded into its context.
+pub struct StepKernel {
+    func: CudaFunction,
+    compute_capability: (i32, i32),
+}
+
+impl StepKernel {
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
     }
 }
 

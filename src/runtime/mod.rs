@@ -3,8 +3,10 @@
 
 pub mod backend;
 pub mod cuda;
+pub mod nvrtc;
 pub mod ort;
 pub mod shim;
+pub mod step;
 #[cfg(qe_trt)]
 mod shim_ffi;
 pub mod tensor;
@@ -90,6 +92,59 @@ impl Outputs {
     }
 }
 
+/// A whole denoising loop, for an engine that keeps it on its device (see [`DeviceLoop`]). Each step
+/// runs the transformer, then [`step`]'s CFG + Euler update, which also rewrites the generated-token
+/// rows of `hidden_states` for the next step.
+pub struct DenoiseLoop<'a> {
+    /// Inputs that are the same at every step (text embeddings and mask, RoPE tables, ...).
+    pub fixed: &'a [(&'a str, &'a Tensor)],
+    /// The input rebuilt from the latents every step, and its value at step 0
+    /// ([rows, img_seq, channels]: latents, then the condition-image tokens).
+    pub state_input: &'a str,
+    pub state: &'a Tensor,
+    /// The per-step input ([rows]) and its value at each step (the same for every row).
+    pub time_input: &'a str,
+    pub timesteps: &'a [f32],
+    /// The velocity output ([rows, img_seq, channels]).
+    pub output: &'a str,
+    /// Initial latents [batch, seq, channels], float32.
+    pub latents: &'a [f32],
+    pub shape: step::StepShape,
+    /// `sigma_next - sigma` of each step.
+    pub dts: &'a [f32],
+    /// True CFG scale of each job (when `shape.cfg`).
+    pub scales: Option<&'a [f32]>,
+}
+
+impl DenoiseLoop<'_> {
+    /// Checks the loop's own consistency (the engine checks the tensors against its contract).
+    pub fn validate(&self) -> Result<(), Error> {
+        let err = |reason: String| Error::Contract { component: "denoise loop".into(), reason };
+        self.shape.kernel_dims()?;
+        if self.timesteps.len() != self.dts.len() || self.timesteps.is_empty() {
+            return Err(err(format!("{} timesteps for {} steps", self.timesteps.len(), self.dts.len())));
+        }
+        let s = self.shape;
+        if self.state.shape() != [s.rows(), s.img_seq, s.channels] {
+            return Err(err(format!("`{}` has shape {:?}, the loop needs [{}, {}, {}]", self.state_input, self.state.shape(), s.rows(), s.img_seq, s.channels)));
+        }
+        if self.latents.len() != s.latents() {
+            return Err(err(format!("{} latent values for {s:?}", self.latents.len())));
+        }
+        if self.scales.map(<[f32]>::len) != s.cfg.then_some(s.batch) {
+            return Err(err(format!("CFG scales {:?} for {s:?}", self.scales.map(<[f32]>::len))));
+        }
+        Ok(())
+    }
+}
+
+/// An engine that runs the whole denoising loop on its device: latents, hidden states and velocities
+/// stay there between steps; only the final latents come back.
+pub trait DeviceLoop {
+    /// Runs every step and returns the final latents [batch, seq, channels].
+    fn run_loop(&mut self, job: &DenoiseLoop<'_>) -> Result<Vec<f32>, Error>;
+}
+
 /// A loaded component (one network) ready to run batches.
 ///
 /// Inputs are given by name; float inputs may be f32 even when the graph is f16/bf16 (the engine
@@ -101,6 +156,10 @@ pub trait Engine: Send {
     fn outputs(&self) -> &[TensorInfo];
     /// Runs the component once on named inputs and returns every output.
     fn run(&mut self, inputs: &[(&str, &Tensor)]) -> Result<Outputs, Error>;
+    /// The device loop, for an engine that has one; `None` makes the caller step on the host.
+    fn device_loop(&mut self) -> Option<&mut dyn DeviceLoop> {
+        None
+    }
 }
 
 /// Checks `inputs` against an engine's declared inputs: every declared input present once,

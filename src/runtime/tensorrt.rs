@@ -8,9 +8,11 @@ use std::sync::Arc;
 
 use ndarray::{ArrayD, IxDyn, SliceInfoElem};
 
-use super::cuda::{Device, DeviceBuffer, PinnedBuffer};
+use super::cuda::{Device, DeviceBuffer, PinnedBuffer, StepKernel};
+use super::nvrtc::{self, Nvrtc};
 use super::shim::{self, ContextHandle, CudaRuntime, CudaStatus, EngineHandle, GraphHandle, TrtLibrary, TrtVersion};
-use super::{check_inputs, DType, Dim, Engine, Error, Outputs, Tensor, TensorInfo};
+use super::step::{self, StepShape};
+use super::{check_inputs, DType, DenoiseLoop, DeviceLoop, Dim, Engine, Error, Outputs, Tensor, TensorInfo};
 
 const BACKEND: &str = "TensorRT";
 
@@ -46,6 +48,8 @@ pub struct TrtWorker {
     cuda: CudaRuntime,
     device: Arc<Device>,
     options: TrtOptions,
+    /// The denoising step kernel; without it (no NVRTC) transformers step on the host.
+    step_kernel: Option<Arc<StepKernel>>,
 }
 
 impl TrtWorker {
@@ -69,7 +73,22 @@ impl TrtWorker {
         let device = Arc::new(Device::open(options.device)?);
         let ordinal = i32::try_from(options.device).map_err(|_| unavailable("device ordinal out of range"))?;
         let runtime = shim::Runtime::new(&trt, &cuda, ordinal).map_err(|e| unavailable(e.to_string()))?;
-        Ok(TrtWorker { runtime, trt, cuda, device, options })
+        let step_kernel = match Nvrtc::load(&nvrtc::candidates()).and_then(|n| device.load_step_kernel(&n)) {
+            Ok(k) => {
+                tracing::info!(compute_capability = ?k.compute_capability(), "denoising loop runs on the device");
+                Some(Arc::new(k))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no step kernel: the denoising loop steps on the host (install NVRTC, libnvrtc.so, to keep it on the device)");
+                None
+            }
+        };
+        Ok(TrtWorker { runtime, trt, cuda, device, options, step_kernel })
+    }
+
+    /// Whether transformers of this worker run the denoising loop on the device.
+    pub fn device_loop(&self) -> bool {
+        self.step_kernel.is_some()
     }
 
     pub fn tensorrt_version(&self) -> Option<TrtVersion> {
@@ -91,7 +110,8 @@ impl TrtWorker {
         let bytes = std::fs::read(plan).map_err(|e| load_err(format!("cannot read the engine: {e}")))?;
         let engine = self.runtime.deserialize(&bytes).map_err(|e| load_err(e.to_string()))?;
         drop(bytes);
-        TrtEngine::new(component, engine, self.device.clone(), contract, &self.options).map_err(|e| match e {
+        let engine = TrtEngine::new(component, engine, self.device.clone(), contract, &self.options, self.step_kernel.clone());
+        engine.map_err(|e| match e {
             Error::Load { .. } => e,
             other => load_err(other.to_string()),
         })
@@ -381,6 +401,136 @@ impl<K: Clone + Eq + Hash, V> LruCache<K, V> {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The device loop as a program: built here (pure, unit-tested), executed on the GPU by TrtEngine
+// and, in tests/device_loop.rs, by a host emulator of the device (no GPU exists here).
+
+/// A buffer the device loop addresses: an engine IO buffer, or one of the loop's own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LoopBuf {
+    /// Engine input / output `i` (in the engine's order).
+    Input(usize),
+    Output(usize),
+    /// The float32 latents [batch, seq, channels], updated in place by every step.
+    Latents,
+    /// The time input of every step [steps, rows], in the time input's dtype.
+    Timesteps,
+    /// The true CFG scale of each job, float32.
+    Scales,
+}
+
+/// One stream-ordered device operation of the loop.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LoopOp {
+    /// Host bytes into a buffer (through pinned staging), from its start.
+    Upload { dst: LoopBuf, bytes: Vec<u8> },
+    /// Device-to-device copy into the start of `dst`.
+    Copy { src: LoopBuf, src_offset: usize, dst: LoopBuf, bytes: usize },
+    /// The engine on what its input buffers hold (a CUDA graph replay once captured).
+    Execute,
+    /// The step kernel: velocity = output `velocity`, hidden states = input `hidden`.
+    Step { velocity: usize, v_dtype: DType, hidden: usize, h_dtype: DType, shape: StepShape, dt: f32 },
+    /// The first `bytes` of a buffer back to the host (the loop's result).
+    Download { src: LoopBuf, bytes: usize },
+}
+
+/// The engine's inputs in its own order, from named tensors (checked against the declarations).
+pub fn order_inputs<'a>(component: &str, declared: &[TensorInfo], inputs: &[(&str, &'a Tensor)]) -> Result<Vec<&'a Tensor>, Error> {
+    check_inputs(component, declared, inputs)?;
+    declared
+        .iter()
+        .map(|info| inputs.iter().find(|(n, _)| *n == info.name).map(|(_, t)| *t))
+        .collect::<Option<_>>()
+        .ok_or_else(|| Error::Contract { component: component.into(), reason: "an input went missing after the contract check".into() })
+}
+
+/// The bytes each input buffer gets: the tensor converted to the engine's dtype, padded to the plan's shape.
+pub fn staged_inputs(inputs: &[TensorInfo], ordered: &[&Tensor], plan: &RunPlan) -> Result<Vec<Vec<u8>>, String> {
+    inputs
+        .iter()
+        .zip(ordered)
+        .zip(&plan.shapes)
+        .map(|((info, t), shape)| {
+            let mut t = t.to_dtype(info.dtype).map_err(|e| format!("`{}`: {e}", info.name))?;
+            if t.shape() != shape.as_slice() {
+                t = pad_tensor(&t, shape, pad_value(&info.name))?;
+            }
+            Ok(t.to_bytes())
+        })
+        .collect()
+}
+
+/// The whole denoising loop for an engine with `inputs`/`outputs` and `profiles`: the run plan
+/// (profile, padding) and the operations, in stream order. Everything stays on the device between
+/// steps: each step copies its time row into the time input, runs the engine, and runs the step
+/// kernel, which updates the latents and rewrites the state input for the next step.
+pub fn loop_program(
+    component: &str,
+    inputs: &[TensorInfo],
+    outputs: &[TensorInfo],
+    profiles: &[ProfileShapes],
+    bucketed: &[String],
+    job: &DenoiseLoop<'_>,
+) -> Result<(RunPlan, Vec<LoopOp>), Error> {
+    let err = |reason: String| Error::Contract { component: component.into(), reason };
+    job.validate()?;
+    let s = job.shape;
+    let rows = s.rows();
+    let find = |list: &[TensorInfo], name: &str, what: &str| {
+        list.iter().position(|t| t.name == name).ok_or_else(|| err(format!("the engine has no {what} `{name}`")))
+    };
+    let si = find(inputs, job.state_input, "input")?;
+    let ti = find(inputs, job.time_input, "input")?;
+    let oi = find(outputs, job.output, "output")?;
+    let (h_dtype, t_dtype, v_dtype) = (inputs[si].dtype, inputs[ti].dtype, outputs[oi].dtype);
+    for (name, d) in [(job.state_input, h_dtype), (job.time_input, t_dtype), (job.output, v_dtype)] {
+        if step::dtype_code(d).is_none() {
+            return Err(err(format!("`{name}` is {d}: the device loop needs float tensors")));
+        }
+    }
+    let t0 = Tensor::f32(&[rows], vec![job.timesteps[0]; rows]);
+    let mut named: Vec<(&str, &Tensor)> = job.fixed.to_vec();
+    named.push((job.state_input, job.state));
+    named.push((job.time_input, &t0));
+    let ordered = order_inputs(component, inputs, &named)?;
+    let shapes: Vec<Vec<usize>> = ordered.iter().map(|t| t.shape().to_vec()).collect();
+    let plan = plan_run(inputs, &shapes, profiles, bucketed).map_err(err)?;
+    // The kernel addresses the state and the velocity as [rows, img_seq, channels]: never padded.
+    let state_shape = [rows, s.img_seq, s.channels];
+    if plan.shapes[si] != state_shape || plan.shapes[ti] != [rows] {
+        return Err(err(format!(
+            "the plan pads `{}` to {:?} or `{}` to {:?}: the device loop needs them unpadded",
+            job.state_input, plan.shapes[si], job.time_input, plan.shapes[ti]
+        )));
+    }
+    let mut ops: Vec<LoopOp> = staged_inputs(inputs, &ordered, &plan)
+        .map_err(err)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, bytes)| LoopOp::Upload { dst: LoopBuf::Input(i), bytes })
+        .collect();
+    ops.push(LoopOp::Upload { dst: LoopBuf::Latents, bytes: bytemuck::cast_slice(job.latents).to_vec() });
+    let steps = job.timesteps.len();
+    let row_bytes = rows * t_dtype.size();
+    if steps > 1 {
+        let table: Vec<f32> = job.timesteps.iter().flat_map(|&t| std::iter::repeat_n(t, rows)).collect();
+        let table = Tensor::f32(&[steps, rows], table).to_dtype(t_dtype).map_err(err)?;
+        ops.push(LoopOp::Upload { dst: LoopBuf::Timesteps, bytes: table.to_bytes() });
+    }
+    if let Some(scales) = job.scales {
+        ops.push(LoopOp::Upload { dst: LoopBuf::Scales, bytes: bytemuck::cast_slice(scales).to_vec() });
+    }
+    for (k, &dt) in job.dts.iter().enumerate() {
+        if k > 0 {
+            ops.push(LoopOp::Copy { src: LoopBuf::Timesteps, src_offset: k * row_bytes, dst: LoopBuf::Input(ti), bytes: row_bytes });
+        }
+        ops.push(LoopOp::Execute);
+        ops.push(LoopOp::Step { velocity: oi, v_dtype, hidden: si, h_dtype, shape: s, dt });
+    }
+    ops.push(LoopOp::Download { src: LoopBuf::Latents, bytes: s.latents() * 4 });
+    Ok((plan, ops))
+}
+
 fn parse_dtype(s: &str) -> Option<DType> {
     Some(match s {
         "f32" => DType::F32,
@@ -432,6 +582,8 @@ pub struct TrtStats {
     pub capture_failures: u64,
     pub plain_enqueues: u64,
     pub graphs_cached: usize,
+    /// Whole denoising loops run on the device (each counts its steps in `runs` too).
+    pub device_loops: u64,
 }
 
 /// One TensorRT engine on one worker's device and stream.
@@ -449,6 +601,9 @@ pub struct TrtEngine {
     in_bufs: Vec<(DeviceBuffer, PinnedBuffer)>,
     out_bufs: Vec<(DeviceBuffer, PinnedBuffer)>,
     activation: DeviceBuffer,
+    /// The device loop's own buffers (latents, time table, CFG scales), grown on demand.
+    scratch: HashMap<LoopBuf, (DeviceBuffer, PinnedBuffer)>,
+    step_kernel: Option<Arc<StepKernel>>,
     device: Arc<Device>,
     stats: TrtStats,
 }
@@ -460,6 +615,7 @@ impl TrtEngine {
         device: Arc<Device>,
         contract: Option<(&[TensorInfo], &[TensorInfo])>,
         options: &TrtOptions,
+        step_kernel: Option<Arc<StepKernel>>,
     ) -> Result<TrtEngine, Error> {
         let load_err = |reason: String| Error::Load { component: component.into(), path: String::new(), reason };
         let io = engine.io_tensors();
@@ -543,6 +699,8 @@ impl TrtEngine {
             in_bufs,
             out_bufs,
             activation,
+            scratch: HashMap::new(),
+            step_kernel,
             device,
             stats: TrtStats::default(),
         })
@@ -614,6 +772,98 @@ impl TrtEngine {
     }
 }
 
+impl TrtEngine {
+    /// The loop's own buffer `which`, at least `bytes` long (reallocated when too small).
+    fn scratch_at_least(&mut self, which: LoopBuf, bytes: usize) -> Result<(), Error> {
+        if self.scratch.get(&which).is_none_or(|(d, _)| d.bytes() < bytes) {
+            self.scratch.remove(&which); // free the old one first
+            let bufs = (self.device.alloc(bytes)?, self.device.pinned(bytes, true)?);
+            self.scratch.insert(which, bufs);
+        }
+        Ok(())
+    }
+
+    fn buffer(&self, b: LoopBuf) -> Result<&DeviceBuffer, Error> {
+        match b {
+            LoopBuf::Input(i) => self.in_bufs.get(i).map(|x| &x.0),
+            LoopBuf::Output(i) => self.out_bufs.get(i).map(|x| &x.0),
+            other => self.scratch.get(&other).map(|x| &x.0),
+        }
+        .ok_or_else(|| self.run_err(format!("the loop addresses {b:?}, which does not exist")))
+    }
+
+    /// Executes a loop program on the stream; one synchronisation, at the end.
+    fn run_ops(&mut self, plan: &RunPlan, ops: Vec<LoopOp>, kernel: &StepKernel) -> Result<Vec<u8>, Error> {
+        let mut out_shapes: Option<Vec<Vec<usize>>> = None;
+        let mut result = None;
+        for op in ops {
+            match op {
+                LoopOp::Upload { dst, bytes } => {
+                    if !matches!(dst, LoopBuf::Input(_) | LoopBuf::Output(_)) {
+                        self.scratch_at_least(dst, bytes.len())?;
+                    }
+                    let bufs = match dst {
+                        LoopBuf::Input(i) => self.in_bufs.get_mut(i),
+                        LoopBuf::Output(i) => self.out_bufs.get_mut(i),
+                        other => self.scratch.get_mut(&other),
+                    };
+                    let Some((dev, pinned)) = bufs else {
+                        return Err(Error::Run { component: self.component.clone(), reason: format!("no buffer {dst:?}") });
+                    };
+                    self.device.upload(&bytes, pinned, dev)?;
+                }
+                LoopOp::Copy { src, src_offset, dst, bytes } => {
+                    self.device.copy(self.buffer(src)?, src_offset, self.buffer(dst)?, bytes)?;
+                }
+                LoopOp::Execute => {
+                    out_shapes = Some(self.execute(plan)?);
+                    self.stats.runs += 1;
+                }
+                LoopOp::Step { velocity, v_dtype, hidden, h_dtype, shape, dt } => {
+                    let want = [shape.rows(), shape.img_seq, shape.channels];
+                    let got = out_shapes.as_ref().and_then(|s| s.get(velocity));
+                    if got.map(Vec::as_slice) != Some(&want[..]) {
+                        return Err(self.run_err(format!("the velocity has shape {got:?}, the step needs {want:?}")));
+                    }
+                    let scales = if shape.cfg { Some(self.buffer(LoopBuf::Scales)?) } else { None };
+                    let v = (self.buffer(LoopBuf::Output(velocity))?, v_dtype);
+                    let h = (self.buffer(LoopBuf::Input(hidden))?, h_dtype);
+                    self.device.launch_step(kernel, shape, v, self.buffer(LoopBuf::Latents)?, h, scales, dt)?;
+                }
+                LoopOp::Download { src, bytes } => {
+                    let Some((dev, pinned)) = self.scratch.get_mut(&src) else {
+                        return Err(Error::Run { component: self.component.clone(), reason: format!("cannot download {src:?}") });
+                    };
+                    self.device.download(dev, bytes, pinned)?;
+                    result = Some((src, bytes));
+                }
+            }
+        }
+        self.device.synchronize()?;
+        let (src, bytes) = result.ok_or_else(|| self.run_err("the loop program downloads nothing"))?;
+        let (_, pinned) = self.scratch.get(&src).ok_or_else(|| self.run_err("the result buffer went missing"))?;
+        Ok(pinned.read(bytes)?.to_vec())
+    }
+}
+
+impl DeviceLoop for TrtEngine {
+    fn run_loop(&mut self, job: &DenoiseLoop<'_>) -> Result<Vec<f32>, Error> {
+        let kernel = self.step_kernel.clone().ok_or_else(|| self.run_err("no step kernel on this worker (NVRTC missing)"))?;
+        let (plan, ops) = loop_program(&self.component, &self.inputs, &self.outputs, &self.profiles, &self.bucketed, job)?;
+        self.device.bind()?;
+        match self.run_ops(&plan, ops, &kernel) {
+            Ok(bytes) => {
+                self.stats.device_loops += 1;
+                Ok(bytemuck::pod_collect_to_vec(&bytes))
+            }
+            Err(e) => {
+                let _ = self.device.synchronize(); // leave the stream idle for the next run
+                Err(e)
+            }
+        }
+    }
+}
+
 fn bind_addresses(
     ctx: &mut ContextHandle,
     inputs: &[TensorInfo],
@@ -638,29 +888,26 @@ impl Engine for TrtEngine {
         &self.outputs
     }
 
+    fn device_loop(&mut self) -> Option<&mut dyn DeviceLoop> {
+        if self.step_kernel.is_some() {
+            Some(self)
+        } else {
+            None
+        }
+    }
+
     fn run(&mut self, inputs: &[(&str, &Tensor)]) -> Result<Outputs, Error> {
-        check_inputs(&self.component, &self.inputs, inputs)?;
-        let ordered: Vec<&Tensor> = self
-            .inputs
-            .iter()
-            .map(|info| inputs.iter().find(|(n, _)| *n == info.name).map(|(_, t)| *t))
-            .collect::<Option<_>>()
-            .ok_or_else(|| self.run_err("an input went missing after the contract check"))?;
+        let ordered = order_inputs(&self.component, &self.inputs, inputs)?;
         let shapes: Vec<Vec<usize>> = ordered.iter().map(|t| t.shape().to_vec()).collect();
         let plan = plan_run(&self.inputs, &shapes, &self.profiles, &self.bucketed)
             .map_err(|reason| Error::Contract { component: self.component.clone(), reason })?;
         self.stats.runs += 1;
         self.device.bind()?;
 
-        // Host -> device: convert at the seam, pad to the bucket, stage in pinned memory, copy.
-        for (i, (info, t)) in self.inputs.iter().zip(&ordered).enumerate() {
-            let mut t = t.to_dtype(info.dtype).map_err(|e| Error::Contract { component: self.component.clone(), reason: format!("`{}`: {e}", info.name) })?;
-            if t.shape() != plan.shapes[i].as_slice() {
-                t = pad_tensor(&t, &plan.shapes[i], pad_value(&info.name)).map_err(|e| self.run_err(e))?;
-            }
-            let bytes = t.to_bytes();
-            let (dev, pinned) = &mut self.in_bufs[i];
-            self.device.upload(&bytes, pinned, dev)?;
+        // Host -> device: converted at the seam, padded to the bucket, staged in pinned memory.
+        let staged = staged_inputs(&self.inputs, &ordered, &plan).map_err(|reason| Error::Contract { component: self.component.clone(), reason })?;
+        for (bytes, (dev, pinned)) in staged.iter().zip(&mut self.in_bufs) {
+            self.device.upload(bytes, pinned, dev)?;
         }
 
         let out_shapes = match self.execute(&plan) {
@@ -865,6 +1112,84 @@ mod tests {
         assert_eq!(engine_info(&io, None).unwrap().shape[1], dynamic("d1"));
         let fp8 = shim::IoTensor { dtype: "fp8".into(), ..io };
         assert!(engine_info(&fp8, None).unwrap_err().contains("fp8"));
+    }
+
+    #[test]
+    fn loop_program_keeps_the_loop_on_the_device() {
+        let typed = |name: &str, dtype: DType, shape: Vec<Dim>| TensorInfo { name: name.into(), dtype, shape };
+        let inputs = vec![
+            typed("hidden_states", DType::F16, vec![dynamic("batch"), dynamic("img_seq"), Dim::Fixed(64)]),
+            typed("encoder_hidden_states", DType::BF16, vec![dynamic("batch"), dynamic("txt_seq"), Dim::Fixed(32)]),
+            typed("timestep", DType::F16, vec![dynamic("batch")]),
+        ];
+        let outputs = vec![typed("sample", DType::BF16, vec![dynamic("batch"), dynamic("img_seq"), Dim::Fixed(64)])];
+        let wide = |v: usize| vec![vec![v, v, 64], vec![v, v, 32], vec![v]];
+        let profiles = vec![ProfileShapes { min: wide(1), max: wide(4096) }];
+        let shape = StepShape { batch: 2, seq: 5, img_seq: 8, channels: 64, cfg: true };
+        let state = Tensor::f32(&[4, 8, 64], vec![0.25; 4 * 8 * 64]);
+        let text = Tensor::f32(&[4, 70, 32], vec![1.0; 4 * 70 * 32]);
+        let latents = vec![0.5f32; shape.latents()];
+        let fixed = [("encoder_hidden_states", &text)];
+        let job = DenoiseLoop {
+            fixed: &fixed,
+            state_input: "hidden_states",
+            state: &state,
+            time_input: "timestep",
+            timesteps: &[0.875, 0.5, 0.125],
+            output: "sample",
+            latents: &latents,
+            shape,
+            dts: &[-0.25, -0.375, -0.125],
+            scales: Some(&[4.0, 2.5]),
+        };
+        let bucketed = vec!["txt_seq".to_string()];
+        let (plan, ops) = loop_program("transformer", &inputs, &outputs, &profiles, &bucketed, &job).unwrap();
+        assert_eq!(plan.padded["txt_seq"], (70, 96), "fixed inputs are padded to the text bucket");
+        let f16 = |v: f32| half::f16::from_f32(v).to_bits().to_le_bytes();
+        let times = |t: f32| [f16(t); 4].concat();
+        // Everything goes up once: inputs in the engine's dtypes (padded), latents, time table, scales.
+        let up = |dst: LoopBuf| ops.iter().find_map(|o| match o {
+            LoopOp::Upload { dst: d, bytes } if *d == dst => Some(bytes.clone()),
+            _ => None,
+        });
+        assert_eq!(up(LoopBuf::Input(0)).unwrap().len(), 4 * 8 * 64 * 2);
+        assert_eq!(up(LoopBuf::Input(0)).unwrap()[..2], f16(0.25));
+        assert_eq!(up(LoopBuf::Input(1)).unwrap().len(), 4 * 96 * 32 * 2);
+        assert_eq!(up(LoopBuf::Input(2)).unwrap(), times(0.875));
+        assert_eq!(up(LoopBuf::Latents).unwrap(), bytemuck::cast_slice::<f32, u8>(&latents));
+        assert_eq!(up(LoopBuf::Timesteps).unwrap(), [times(0.875), times(0.5), times(0.125)].concat());
+        assert_eq!(up(LoopBuf::Scales).unwrap(), bytemuck::cast_slice::<f32, u8>(&[4.0f32, 2.5]));
+        // Then only device work per step, and one download at the end.
+        let step = |dt: f32| LoopOp::Step { velocity: 0, v_dtype: DType::BF16, hidden: 0, h_dtype: DType::F16, shape, dt };
+        let time_row = |k: usize| LoopOp::Copy { src: LoopBuf::Timesteps, src_offset: k * 8, dst: LoopBuf::Input(2), bytes: 8 };
+        let tail = vec![
+            LoopOp::Execute,
+            step(-0.25),
+            time_row(1),
+            LoopOp::Execute,
+            step(-0.375),
+            time_row(2),
+            LoopOp::Execute,
+            step(-0.125),
+            LoopOp::Download { src: LoopBuf::Latents, bytes: 2 * 5 * 64 * 4 },
+        ];
+        assert_eq!(ops.len(), 6 + tail.len());
+        assert_eq!(ops[6..], tail[..]);
+
+        // What the kernel cannot address is refused before anything runs.
+        let err = |inputs: &[TensorInfo], outputs: &[TensorInfo], bucketed: &[String]| {
+            loop_program("transformer", inputs, outputs, &profiles, bucketed, &job).unwrap_err().to_string()
+        };
+        let mut int_time = inputs.clone();
+        int_time[2].dtype = DType::I64;
+        assert!(err(&int_time, &outputs, &bucketed).contains("needs float tensors"));
+        let renamed = vec![typed("velocity", DType::BF16, outputs[0].shape.clone())];
+        assert!(err(&inputs, &renamed, &bucketed).contains("no output `sample`"));
+        let e = err(&inputs, &outputs, &["img_seq".to_string()]);
+        assert!(e.contains("needs them unpadded"), "{e}");
+        let single = DenoiseLoop { timesteps: &[0.875], dts: &[-0.25], ..job };
+        let (_, ops) = loop_program("transformer", &inputs, &outputs, &profiles, &bucketed, &single).unwrap();
+        assert!(!ops.iter().any(|o| matches!(o, LoopOp::Copy { .. } | LoopOp::Upload { dst: LoopBuf::Timesteps, .. })));
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub struct ModelInfo {
     pub lightning_fused: bool,
     /// Longest prompt (after the system prompt) in tokens.
     pub max_text_tokens: usize,
+    /// `device` or `host`: where the denoising loop runs between transformer calls.
+    pub denoise_loop: String,
 }
 
 /// What the worker hands back once the pipeline is open.
@@ -69,5 +71,6 @@ fn describe(info: &PipelineInfo, settings: &Settings) -> ModelInfo {
         lightning_enabled: settings.lightning,
         lightning_fused: info.lightning_fused,
         max_text_tokens: info.max_text_tokens,
+        denoise_loop: info.denoise_loop.to_string(),
     }
 }

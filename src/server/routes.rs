@@ -98,6 +98,7 @@ fn health(state: &AppState) -> Response<Body> {
         "gpu_available": model.map_or(state.gpu_available, |m| m.info.gpu_available),
         "backend": model.map_or_else(|| format!("{:?}", s.backend).to_lowercase(), |m| m.info.backend.clone()),
         "backend_reason": model.map_or_else(|| state.gpu_reason.clone(), |m| m.info.backend_reason.clone()),
+        "denoise_loop": model.map(|m| m.info.denoise_loop.clone()),
         "queue_depth": state.batcher.depth(),
         "max_queue": s.max_queue,
         "batch_size": s.batch_size,
