@@ -710,7 +710,7 @@ impl Pipeline {
         //    step's latents, so they always step here.
         let t2 = Instant::now();
         let noise_views: Vec<_> = jobs.iter().map(|j| j.noise.view()).collect();
-        let mut x = ndarray::concatenate(Axis(0), &noise_views).map_err(internal)?.as_standard_layout().into_owned(); // [b, seq, 64]
+        let mut x = ndarray::concatenate(Axis(0), &noise_views).map_err(internal)?; // [b, seq, 64], standard layout
         let seq = x.shape()[1];
         let ch = x.shape()[2];
         let sizes = &jobs[0].sizes;

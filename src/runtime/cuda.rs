@@ -162,25 +162,17 @@ impl Device {
         scales: Option<&DeviceBuffer>,
         dt: f32,
     ) -> Result<(), Error> {
-        let err = |reason: String| Error::Run { component: "step kernel".into(), reason };
-        let [batch, seq, img_seq, channels] = shape.kernel_dims()?;
-        let code = |d: DType| step::dtype_code(d).ok_or_else(|| err(format!("{d} is not a float type")));
-        let (v_code, h_code) = (code(velocity.1)?, code(hidden.1)?);
-        let need = [
-            (velocity.0.bytes, shape.hidden() * velocity.1.size(), "velocity"),
-            (x.bytes, shape.latents() * 4, "latents"),
-            (hidden.0.bytes, shape.hidden() * hidden.1.size(), "hidden states"),
-            (scales.map_or(usize::MAX, |s| s.bytes), if shape.cfg { shape.batch * 4 } else { 0 }, "CFG scales"),
-        ];
-        if let Some((have, want, what)) = need.iter().find(|(have, want, _)| have < want) {
-            return Err(err(format!("{what} buffer has {have} bytes, the step needs {want}")));
-        }
-        if shape.cfg != scales.is_some() {
-            return Err(err("CFG scales must be given exactly when the step has true CFG".into()));
-        }
+        let args = shape.check_buffers(
+            (velocity.0.bytes, velocity.1),
+            x.bytes,
+            Some((hidden.0.bytes, hidden.1)),
+            scales.map(|s| s.bytes),
+            false,
+        )?;
+        let [batch, seq, img_seq, channels] = args.dims;
+        let (v_code, h_code) = (args.v_code, args.h_code);
         let (v_ptr, x_ptr, h_ptr, s_ptr) = (velocity.0.ptr, x.ptr, hidden.0.ptr, scales.map_or(0u64, |s| s.ptr));
-        let (_, blocks) = shape.grid();
-        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (step::BLOCK, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (shape.blocks(), 1, 1), block_dim: (step::BLOCK, 1, 1), shared_mem_bytes: 0 };
         let mut launch = self.stream.launch_builder(&kernel.func);
         launch
             .arg(&v_ptr)

@@ -26,6 +26,10 @@ extern "C" {
         channels: i32,
         dt: f32,
     );
+}
+
+#[cfg(test)]
+extern "C" {
     fn qe_f32_to_f16_host(f: f32) -> u16;
     fn qe_f16_to_f32_host(h: u16) -> f32;
     fn qe_f32_to_bf16_host(f: f32) -> u16;
@@ -69,10 +73,9 @@ impl StepShape {
     pub fn hidden(&self) -> usize {
         self.rows() * self.img_seq * self.channels
     }
-    /// Threads the kernel runs (one per job and generated token) and its grid of [`BLOCK`]-thread blocks.
-    pub fn grid(&self) -> (usize, u32) {
-        let threads = self.batch * self.seq;
-        (threads, threads.div_ceil(BLOCK as usize) as u32)
+    /// Blocks of [`BLOCK`] threads the kernel runs (one thread per job and generated token).
+    pub fn blocks(&self) -> u32 {
+        (self.batch * self.seq).div_ceil(BLOCK as usize) as u32
     }
     /// The kernel's int arguments, checked: every size positive, seq <= img_seq, each within i32
     /// (the kernel indexes with 64-bit integers, so only the sizes themselves must fit).
@@ -88,6 +91,50 @@ impl StepShape {
             _ => Err(err(format!("step shape {self:?} exceeds the kernel's sizes"))),
         }
     }
+
+    /// Checks the step's buffers (sizes in bytes) against this shape and returns the kernel's
+    /// arguments. `exact`: host slices must have exactly the addressed size; device buffers (sized
+    /// for the largest profile) may be larger. Scales are given exactly when the step has true CFG.
+    pub fn check_buffers(
+        &self,
+        velocity: (usize, DType),
+        x_bytes: usize,
+        hidden: Option<(usize, DType)>,
+        scales_bytes: Option<usize>,
+        exact: bool,
+    ) -> Result<KernelArgs, Error> {
+        let err = |reason: String| Error::Contract { component: "denoise step".into(), reason };
+        let dims = self.kernel_dims()?;
+        let code = |d: DType| dtype_code(d).ok_or_else(|| err(format!("{d} is not a float type")));
+        let v_code = code(velocity.1)?;
+        let h_code = hidden.map(|(_, d)| code(d)).transpose()?.unwrap_or(0);
+        let fits = |have: usize, want: usize| if exact { have == want } else { have >= want };
+        let mut need = vec![
+            ("velocity", velocity.0, self.hidden() * velocity.1.size()),
+            ("latents", x_bytes, self.latents() * 4),
+        ];
+        if let Some((bytes, d)) = hidden {
+            need.push(("hidden states", bytes, self.hidden() * d.size()));
+        }
+        match scales_bytes {
+            Some(bytes) if self.cfg => need.push(("CFG scales", bytes, self.batch * 4)),
+            Some(_) => return Err(err(format!("CFG scales given for a step without true CFG ({self:?})"))),
+            None if self.cfg => return Err(err("true CFG needs one scale per job".into())),
+            None => {}
+        }
+        if let Some((what, have, want)) = need.into_iter().find(|&(_, have, want)| !fits(have, want)) {
+            return Err(err(format!("{what} buffer has {have} bytes, {self:?} needs {want}")));
+        }
+        Ok(KernelArgs { dims, v_code, h_code })
+    }
+}
+
+/// The kernel's checked scalar arguments: [batch, seq, img_seq, channels] and the dtype codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelArgs {
+    pub dims: [i32; 4],
+    pub v_code: i32,
+    pub h_code: i32,
 }
 
 /// One step on host memory: `velocity` and `hidden` are raw buffers of the given float dtypes,
@@ -100,37 +147,19 @@ pub fn cfg_euler_raw(
     scales: Option<&[f32]>,
     dt: f32,
 ) -> Result<(), Error> {
-    let err = |reason: String| Error::Contract { component: "denoise step".into(), reason };
-    let dims = shape.kernel_dims()?;
-    let code = |d: DType| dtype_code(d).ok_or_else(|| err(format!("{d} is not a float type")));
-    let v_code = code(velocity.1)?;
-    if velocity.0.len() != shape.hidden() * velocity.1.size() {
-        return Err(err(format!("velocity has {} bytes, {shape:?} needs {}", velocity.0.len(), shape.hidden() * velocity.1.size())));
-    }
-    if x.len() != shape.latents() {
-        return Err(err(format!("latents have {} values, {shape:?} needs {}", x.len(), shape.latents())));
-    }
-    match scales {
-        Some(s) if !shape.cfg || s.len() != shape.batch => {
-            return Err(err(format!("{} CFG scales for {shape:?}", s.len())));
-        }
-        None if shape.cfg => return Err(err("true CFG needs one scale per job".into())),
-        _ => {}
-    }
+    let args = shape.check_buffers(
+        (velocity.0.len(), velocity.1),
+        x.len() * 4,
+        hidden.as_ref().map(|(h, d)| (h.len(), *d)),
+        scales.map(|s| s.len() * 4),
+        true,
+    )?;
     let hidden_dtype = hidden.as_ref().map(|h| h.1);
-    let (h_ptr, h_code) = match hidden {
-        Some((h, d)) => {
-            if h.len() != shape.hidden() * d.size() {
-                return Err(err(format!("hidden states have {} bytes, {shape:?} needs {}", h.len(), shape.hidden() * d.size())));
-            }
-            (h.as_mut_ptr() as *mut c_void, code(d)?)
-        }
-        None => (std::ptr::null_mut(), 0),
-    };
+    let h_ptr = hidden.map_or(std::ptr::null_mut(), |(h, _)| h.as_mut_ptr() as *mut c_void);
     // The C code reads floats and u16s through these pointers: they must be aligned for them.
     let h_align = hidden_dtype.map_or(1, DType::size);
     if velocity.0.as_ptr() as usize % velocity.1.size() != 0 || h_ptr as usize % h_align != 0 {
-        return Err(err("misaligned step buffers".into()));
+        return Err(Error::Contract { component: "denoise step".into(), reason: "misaligned step buffers".into() });
     }
     // SAFETY: every buffer was checked to hold exactly what the shape addresses (the C code indexes
     // only [0, rows*img_seq*channels) of velocity/hidden and [0, batch*seq*channels) of x), and
@@ -138,15 +167,15 @@ pub fn cfg_euler_raw(
     unsafe {
         qe_cfg_euler_host(
             velocity.0.as_ptr() as *const c_void,
-            v_code,
+            args.v_code,
             x.as_mut_ptr(),
             h_ptr,
-            h_code,
+            args.h_code,
             scales.map_or(std::ptr::null(), |s| s.as_ptr()),
-            dims[0],
-            dims[1],
-            dims[2],
-            dims[3],
+            args.dims[0],
+            args.dims[1],
+            args.dims[2],
+            args.dims[3],
             dt,
         )
     };
@@ -166,27 +195,27 @@ pub fn cfg_euler(
     cfg_euler_raw(shape, (bytemuck::cast_slice(velocity), DType::F32), x, hidden, scales, dt)
 }
 
-/// The kernel's element conversions, for tests against the `half` crate (which the engines' seam uses).
-pub fn f32_to_f16_bits(f: f32) -> u16 {
-    // SAFETY: pure function of its argument.
-    unsafe { qe_f32_to_f16_host(f) }
-}
-pub fn f16_bits_to_f32(h: u16) -> f32 {
-    // SAFETY: pure function of its argument.
-    unsafe { qe_f16_to_f32_host(h) }
-}
-pub fn f32_to_bf16_bits(f: f32) -> u16 {
-    // SAFETY: pure function of its argument.
-    unsafe { qe_f32_to_bf16_host(f) }
-}
-pub fn bf16_bits_to_f32(h: u16) -> f32 {
-    // SAFETY: pure function of its argument.
-    unsafe { qe_bf16_to_f32_host(h) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // The kernel's element conversions, checked against the `half` crate (which the engines' seam uses).
+fn f32_to_f16_bits(f: f32) -> u16 {
+    // SAFETY: pure function of its argument.
+    unsafe { qe_f32_to_f16_host(f) }
+}
+fn f16_bits_to_f32(h: u16) -> f32 {
+    // SAFETY: pure function of its argument.
+    unsafe { qe_f16_to_f32_host(h) }
+}
+fn f32_to_bf16_bits(f: f32) -> u16 {
+    // SAFETY: pure function of its argument.
+    unsafe { qe_f32_to_bf16_host(f) }
+}
+fn bf16_bits_to_f32(h: u16) -> f32 {
+    // SAFETY: pure function of its argument.
+    unsafe { qe_bf16_to_f32_host(h) }
+}
 
     /// A small deterministic generator (xorshift) for test data.
     fn values(n: usize, seed: u64) -> Vec<f32> {

@@ -86,11 +86,6 @@ impl TrtWorker {
         Ok(TrtWorker { runtime, trt, cuda, device, options, step_kernel })
     }
 
-    /// Whether transformers of this worker run the denoising loop on the device.
-    pub fn device_loop(&self) -> bool {
-        self.step_kernel.is_some()
-    }
-
     pub fn tensorrt_version(&self) -> Option<TrtVersion> {
         self.trt.version()
     }
