@@ -71,9 +71,11 @@ CUDA=$DEPS/cuda
 fetch_wheel nvidia-cuda-runtime "$CUDA_VERSION" "$CUDA"
 fetch_wheel nvidia-cuda-crt "$CUDA_VERSION" "$CUDA"
 mkdir -p "$CUDA/include" "$CUDA/lib"
-cp -R "$CUDA"/wheel-nvidia-cuda-runtime/nvidia/cu13/include/. "$CUDA/include/"
-cp -R "$CUDA"/wheel-nvidia-cuda-crt/nvidia/cu13/include/. "$CUDA/include/"
-cp "$CUDA"/wheel-nvidia-cuda-runtime/nvidia/cu13/lib/libcudart.so.* "$CUDA/lib/"
+# -p keeps the wheel's timestamps: build.rs watches these headers, and a fresh mtime on every
+# setup would rebuild the crate on every `make serve` / `make test`.
+cp -Rp "$CUDA"/wheel-nvidia-cuda-runtime/nvidia/cu13/include/. "$CUDA/include/"
+cp -Rp "$CUDA"/wheel-nvidia-cuda-crt/nvidia/cu13/include/. "$CUDA/include/"
+cp -p "$CUDA"/wheel-nvidia-cuda-runtime/nvidia/cu13/lib/libcudart.so.* "$CUDA/lib/"
 CUDART=$(ls "$CUDA"/lib/libcudart.so.* | head -n1)
 fetch_wheel nvidia-cuda-nvrtc "$CUDA_VERSION" "$CUDA"
 NVRTC=$(ls "$CUDA"/wheel-nvidia-cuda-nvrtc/nvidia/cu13/lib/libnvrtc.so.* | head -n1)
