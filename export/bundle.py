@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from . import graphs, host, lora, onnx_export as ox, tiny
+from . import manifest as manifest_contract
 from .variants import DROP_TOKENS, UsageError, Variant, detect_variant
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -388,8 +389,8 @@ def export_bundle(checkpoint: Path, out: Path, variant: Variant | None = None, d
     paths, rows = export_components(pipe, variant, tdtype, out)
     pipe.tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
     manifest = build_manifest(pipe, variant, tdtype, paths, areas, name or out.name,
-                              source or {"checkpoint": checkpoint.name, "tiny": False}, lightning)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+                              source or {"checkpoint": checkpoint.name, "tiny": False, "seed": None}, lightning)
+    manifest_contract.write(out / "manifest.json", manifest)
     report = {"bundle": out.name, "variant": variant.name, "dtype": DTYPE_NAMES[tdtype],
               "seconds": round(time.time() - t0, 1), "verification": rows}
     log(f"wrote {out} in {report['seconds']} s")

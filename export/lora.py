@@ -82,6 +82,6 @@ def fuse(transformer: torch.nn.Module, path: Path, scale: float = 1.0) -> dict:
         "lora": path.name,
         "sha256": _sha256(path),
         "modules": len(pairs),
-        "rank": sorted(ranks)[0] if len(ranks) == 1 else sorted(ranks),
+        "rank": max(ranks),
         "scale": scale,
     }

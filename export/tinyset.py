@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import bundle, reference, tiny
+from . import manifest as manifest_contract
 from .reference import Case
 from .variants import VARIANTS
 
@@ -104,7 +105,7 @@ def make_all(engines: Path, references: bool = True, report: str | None = None) 
             pipe, variant, torch.float32, paths, areas, bname,
             {"checkpoint": f"engines/tiny-checkpoints/{vname}", "tiny": True, "seed": SEED}, None,
         )
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        manifest_contract.write(out / "manifest.json", manifest)
         if references:
             make_references(pipe, variant, out, areas)
     if report:

@@ -9,6 +9,7 @@
 //! are tens of GB.
 
 use crate::runtime::{DType, Dim, Engine, TensorInfo};
+use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -67,7 +68,7 @@ fn key_suffix(key: &str) -> String {
 // manifest.json
 
 /// `manifest.json`, field for field as documented in `engines/README.md`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Manifest {
     /// Always `"qwen-edit-bundle"`.
     pub format: String,
@@ -80,6 +81,7 @@ pub struct Manifest {
     pub source: Source,
     /// The Lightning LoRA fused into the transformer, or `null`.
     #[serde(deserialize_with = "nullable")]
+    #[schemars(with = "Nullable<Lightning>")]
     pub lightning: Option<Lightning>,
     pub components: BTreeMap<String, Component>,
     /// Tokenizer file name (`tokenizer.json`).
@@ -94,7 +96,7 @@ pub struct Manifest {
 }
 
 /// Which pipeline the bundle is: Qwen-Image-Edit or Edit Plus (2509/2511).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum Variant {
     /// Qwen-Image-Edit: one image, the same ~1 MP copy for the VL encoder and the VAE.
     #[serde(rename = "edit")]
@@ -104,30 +106,34 @@ pub enum Variant {
     EditPlus,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Source {
     /// Where the weights came from (checkpoint directory or hub id).
     pub checkpoint: String,
     /// Randomly initialised tiny model.
     pub tiny: bool,
-    /// Seed of the random init (tiny models), or `null`.
-    #[serde(deserialize_with = "nullable")]
+    /// Seed of the random init (tiny models); absent or `null` for real checkpoints.
+    #[serde(default)]
     pub seed: Option<u64>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Lightning {
     /// LoRA file name.
     pub lora: String,
+    /// sha256 (hex) of the LoRA file.
     #[serde(default)]
     pub sha256: Option<String>,
+    /// Linear layers the LoRA changed.
+    pub modules: usize,
+    /// The LoRA's rank (the largest, if its layers differ).
     pub rank: u32,
-    pub alpha: f64,
+    /// Scale the LoRA was fused with (its alpha/rank factor is already in its weights).
     pub scale: f64,
 }
 
 /// One network of the bundle: its graph file and IO contract.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Component {
     /// The `.onnx` file, relative to the bundle directory.
     pub file: String,
@@ -141,14 +147,14 @@ pub struct Component {
 }
 
 /// An external-data file: a plain file name, or `{"file", "sha256"}` to have it verified too.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(from = "ExternalDataRepr", into = "ExternalDataRepr")]
 pub struct ExternalData {
     pub file: String,
     pub sha256: Option<String>,
 }
 
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
 enum ExternalDataRepr {
     Name(String),
@@ -173,12 +179,13 @@ impl From<ExternalData> for ExternalDataRepr {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Prompt {
     /// Chat template with one `{}` where the user text goes.
     pub template: String,
     /// Plus: per-image prefix with `{}` = 1-based image index; `null` for v1.
     #[serde(deserialize_with = "nullable")]
+    #[schemars(with = "Nullable<String>")]
     pub image_template: Option<String>,
     /// System-prompt tokens dropped from the hidden states (64).
     pub drop_tokens: usize,
@@ -187,7 +194,7 @@ pub struct Prompt {
 }
 
 /// Resampling filter of an image resize.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Resample {
     Nearest,
@@ -197,7 +204,7 @@ pub enum Resample {
 }
 
 /// Qwen2-VL image processor and vision tower settings.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Vision {
     pub patch_size: usize,
     pub temporal_patch_size: usize,
@@ -214,13 +221,14 @@ pub struct Vision {
     pub vision_start_token_id: u32,
     /// Plus: pixel area of the VL copy of each image; `null` for v1.
     #[serde(deserialize_with = "nullable")]
+    #[schemars(with = "Nullable<u64>")]
     pub condition_area: Option<u64>,
     /// `torchvision` (the reference's, default when absent) or `pil` image processor arithmetic.
     #[serde(default)]
     pub processor_backend: crate::pipeline::vision::ProcessorBackend,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Vae {
     pub scale_factor: usize,
     pub z_dim: usize,
@@ -231,7 +239,7 @@ pub struct Vae {
     pub resample: Resample,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TransformerConfig {
     pub patch_size: usize,
     pub in_channels: usize,
@@ -245,14 +253,14 @@ pub struct TransformerConfig {
     pub joint_attention_dim: usize,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Schedulers {
     pub base: SchedulerConfig,
     pub lightning: SchedulerConfig,
 }
 
 /// diffusers `FlowMatchEulerDiscreteScheduler` config (the keys the algorithm uses).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct SchedulerConfig {
     pub base_image_seq_len: u64,
     pub max_image_seq_len: u64,
@@ -260,6 +268,7 @@ pub struct SchedulerConfig {
     pub max_shift: f64,
     /// `null` = no terminal stretch.
     #[serde(deserialize_with = "nullable")]
+    #[schemars(with = "Nullable<f64>")]
     pub shift_terminal: Option<f64>,
     pub time_shift_type: TimeShiftType,
     pub use_dynamic_shifting: bool,
@@ -278,7 +287,7 @@ pub struct SchedulerConfig {
     pub stochastic_sampling: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TimeShiftType {
     Exponential,
@@ -286,7 +295,7 @@ pub enum TimeShiftType {
 }
 
 /// Request defaults of the reference pipeline.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Defaults {
     pub num_inference_steps: u32,
     pub true_cfg_scale: f64,
@@ -294,7 +303,7 @@ pub struct Defaults {
 }
 
 /// Suggested TensorRT optimization profiles.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Profiles {
     /// Batch sizes to build for (min/opt/max come from it).
     pub batch_sizes: Vec<usize>,
@@ -306,6 +315,21 @@ pub struct Profiles {
 /// A required key whose value may be `null` (serde's default would also accept it missing).
 fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
     Option::<T>::deserialize(d)
+}
+
+/// The schema of a [`nullable`] key: `T` or `null`, and required (schemars makes `Option` optional).
+struct Nullable<T>(std::marker::PhantomData<T>);
+
+impl<T: JsonSchema> JsonSchema for Nullable<T> {
+    fn inline_schema() -> bool {
+        true
+    }
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        format!("Nullable_{}", T::schema_name()).into()
+    }
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        Option::<T>::json_schema(generator)
+    }
 }
 
 impl Manifest {
@@ -439,6 +463,17 @@ impl Manifest {
         }
         p
     }
+}
+
+/// Where the JSON Schema of `manifest.json` is committed, relative to the repository root. It is
+/// generated from [`Manifest`] (the one declaration of the format) and read by the export tool,
+/// which validates every manifest against it before writing; a unit test keeps the file current.
+pub const SCHEMA_PATH: &str = "engines/manifest.schema.json";
+
+/// The JSON Schema (draft 2020-12) of `manifest.json`, generated from [`Manifest`].
+pub fn manifest_schema() -> serde_json::Value {
+    let schema = schemars::generate::SchemaSettings::draft2020_12().into_generator().into_root_schema_for::<Manifest>();
+    serde_json::to_value(schema).expect("a JSON Schema serializes")
 }
 
 /// serde_json messages end in " at line L column C"; the error variant says it already.
@@ -798,7 +833,7 @@ mod tests {
         m["prompt"]["image_template"] = json!("Picture {}: <|vision_start|><|image_pad|><|vision_end|>");
         m["vision"]["condition_area"] = json!(147456);
         m["lightning"] =
-            json!({"lora": "lightning.safetensors", "sha256": null, "rank": 32, "alpha": 32.0, "scale": 1.0});
+            json!({"lora": "lightning.safetensors", "sha256": null, "modules": 840, "rank": 32, "scale": 1.0});
         m["transformer"]["zero_cond_t"] = json!(true);
         m["components"]["transformer"]["inputs"].as_array_mut().unwrap().push(io(
             "modulate_index",
@@ -1051,5 +1086,92 @@ mod tests {
         let e = b.check_engine(&engine).unwrap_err().to_string();
         assert!(e.contains("input `x`: dtype f16 in the manifest, f32 in the engine"), "{e}");
         assert!(e.contains("input `x`: dim 1 is 5 in the manifest, 4 in the engine"), "{e}");
+    }
+}
+
+/// The manifest contract between the export tool and the server: the committed schema is the one
+/// the Rust types generate, and every committed manifest satisfies it and parses.
+#[cfg(test)]
+mod contract {
+    use super::*;
+
+    fn root() -> &'static Path {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    /// Every committed `engines/*/manifest.json`.
+    fn committed_manifests() -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(root().join("engines"))
+            .unwrap()
+            .map(|e| e.unwrap().path().join(MANIFEST))
+            .filter(|p| p.is_file())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn committed_schema_is_the_one_the_types_generate() {
+        let path = root().join(SCHEMA_PATH);
+        let generated = serde_json::to_string_pretty(&manifest_schema()).unwrap() + "\n";
+        if std::env::var_os("QWEN_EDIT_BLESS").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "{SCHEMA_PATH} is not what the manifest types generate; after changing them run \
+             `QWEN_EDIT_BLESS=1 cargo test --lib bundle::contract` and commit the file (the export tool reads it)"
+        );
+    }
+
+    #[test]
+    fn every_committed_manifest_satisfies_the_schema_and_parses() {
+        let validator = jsonschema::validator_for(&manifest_schema()).unwrap();
+        let manifests = committed_manifests();
+        assert!(manifests.len() >= 3, "{manifests:?}");
+        for path in manifests {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let errors: Vec<String> = validator.iter_errors(&value).map(|e| format!("{}: {e}", e.instance_path())).collect();
+            assert!(errors.is_empty(), "{}: {errors:?}", path.display());
+            let m = Manifest::parse(&text, &path).unwrap();
+            assert_eq!(m.problems(), Vec::<String>::new(), "{}", path.display());
+        }
+    }
+
+    /// The schema refuses what the loader refuses (and accepts what it accepts), on the key kinds
+    /// that broke before: a required key missing, a nullable key absent, an optional key absent.
+    #[test]
+    fn schema_and_loader_agree_on_missing_and_null_keys() {
+        let validator = jsonschema::validator_for(&manifest_schema()).unwrap();
+        let base: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root().join("engines/tiny/manifest.json")).unwrap()).unwrap();
+        let edits: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+            ("source.seed absent", Box::new(|m| drop(m["source"].as_object_mut().unwrap().remove("seed")))),
+            ("source.seed null", Box::new(|m| m["source"]["seed"] = serde_json::Value::Null)),
+            ("lightning absent", Box::new(|m| drop(m.as_object_mut().unwrap().remove("lightning")))),
+            ("prompt.image_template absent", Box::new(|m| drop(m["prompt"].as_object_mut().unwrap().remove("image_template")))),
+            ("vae.z_dim absent", Box::new(|m| drop(m["vae"].as_object_mut().unwrap().remove("z_dim")))),
+            ("vision.processor_backend absent", Box::new(|m| drop(m["vision"].as_object_mut().unwrap().remove("processor_backend")))),
+            ("dtype short name", Box::new(|m| m["dtype"] = "f32".into())),
+            ("io dtype", Box::new(|m| m["components"]["vae_decoder"]["inputs"][0]["dtype"] = "float16".into())),
+            ("dtype unknown", Box::new(|m| m["dtype"] = "float8".into())),
+            (
+                "lightning record",
+                Box::new(|m| {
+                    m["lightning"] = serde_json::json!({"lora": "l.safetensors", "sha256": null, "modules": 4, "rank": 4, "scale": 1.0})
+                }),
+            ),
+            ("lightning without rank", Box::new(|m| m["lightning"] = serde_json::json!({"lora": "l.safetensors", "modules": 4, "scale": 1.0}))),
+            ("external data as objects", Box::new(|m| m["components"]["transformer"]["external_data"] = serde_json::json!([{"file": "t.data", "sha256": null}]))),
+            ("unknown extra key", Box::new(|m| m["exporter_note"] = "hello".into())),
+        ];
+        for (what, edit) in edits {
+            let mut m = base.clone();
+            edit(&mut m);
+            let schema_ok = validator.is_valid(&m);
+            let loader_ok = Manifest::parse(&m.to_string(), Path::new("m.json")).is_ok();
+            assert_eq!(schema_ok, loader_ok, "{what}: schema says {schema_ok}, loader says {loader_ok}");
+        }
     }
 }

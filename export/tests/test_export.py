@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from export import bundle, host, lora, onnx_export as ox, tiny, tokenizer, variants
+from export import manifest as manifest_contract
 from export.variants import SYSTEM_PREFIX, UsageError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -217,6 +218,8 @@ def test_cli_full_bundle_with_lightning_lora(checkpoint, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["format"] == "qwen-edit-bundle" and m["variant"] == "edit" and m["dtype"] == "float32"
     assert m["lightning"]["lora"] == "lightning.safetensors" and m["lightning"]["modules"] == 4
+    assert m["lightning"]["rank"] == 4 and m["source"] == {"checkpoint": "edit", "tiny": False, "seed": None}
+    assert manifest_contract.problems(m) == []
     assert m["vae"]["image_area"] == 128 * 128 and m["vision"]["condition_area"] is None
     for name in bundle.COMPONENTS:
         c = m["components"][name]
@@ -230,3 +233,31 @@ def test_cli_full_bundle_with_lightning_lora(checkpoint, tmp_path):
     graphs_verified = {(r["graph"]) for r in report["verification"]}
     assert graphs_verified == set(bundle.COMPONENTS)
     assert all(r["rel_l2"] < 1e-5 for r in report["verification"])
+
+
+# --- manifest contract ---------------------------------------------------------------------------
+
+
+def test_manifest_contract_refuses_what_the_server_refuses(tmp_path):
+    """The schema the server's types generate (engines/manifest.schema.json) is what the exporter checks
+    before writing: a manifest the server would refuse is never written."""
+    m = json.loads((ROOT / "engines/tiny-2511/manifest.json").read_text())
+    assert manifest_contract.problems(m) == []
+    real = json.loads(json.dumps(m))
+    real["source"] = {"checkpoint": "Qwen-Image-Edit-2511", "tiny": False}
+    assert manifest_contract.problems(real) == [], "source.seed is optional"
+    cases = {
+        "lightning": lambda d: d.pop("lightning"),
+        "rank": lambda d: d.__setitem__("lightning", {"lora": "l.safetensors", "modules": 3, "scale": 1.0}),
+        "condition_area": lambda d: d["vision"].pop("condition_area"),
+        "dtype": lambda d: d.__setitem__("dtype", "fp16"),
+        "shape": lambda d: d["components"]["transformer"]["inputs"][0].pop("shape"),
+    }
+    for key, edit in cases.items():
+        bad = json.loads(json.dumps(m))
+        edit(bad)
+        found = manifest_contract.problems(bad)
+        assert found and any(key in p for p in found), (key, found)
+        with pytest.raises(manifest_contract.ManifestError, match=key):
+            manifest_contract.write(tmp_path / "manifest.json", bad)
+        assert not (tmp_path / "manifest.json").exists(), "nothing is written when the check fails"

@@ -73,7 +73,7 @@ pub struct VisionSettings {
 
 /// The two implementations transformers 5 has of the Qwen2-VL image processor. They resize and
 /// normalise with different arithmetic, so their pixel values differ in the last bits.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ProcessorBackend {
     /// `Qwen2VLImageProcessor` (torchvision backend; what `Qwen2VLProcessor` loads whenever

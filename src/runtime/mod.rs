@@ -18,7 +18,7 @@ use std::fmt;
 pub use tensor::{DType, Tensor};
 
 /// One dimension of a declared tensor shape: fixed, or dynamic with a symbolic name.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum Dim {
     Fixed(usize),
@@ -35,7 +35,7 @@ impl fmt::Display for Dim {
 }
 
 /// Name, element type and shape of one input or output of a component.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TensorInfo {
     pub name: String,
     pub dtype: DType,

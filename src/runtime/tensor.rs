@@ -7,19 +7,20 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Element types a component may declare for an input or output.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// Serialized with ONNX's names (`float32`, ...), as in `manifest.json`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum DType {
-    #[serde(alias = "float32")]
+    #[serde(rename = "float32")]
     F32,
-    #[serde(alias = "float16")]
+    #[serde(rename = "float16")]
     F16,
-    #[serde(alias = "bfloat16")]
+    #[serde(rename = "bfloat16")]
     BF16,
-    #[serde(alias = "int64")]
+    #[serde(rename = "int64")]
     I64,
-    #[serde(alias = "int32")]
+    #[serde(rename = "int32")]
     I32,
+    #[serde(rename = "bool")]
     Bool,
 }
 
