@@ -40,16 +40,12 @@ fn main() {
         println!("cargo::warning=QWEN_EDIT_NO_TRT_SHIM=1: building without the TensorRT shim");
         return;
     }
-    let missing: Vec<String> = [
-        (&trt, "NvInferRuntime.h"),
-        (&trt, "NvOnnxParser.h"),
-        (&cuda, "cuda_runtime_api.h"),
-        (&cuda, "crt/host_defines.h"),
-    ]
-    .iter()
-    .filter(|(d, f)| !Path::new(d).join(f).is_file())
-    .map(|(d, f)| d.join(f).display().to_string())
-    .collect();
+    let missing: Vec<String> =
+        [(&trt, "NvInferRuntime.h"), (&trt, "NvOnnxParser.h"), (&cuda, "cuda_runtime_api.h"), (&cuda, "crt/host_defines.h")]
+            .iter()
+            .filter(|(d, f)| !Path::new(d).join(f).is_file())
+            .map(|(d, f)| d.join(f).display().to_string())
+            .collect();
     if !missing.is_empty() {
         if required {
             panic!(

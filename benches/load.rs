@@ -40,10 +40,9 @@ struct Outcome {
 
 fn env_list<T: std::str::FromStr + Clone>(name: &str, default: &[T]) -> Vec<T> {
     match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v
-            .split(',')
-            .map(|s| s.trim().parse().unwrap_or_else(|_| panic!("{name}: `{s}` is not a number")))
-            .collect(),
+        Ok(v) if !v.trim().is_empty() => {
+            v.split(',').map(|s| s.trim().parse().unwrap_or_else(|_| panic!("{name}: `{s}` is not a number"))).collect()
+        }
         _ => default.to_vec(),
     }
 }

@@ -5,9 +5,9 @@
 use criterion::{criterion_group, BatchSize, Criterion, Throughput};
 use qwen_edit::imaging::{self, Limits};
 use qwen_edit::pipeline::edit::{EditRequest, Pipeline, PipelineOptions};
+use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
-use std::fmt::Write as _;
 
 fn bundle() -> PathBuf {
     std::env::var_os("QWEN_EDIT_BENCH_BUNDLE")
@@ -93,7 +93,8 @@ fn stage_table(runs: usize) -> String {
             v[v.len() / 2]
         };
         let m = [median(0), median(1), median(2), median(3)];
-        writeln!(table, "| {n} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |", m[0], m[1], m[2], m[3], m.iter().sum::<f64>()).unwrap();
+        writeln!(table, "| {n} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |", m[0], m[1], m[2], m[3], m.iter().sum::<f64>())
+            .unwrap();
     }
     table
 }

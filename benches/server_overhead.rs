@@ -104,9 +104,13 @@ fn bench(c: &mut Criterion) {
     g.bench_function("parse_request_json", |b| b.iter(|| schema::parse(black_box(&f.body), &limits(), || 0).unwrap()));
     g.bench_function("base64_decode", |b| b.iter(|| decode_base64(black_box(&f.b64)).unwrap()));
     g.bench_function("jpeg_decode", |b| b.iter(|| imaging::decode(black_box(&f.jpeg), &imaging::Limits::default()).unwrap()));
-    g.bench_function("vl_preprocess_resize_normalize_patchify", |b| b.iter(|| vision::preprocess(black_box(&f.image), &vl).unwrap()));
+    g.bench_function("vl_preprocess_resize_normalize_patchify", |b| {
+        b.iter(|| vision::preprocess(black_box(&f.image), &vl).unwrap())
+    });
     g.bench_function("vae_normalize_f16", |b| b.iter(|| imaging::preprocess_into_f16(black_box(&f.image), &mut vae).unwrap()));
-    g.bench_function("resize_lanczos_to_384_edit_plus", |b| b.iter(|| imaging::resize(black_box(&f.image), 384, 384, Filter::Lanczos).unwrap()));
+    g.bench_function("resize_lanczos_to_384_edit_plus", |b| {
+        b.iter(|| imaging::resize(black_box(&f.image), 384, 384, Filter::Lanczos).unwrap())
+    });
     g.bench_function("png_encode", |b| b.iter(|| imaging::encode(black_box(&f.result), OutputFormat::Png).unwrap()));
     g.bench_function("base64_encode", |b| b.iter(|| encode_base64(black_box(&f.png))));
     g.bench_function("response_json", |b| b.iter(|| response(black_box(f.png_b64.clone()))));

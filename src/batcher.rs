@@ -100,7 +100,12 @@ pub struct Batcher<J, O> {
 
 impl<J, O> Clone for Batcher<J, O> {
     fn clone(&self) -> Self {
-        Batcher { tx: self.tx.clone(), permits: self.permits.clone(), policy: self.policy, batch_ewma_us: self.batch_ewma_us.clone() }
+        Batcher {
+            tx: self.tx.clone(),
+            permits: self.permits.clone(),
+            policy: self.policy,
+            batch_ewma_us: self.batch_ewma_us.clone(),
+        }
     }
 }
 
@@ -405,7 +410,15 @@ mod tests {
     use std::sync::Mutex;
 
     fn key(w: u32) -> BatchKey {
-        BatchKey { width: w, height: 16, condition_sizes: vec![(16, 16)], steps: 2, true_cfg: false, lightning: false, text_len: 64 }
+        BatchKey {
+            width: w,
+            height: 16,
+            condition_sizes: vec![(16, 16)],
+            steps: 2,
+            true_cfg: false,
+            lightning: false,
+            text_len: 64,
+        }
     }
 
     struct Item {
@@ -521,8 +534,10 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let l = log.clone();
         let policy = BatchPolicy { batch_size, batch_timeout: Duration::from_millis(timeout_ms), max_queue };
-        let (b, ready, fin) =
-            Batcher::start(policy, Arc::new(NoObserver), move || Ok((Echo { batches: l, delay: Duration::from_millis(delay_ms) }, 42u8))).unwrap();
+        let (b, ready, fin) = Batcher::start(policy, Arc::new(NoObserver), move || {
+            Ok((Echo { batches: l, delay: Duration::from_millis(delay_ms) }, 42u8))
+        })
+        .unwrap();
         drop(ready);
         (b, log, fin)
     }
@@ -618,7 +633,9 @@ mod tests {
     #[tokio::test]
     async fn a_failed_open_is_reported_and_jobs_fail_cleanly() {
         let policy = BatchPolicy { batch_size: 2, batch_timeout: Duration::ZERO, max_queue: 4 };
-        let (b, ready, fin) = Batcher::<u32, u32>::start(policy, Arc::new(NoObserver), || Err::<(Echo, ()), _>("no bundle at x".to_string())).unwrap();
+        let (b, ready, fin) =
+            Batcher::<u32, u32>::start(policy, Arc::new(NoObserver), || Err::<(Echo, ()), _>("no bundle at x".to_string()))
+                .unwrap();
         assert_eq!(ready.await.unwrap().unwrap_err(), "no bundle at x");
         let r = b.submit(b.try_admit().unwrap(), key(1), 1).await.unwrap().unwrap_err();
         assert!(r.to_string().contains("not running"), "{r}");

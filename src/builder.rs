@@ -10,7 +10,9 @@ use std::time::Instant;
 
 use crate::bundle::{self, Bundle};
 use crate::onnx::{self, Profile, ProfileSettings};
-use crate::runtime::shim::{self, BuildProfile, BuildSettings, BuilderLibrary, CudaRuntime, CudaStatus, ProfileInput, TrtVersion};
+use crate::runtime::shim::{
+    self, BuildProfile, BuildSettings, BuilderLibrary, CudaRuntime, CudaStatus, ProfileInput, TrtVersion,
+};
 use crate::runtime::tensorrt::{TrtOptions, TrtWorker};
 use crate::runtime::{self, DType, Dim, Engine, Tensor, TensorInfo};
 
@@ -288,11 +290,16 @@ pub fn random_inputs(infos: &[TensorInfo], shapes: &[Vec<usize>], seed: u64) -> 
                 (0..n).map(|_| rng.random::<f32>()).collect()
             } else if name.ends_with("_cos") || name.ends_with("_sin") {
                 let cos = name.ends_with("_cos");
-                (0..n).map(|_| {
-                    let a = rng.random::<f32>() * std::f32::consts::TAU;
-                    if cos { a.cos() } else { a.sin() }
-                })
-                .collect()
+                (0..n)
+                    .map(|_| {
+                        let a = rng.random::<f32>() * std::f32::consts::TAU;
+                        if cos {
+                            a.cos()
+                        } else {
+                            a.sin()
+                        }
+                    })
+                    .collect()
             } else {
                 (0..n)
                     .map(|_| {
@@ -328,7 +335,15 @@ pub fn random_inputs(infos: &[TensorInfo], shapes: &[Vec<usize>], seed: u64) -> 
 
 /// Compares `candidate` against `reference` element-wise (allclose: |a - b| <= atol + rtol * |b|).
 pub fn compare(name: &str, reference: &Tensor, candidate: &Tensor, atol: f64, rtol: f64) -> OutputError {
-    let mut e = OutputError { name: name.into(), elements: reference.len(), max_abs: 0.0, max_rel: 0.0, mean_abs: 0.0, mismatches: 0, error: None };
+    let mut e = OutputError {
+        name: name.into(),
+        elements: reference.len(),
+        max_abs: 0.0,
+        max_rel: 0.0,
+        mean_abs: 0.0,
+        mismatches: 0,
+        error: None,
+    };
     if reference.shape() != candidate.shape() {
         e.error = Some(format!("shape {:?} vs reference {:?}", candidate.shape(), reference.shape()));
         e.mismatches = reference.len().max(1);
@@ -368,7 +383,8 @@ pub fn verify(
 ) -> Result<Verification, runtime::Error> {
     let component = reference.component().to_string();
     let infos = reference.inputs().to_vec();
-    let inputs = random_inputs(&infos, shapes, seed).map_err(|reason| runtime::Error::Contract { component: component.clone(), reason })?;
+    let inputs = random_inputs(&infos, shapes, seed)
+        .map_err(|reason| runtime::Error::Contract { component: component.clone(), reason })?;
     let named: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let mut want = reference.run(&named)?;
     let mut got = candidate.run(&named)?;
@@ -437,11 +453,14 @@ fn open_gpu(device: usize) -> Result<GpuEnv, Error> {
     let cuda = CudaRuntime::load(&shim::cudart_candidates()).map_err(|e| unavailable(e.to_string()))?;
     match cuda.status() {
         CudaStatus::Ready { .. } => {}
-        CudaStatus::NoDriver { reason } | CudaStatus::NoDevice { reason } | CudaStatus::Error { reason } => return Err(unavailable(reason)),
+        CudaStatus::NoDriver { reason } | CudaStatus::NoDevice { reason } | CudaStatus::Error { reason } => {
+            return Err(unavailable(reason))
+        }
     }
     let ordinal = i32::try_from(device).map_err(|_| Error::Usage(format!("device {device} out of range")))?;
     let info = cuda.device(ordinal).map_err(|e| unavailable(e.to_string()))?;
-    let builder = BuilderLibrary::load(&shim::nvinfer_candidates(), &shim::parser_candidates()).map_err(|e| unavailable(e.to_string()))?;
+    let builder =
+        BuilderLibrary::load(&shim::nvinfer_candidates(), &shim::parser_candidates()).map_err(|e| unavailable(e.to_string()))?;
     let version = builder.version().ok_or_else(|| unavailable("the TensorRT library reports no version".into()))?;
     let cc = format!("{}.{}", info.cc_major, info.cc_minor);
     Ok(GpuEnv {
@@ -605,23 +624,44 @@ fn build_into(args: &BuildArgs, report: &mut BuildReport, progress: &mut dyn FnM
                     worker = Some(w);
                 }
                 if ort.is_none() {
-                    ort = Some(runtime::ort::OrtBackend::new(Default::default()).map_err(|e| Error::Unavailable(format!("ONNX Runtime (the reference): {e}")))?);
+                    ort = Some(
+                        runtime::ort::OrtBackend::new(Default::default())
+                            .map_err(|e| Error::Unavailable(format!("ONNX Runtime (the reference): {e}")))?,
+                    );
                 }
                 let (Some(w), Some(o)) = (worker.as_ref(), ort.as_ref()) else {
                     return Err(Error::Unavailable("verification backends missing".into()));
                 };
                 let component = bundle.component(&p.name)?;
                 let mut reference = o.load(&p.name, &p.onnx).map_err(|e| Error::Unavailable(format!("ONNX Runtime: {e}")))?;
-                let mut candidate = w
-                    .load(&p.name, &p.plan, Some((&component.inputs, &component.outputs)))
-                    .map_err(|e| Error::Build { component: p.name.clone(), reason: format!("the new engine does not load: {e}") })?;
+                let mut candidate = w.load(&p.name, &p.plan, Some((&component.inputs, &component.outputs))).map_err(|e| {
+                    Error::Build { component: p.name.clone(), reason: format!("the new engine does not load: {e}") }
+                })?;
                 let shapes = shapes_of(&p.profiles, reference.inputs(), args.verify_shapes);
                 let (da, dr) = default_tolerance(&p.info.precision.summary());
-                let v = verify(&mut reference, &mut candidate, &shapes, args.verify_shapes, args.seed, (args.atol.unwrap_or(da), args.rtol.unwrap_or(dr)))
-                    .map_err(|e| Error::Verify { component: p.name.clone(), reason: format!("the engine failed to run: {e}") })?;
+                let v = verify(
+                    &mut reference,
+                    &mut candidate,
+                    &shapes,
+                    args.verify_shapes,
+                    args.seed,
+                    (args.atol.unwrap_or(da), args.rtol.unwrap_or(dr)),
+                )
+                .map_err(|e| Error::Verify { component: p.name.clone(), reason: format!("the engine failed to run: {e}") })?;
                 let passed = v.passed;
-                let summary: Vec<String> = v.outputs.iter().map(|o| format!("{} max abs {:.3e} max rel {:.3e} ({} mismatches)", o.name, o.max_abs, o.max_rel, o.mismatches)).collect();
-                progress(&format!("{}: {} ({})", p.name, if passed { "matches ONNX Runtime" } else { "DIFFERS from ONNX Runtime" }, summary.join("; ")));
+                let summary: Vec<String> = v
+                    .outputs
+                    .iter()
+                    .map(|o| {
+                        format!("{} max abs {:.3e} max rel {:.3e} ({} mismatches)", o.name, o.max_abs, o.max_rel, o.mismatches)
+                    })
+                    .collect();
+                progress(&format!(
+                    "{}: {} ({})",
+                    p.name,
+                    if passed { "matches ONNX Runtime" } else { "DIFFERS from ONNX Runtime" },
+                    summary.join("; ")
+                ));
                 report.components[i].verification = Some(v);
                 verified = Some(passed);
                 if !passed {
@@ -661,7 +701,8 @@ fn write_record(path: &Path, key: &str, p: &Planned, gpu: &GpuEnv, verified: Opt
         precision: p.info.precision.summary(),
         verified,
     };
-    let bytes = serde_json::to_vec_pretty(&record).map_err(|e| Error::Io { path: path.to_path_buf(), source: std::io::Error::other(e) })?;
+    let bytes = serde_json::to_vec_pretty(&record)
+        .map_err(|e| Error::Io { path: path.to_path_buf(), source: std::io::Error::other(e) })?;
     write_atomic(path, &bytes)
 }
 
@@ -765,8 +806,12 @@ pub fn inspect(path: &Path, device: usize) -> Result<Inspection, Error> {
                 .iter()
                 .enumerate()
                 .map(|(k, p)| {
-                    let parts: Vec<String> =
-                        engine.inputs().iter().enumerate().map(|(i, t)| format!("{} {:?}..{:?}", t.name, p.min[i], p.max[i])).collect();
+                    let parts: Vec<String> = engine
+                        .inputs()
+                        .iter()
+                        .enumerate()
+                        .map(|(i, t)| format!("{} {:?}..{:?}", t.name, p.min[i], p.max[i]))
+                        .collect();
                     format!("{k}: {}", parts.join(", "))
                 })
                 .collect();
@@ -946,12 +991,7 @@ mod tests {
     impl Scale {
         fn new(scale: f32, noise: f32) -> Scale {
             let shape = vec![Dim::Dynamic("batch".into()), Dim::Fixed(3)];
-            Scale {
-                scale,
-                noise,
-                inputs: vec![ti("x", DType::F32, shape.clone())],
-                outputs: vec![ti("y", DType::F32, shape)],
-            }
+            Scale { scale, noise, inputs: vec![ti("x", DType::F32, shape.clone())], outputs: vec![ti("y", DType::F32, shape)] }
         }
     }
     impl Engine for Scale {
@@ -975,10 +1015,12 @@ mod tests {
     #[test]
     fn verify_flags_an_engine_that_differs() {
         let shapes = vec![vec![2, 3]];
-        let ok = verify(&mut Scale::new(2.0, 0.0), &mut Scale::new(2.0, 1e-4), &shapes, VerifyShapes::Min, 1, (1e-3, 1e-3)).unwrap();
+        let ok =
+            verify(&mut Scale::new(2.0, 0.0), &mut Scale::new(2.0, 1e-4), &shapes, VerifyShapes::Min, 1, (1e-3, 1e-3)).unwrap();
         assert!(ok.passed, "{ok:?}");
         assert_eq!(ok.outputs[0].elements, 6);
-        let bad = verify(&mut Scale::new(2.0, 0.0), &mut Scale::new(2.1, 0.0), &shapes, VerifyShapes::Min, 1, (1e-3, 1e-3)).unwrap();
+        let bad =
+            verify(&mut Scale::new(2.0, 0.0), &mut Scale::new(2.1, 0.0), &shapes, VerifyShapes::Min, 1, (1e-3, 1e-3)).unwrap();
         assert!(!bad.passed && bad.outputs[0].mismatches > 0, "{bad:?}");
         let e = verify(&mut Scale::new(2.0, 0.0), &mut Scale::new(2.0, 0.0), &[vec![2, 4]], VerifyShapes::Min, 1, (1e-3, 1e-3));
         assert!(e.is_err(), "a shape outside the contract is an error, not a pass");
@@ -1007,7 +1049,10 @@ mod tests {
         let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx/transformer_io.onnx");
         let i = inspect(&fixture, 0).unwrap();
         let text = i.to_string();
-        assert!(text.contains("encoder_hidden_states: f32[batch, txt_seq, 32]") && text.contains("external data: none"), "{text}");
+        assert!(
+            text.contains("encoder_hidden_states: f32[batch, txt_seq, 32]") && text.contains("external data: none"),
+            "{text}"
+        );
         let json = serde_json::to_value(&i).unwrap();
         assert_eq!(json["kind"], "onnx");
         // An engine file needs the GPU stack: here a clean "unavailable" error, even for garbage bytes.

@@ -29,9 +29,7 @@ pub const COMPONENTS: [&str; 4] = ["text_encoder", "vae_encoder", "transformer",
 /// Errors of opening and checking a bundle.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(
-        "model bundle directory {0} does not exist (point the bundle path at a directory made by the export tool)"
-    )]
+    #[error("model bundle directory {0} does not exist (point the bundle path at a directory made by the export tool)")]
     MissingDir(PathBuf),
     #[error("bundle {dir} is incomplete, missing: {}", .missing.join("; "))]
     MissingFiles { dir: PathBuf, missing: Vec<String> },
@@ -364,9 +362,7 @@ impl Manifest {
         match header.format_version {
             None => return Err(missing("format_version")),
             Some(v) if v.as_u64() == Some(FORMAT_VERSION) => {}
-            Some(other) => {
-                return Err(Error::UnsupportedVersion { path: path.to_path_buf(), found: other.to_string() })
-            }
+            Some(other) => return Err(Error::UnsupportedVersion { path: path.to_path_buf(), found: other.to_string() }),
         }
         let mut de = serde_json::Deserializer::from_str(text);
         let manifest: Manifest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
@@ -426,9 +422,9 @@ impl Manifest {
                     p.push("`vision.condition_area` must be positive".into());
                 }
             }
-            (Variant::EditPlus, _, _) => p.push(
-                "variant `edit-plus` needs `prompt.image_template` and `vision.condition_area` (not null)".into(),
-            ),
+            (Variant::EditPlus, _, _) => {
+                p.push("variant `edit-plus` needs `prompt.image_template` and `vision.condition_area` (not null)".into())
+            }
         }
         let v = &self.vae;
         if v.latents_mean.len() != v.z_dim || v.latents_std.len() != v.z_dim {
@@ -530,12 +526,8 @@ impl Bundle {
             return Err(Error::Invalid { path, problems });
         }
         let bundle = Bundle { dir, manifest };
-        let missing: Vec<String> = bundle
-            .files()
-            .into_iter()
-            .filter(|(_, p)| !p.is_file())
-            .map(|(what, p)| format!("{what} {}", p.display()))
-            .collect();
+        let missing: Vec<String> =
+            bundle.files().into_iter().filter(|(_, p)| !p.is_file()).map(|(what, p)| format!("{what} {}", p.display())).collect();
         if !missing.is_empty() {
             return Err(Error::MissingFiles { dir: bundle.dir.clone(), missing });
         }
@@ -646,12 +638,7 @@ pub fn sha256_file(path: &Path) -> Result<String, Error> {
 /// and dims. Symbolic names may differ (backends rename them). A dim the manifest fixes may be
 /// dynamic in the engine (it accepts more); an input dim the manifest declares dynamic must not be
 /// fixed in the engine (it would refuse sizes the pipeline sends). Fixed dims must be equal.
-pub fn check_io(
-    component: &str,
-    declared: &Component,
-    inputs: &[TensorInfo],
-    outputs: &[TensorInfo],
-) -> Result<(), Error> {
+pub fn check_io(component: &str, declared: &Component, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Result<(), Error> {
     let mut diffs = Vec::new();
     compare("input", &declared.inputs, inputs, true, &mut diffs);
     compare("output", &declared.outputs, outputs, false, &mut diffs);
@@ -832,16 +819,14 @@ mod tests {
         m["variant"] = json!("edit-plus");
         m["prompt"]["image_template"] = json!("Picture {}: <|vision_start|><|image_pad|><|vision_end|>");
         m["vision"]["condition_area"] = json!(147456);
-        m["lightning"] =
-            json!({"lora": "lightning.safetensors", "sha256": null, "modules": 840, "rank": 32, "scale": 1.0});
+        m["lightning"] = json!({"lora": "lightning.safetensors", "sha256": null, "modules": 840, "rank": 32, "scale": 1.0});
         m["transformer"]["zero_cond_t"] = json!(true);
         m["components"]["transformer"]["inputs"].as_array_mut().unwrap().push(io(
             "modulate_index",
             "int64",
             json!(["batch", "img_seq"]),
         ));
-        m["components"]["transformer"]["external_data"] =
-            json!(["transformer.onnx.data", {"file": "b.data", "sha256": H}]);
+        m["components"]["transformer"]["external_data"] = json!(["transformer.onnx.data", {"file": "b.data", "sha256": H}]);
         let dir = write_bundle(&m);
         std::fs::write(dir.path().join("transformer.onnx.data"), b"w").unwrap();
         std::fs::write(dir.path().join("b.data"), b"w").unwrap();
@@ -1145,25 +1130,38 @@ mod contract {
     #[test]
     fn schema_and_loader_agree_on_missing_and_null_keys() {
         let validator = jsonschema::validator_for(&manifest_schema()).unwrap();
-        let base: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root().join("engines/tiny/manifest.json")).unwrap()).unwrap();
+        let base: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(root().join("engines/tiny/manifest.json")).unwrap()).unwrap();
         let edits: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
             ("source.seed absent", Box::new(|m| drop(m["source"].as_object_mut().unwrap().remove("seed")))),
             ("source.seed null", Box::new(|m| m["source"]["seed"] = serde_json::Value::Null)),
             ("lightning absent", Box::new(|m| drop(m.as_object_mut().unwrap().remove("lightning")))),
             ("prompt.image_template absent", Box::new(|m| drop(m["prompt"].as_object_mut().unwrap().remove("image_template")))),
             ("vae.z_dim absent", Box::new(|m| drop(m["vae"].as_object_mut().unwrap().remove("z_dim")))),
-            ("vision.processor_backend absent", Box::new(|m| drop(m["vision"].as_object_mut().unwrap().remove("processor_backend")))),
+            (
+                "vision.processor_backend absent",
+                Box::new(|m| drop(m["vision"].as_object_mut().unwrap().remove("processor_backend"))),
+            ),
             ("dtype short name", Box::new(|m| m["dtype"] = "f32".into())),
             ("io dtype", Box::new(|m| m["components"]["vae_decoder"]["inputs"][0]["dtype"] = "float16".into())),
             ("dtype unknown", Box::new(|m| m["dtype"] = "float8".into())),
             (
                 "lightning record",
                 Box::new(|m| {
-                    m["lightning"] = serde_json::json!({"lora": "l.safetensors", "sha256": null, "modules": 4, "rank": 4, "scale": 1.0})
+                    m["lightning"] =
+                        serde_json::json!({"lora": "l.safetensors", "sha256": null, "modules": 4, "rank": 4, "scale": 1.0})
                 }),
             ),
-            ("lightning without rank", Box::new(|m| m["lightning"] = serde_json::json!({"lora": "l.safetensors", "modules": 4, "scale": 1.0}))),
-            ("external data as objects", Box::new(|m| m["components"]["transformer"]["external_data"] = serde_json::json!([{"file": "t.data", "sha256": null}]))),
+            (
+                "lightning without rank",
+                Box::new(|m| m["lightning"] = serde_json::json!({"lora": "l.safetensors", "modules": 4, "scale": 1.0})),
+            ),
+            (
+                "external data as objects",
+                Box::new(|m| {
+                    m["components"]["transformer"]["external_data"] = serde_json::json!([{"file": "t.data", "sha256": null}])
+                }),
+            ),
             ("unknown extra key", Box::new(|m| m["exporter_note"] = "hello".into())),
         ];
         for (what, edit) in edits {

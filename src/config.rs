@@ -340,14 +340,12 @@ mod tests {
 
     #[test]
     fn flags_parse_and_are_validated() {
-        let s = parse(&["--port", "0", "--batch-size", "2", "--lightning", "--allow-private-urls", "127.0.0.1,10.0.0.0/8"]).unwrap();
+        let s =
+            parse(&["--port", "0", "--batch-size", "2", "--lightning", "--allow-private-urls", "127.0.0.1,10.0.0.0/8"]).unwrap();
         assert_eq!(s.addr.port(), 0);
         assert_eq!(s.batch_size, 2);
         assert!(s.lightning);
-        assert_eq!(
-            s.private_urls,
-            PrivateUrls::Allow(vec!["127.0.0.1/32".parse().unwrap(), "10.0.0.0/8".parse().unwrap()])
-        );
+        assert_eq!(s.private_urls, PrivateUrls::Allow(vec!["127.0.0.1/32".parse().unwrap(), "10.0.0.0/8".parse().unwrap()]));
         assert!(parse(&["--lightning", "false"]).map(|s| !s.lightning).unwrap_or(true));
         assert!(parse(&["--batch-size", "0"]).unwrap_err().contains("BATCH_SIZE"));
         assert!(parse(&["--max-queue", "0"]).unwrap_err().contains("MAX_QUEUE"));

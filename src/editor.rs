@@ -117,7 +117,9 @@ fn read_latents(path: &Path, jobs: usize) -> Result<Vec<Array3<f32>>, Error> {
     if n != jobs && n != 1 {
         return Err(usage(format!("{}: holds {n} latents for {jobs} jobs", path.display())));
     }
-    Ok((0..jobs).map(|i| arr.slice(ndarray::s![(if n == 1 { 0 } else { i })..=(if n == 1 { 0 } else { i }), .., ..]).to_owned()).collect())
+    Ok((0..jobs)
+        .map(|i| arr.slice(ndarray::s![(if n == 1 { 0 } else { i })..=(if n == 1 { 0 } else { i }), .., ..]).to_owned())
+        .collect())
 }
 
 /// Runs the command; prints what it wrote.

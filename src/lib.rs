@@ -2,8 +2,8 @@
 //! The pipeline runs above one seam (`runtime::Engine`): ONNX Runtime on CPU, TensorRT on GPU.
 
 pub mod batcher;
-pub mod bundle;
 pub mod builder;
+pub mod bundle;
 pub mod config;
 pub mod editor;
 pub mod imaging;

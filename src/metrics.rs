@@ -22,9 +22,11 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, 
 use crate::batcher::Observer;
 
 /// Outcomes of a /run request (the `outcome` label).
-pub const OUTCOMES: [&str; 8] = ["success", "client_error", "unauthorized", "overloaded", "not_ready", "timeout", "server_error", "cancelled"];
+pub const OUTCOMES: [&str; 8] =
+    ["success", "client_error", "unauthorized", "overloaded", "not_ready", "timeout", "server_error", "cancelled"];
 
-const DURATION_BUCKETS: [f64; 16] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+const DURATION_BUCKETS: [f64; 16] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
 
 /// The server's metrics.
 pub struct Metrics {
@@ -70,7 +72,13 @@ impl Metrics {
         let gauge = |name: &'static str| recorder.register_gauge(&Key::from_name(name), &META);
         let requests = OUTCOMES
             .iter()
-            .map(|o| (*o, recorder.register_counter(&Key::from_parts("qwen_edit_requests_total", vec![Label::new("outcome", *o)]), &META)))
+            .map(|o| {
+                (
+                    *o,
+                    recorder
+                        .register_counter(&Key::from_parts("qwen_edit_requests_total", vec![Label::new("outcome", *o)]), &META),
+                )
+            })
             .collect();
         Metrics {
             requests,

@@ -2,8 +2,8 @@
 //! and TensorRT optimization profiles (min/opt/max per dynamic dim) derived from a bundle's settings.
 
 use onnx_protobuf::{
-    attribute_proto::AttributeType, tensor_proto::DataLocation, tensor_shape_proto::dimension, type_proto,
-    GraphProto, Message, ModelProto, TensorProto, ValueInfoProto,
+    attribute_proto::AttributeType, tensor_proto::DataLocation, tensor_shape_proto::dimension, type_proto, GraphProto, Message,
+    ModelProto, TensorProto, ValueInfoProto,
 };
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -121,20 +121,16 @@ pub fn inspect(path: &Path) -> Result<OnnxInfo, Error> {
 
 /// Inspects an ONNX model held in memory; `path` names it in errors.
 pub fn inspect_bytes(bytes: &[u8], path: &Path) -> Result<OnnxInfo, Error> {
-    let model = ModelProto::parse_from_bytes(bytes)
-        .map_err(|e| Error::Parse { path: path.to_path_buf(), reason: e.to_string() })?;
+    let model =
+        ModelProto::parse_from_bytes(bytes).map_err(|e| Error::Parse { path: path.to_path_buf(), reason: e.to_string() })?;
     let Some(graph) = model.graph.as_ref() else {
         return Err(Error::Parse { path: path.to_path_buf(), reason: "the model has no graph".into() });
     };
     let initializer_names: BTreeSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
     let io = |v: &ValueInfoProto| value_info(v).map_err(|reason| Error::Unsupported { path: path.to_path_buf(), reason });
     // Old IR versions list initializers among the graph inputs: those are weights, not inputs.
-    let inputs = graph
-        .input
-        .iter()
-        .filter(|v| !initializer_names.contains(v.name.as_str()))
-        .map(io)
-        .collect::<Result<Vec<_>, _>>()?;
+    let inputs =
+        graph.input.iter().filter(|v| !initializer_names.contains(v.name.as_str())).map(io).collect::<Result<Vec<_>, _>>()?;
     let outputs = graph.output.iter().map(io).collect::<Result<Vec<_>, _>>()?;
 
     let mut scan = Scan::default();
@@ -148,11 +144,7 @@ pub fn inspect_bytes(bytes: &[u8], path: &Path) -> Result<OnnxInfo, Error> {
         external_data: scan.external.into_iter().collect(),
         nodes: scan.nodes,
         initializers: scan.initializers,
-        precision: Precision {
-            weight_types: scan.weight_types.into_iter().collect(),
-            qdq: scan.qdq,
-            fp8: scan.fp8,
-        },
+        precision: Precision { weight_types: scan.weight_types.into_iter().collect(), qdq: scan.qdq, fp8: scan.fp8 },
     })
 }
 
@@ -359,7 +351,13 @@ pub fn dim_ranges(component: &str, s: &ProfileSettings) -> Result<BTreeMap<Strin
     if s.resolutions.is_empty() {
         return Err(err("profiles.resolutions is empty".into()));
     }
-    if s.max_text_tokens == 0 || s.max_images == 0 || s.vae_scale == 0 || s.latent_patch == 0 || s.vision_patch == 0 || s.vision_merge == 0 {
+    if s.max_text_tokens == 0
+        || s.max_images == 0
+        || s.vae_scale == 0
+        || s.latent_patch == 0
+        || s.vision_patch == 0
+        || s.vision_merge == 0
+    {
         return Err(err("max_text_tokens, max_images and the patch/scale factors must be positive".into()));
     }
     let cell = s.vae_scale * s.latent_patch; // pixels per packed token side (16)
@@ -428,11 +426,8 @@ pub fn dim_ranges(component: &str, s: &ProfileSettings) -> Result<BTreeMap<Strin
     let seq = DimRange::new(1, s.drop_tokens + txt_opt, s.drop_tokens + s.max_text_tokens);
     // Vision patches of every image of every prompt in the batch.
     let te_rows_max = bs_max * cfg;
-    let patches = DimRange::new(
-        mn(&|g| g.vl_patches),
-        g_opt.vl_patches * te_rows_max,
-        mx(&|g| g.vl_patches) * te_rows_max * s.max_images,
-    );
+    let patches =
+        DimRange::new(mn(&|g| g.vl_patches), g_opt.vl_patches * te_rows_max, mx(&|g| g.vl_patches) * te_rows_max * s.max_images);
     let merge = s.vision_merge * s.vision_merge;
     let units = DimRange::new(patches.min / merge, patches.opt / merge, patches.max / merge);
     let img_seq = DimRange::new(
@@ -543,7 +538,16 @@ mod tests {
         let names: Vec<&str> = info.inputs.iter().map(|i| i.name.as_str()).collect();
         assert_eq!(
             names,
-            ["hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "img_cos", "img_sin", "txt_cos", "txt_sin"]
+            [
+                "hidden_states",
+                "encoder_hidden_states",
+                "encoder_hidden_states_mask",
+                "timestep",
+                "img_cos",
+                "img_sin",
+                "txt_cos",
+                "txt_sin"
+            ]
         );
         let ehs = &info.inputs[1];
         assert_eq!(ehs.dtype, DType::F32);

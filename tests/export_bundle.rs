@@ -141,7 +141,8 @@ async fn exported_bundles_load_and_edit(variant: &str) {
     let fused = tmp.path().join("lightning");
     export(variant, &fused, &["--lightning-lora", lora.to_str().unwrap(), "--vae-area", "65536"]);
 
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fused.join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fused.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["lightning"]["modules"], modules, "{}", manifest["lightning"]);
     assert_eq!(manifest["source"]["tiny"], false);
 

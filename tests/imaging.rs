@@ -110,8 +110,13 @@ fn resize_large_matches_pillow_hashes() {
     for c in cases.as_array().expect("list") {
         let src = gen_source(u32_of(c, "width"), u32_of(c, "height"), u32_of(c, "seed"));
         assert_eq!(hex(&Sha256::digest(src.as_raw())), c["source_sha256"].as_str().expect("hash"), "source {c}");
-        let out = imaging::resize(&src, u32_of(c, "target_width"), u32_of(c, "target_height"), filter(c["filter"].as_str().expect("f")))
-            .expect("resize");
+        let out = imaging::resize(
+            &src,
+            u32_of(c, "target_width"),
+            u32_of(c, "target_height"),
+            filter(c["filter"].as_str().expect("f")),
+        )
+        .expect("resize");
         assert_eq!(hex(&Sha256::digest(out.as_raw())), c["sha256"].as_str().expect("hash"), "case {c}");
     }
 }
@@ -210,8 +215,17 @@ fn decode_errors_are_typed() {
 #[test]
 fn decode_survives_truncation_and_bit_flips() {
     let names = [
-        "exif6.jpg", "plain420.jpg", "progressive.jpg", "gray.png", "rgba.png", "palette.png", "rgb16.png",
-        "lossy.webp", "lossless.webp", "exif8_lossless.webp", "cmyk.jpg",
+        "exif6.jpg",
+        "plain420.jpg",
+        "progressive.jpg",
+        "gray.png",
+        "rgba.png",
+        "palette.png",
+        "rgb16.png",
+        "lossy.webp",
+        "lossless.webp",
+        "exif8_lossless.webp",
+        "cmyk.jpg",
     ];
     let limits = Limits::default();
     let mut state: u64 = 0x9E37_79B9_7F4A_7C15;

@@ -5,9 +5,7 @@
 
 use ndarray::{Array3, Array4, Axis};
 use ndarray_npy::read_npy;
-use qwen_edit::pipeline::latents::{
-    calculate_dimensions, edit_sizes, initial_noise, pack_latents, unpack_latents, LatentStats,
-};
+use qwen_edit::pipeline::latents::{calculate_dimensions, edit_sizes, initial_noise, pack_latents, unpack_latents, LatentStats};
 use qwen_edit::pipeline::rope::{LatentGrid, Rope, RopeSpec};
 use qwen_edit::pipeline::schedule::{Schedule, ScheduleError, SchedulerConfig};
 use qwen_edit::pipeline::torch_cpu::{randn, torch_seed, CpuKernels};
@@ -56,8 +54,7 @@ impl Deviation {
         assert_eq!(got.len(), want.len(), "{what}: length");
         for (&g, &w) in got.iter().zip(want) {
             self.abs = self.abs.max((g as f64 - w as f64).abs());
-            let ulps =
-                if g.is_sign_negative() == w.is_sign_negative() { g.to_bits().abs_diff(w.to_bits()) } else { u32::MAX };
+            let ulps = if g.is_sign_negative() == w.is_sign_negative() { g.to_bits().abs_diff(w.to_bits()) } else { u32::MAX };
             self.ulps = self.ulps.max(if g == w { 0 } else { ulps });
         }
         self.compared += got.len();
@@ -138,16 +135,8 @@ fn rope_tables_match_qwen_embed_rope() {
     let rope = Rope::new(RopeSpec::default(), CpuKernels::Avx2).unwrap();
     let scalar = Rope::new(RopeSpec::default(), CpuKernels::Scalar).unwrap();
     for axis in 0..3 {
-        assert_eq!(
-            bits(&rope.inv_freq()[axis]),
-            bits(&f32s(&g["inv_freq"][axis])),
-            "AVX2 inverse frequencies, axis {axis}"
-        );
-        assert_eq!(
-            bits(&scalar.inv_freq()[axis]),
-            bits(&f32s(&g["inv_freq_scalar"][axis])),
-            "scalar inverse frequencies"
-        );
+        assert_eq!(bits(&rope.inv_freq()[axis]), bits(&f32s(&g["inv_freq"][axis])), "AVX2 inverse frequencies, axis {axis}");
+        assert_eq!(bits(&scalar.inv_freq()[axis]), bits(&f32s(&g["inv_freq_scalar"][axis])), "scalar inverse frequencies");
     }
     let mut dev = Deviation::default();
     for case in g["cases"].as_array().unwrap() {

@@ -25,9 +25,8 @@ fn bogus_library_then_real_library() {
     assert!(err.to_string().contains("QWEN_EDIT_ORT_LIB"), "{err}");
 
     // The real library (QWEN_EDIT_ORT_LIB, ORT_DYLIB_PATH or the repo's .venv) still loads.
-    let backend = OrtBackend::new(OrtSettings::default()).unwrap_or_else(|e| {
-        panic!("ONNX Runtime is needed for this test ({ENV_LIB} or scripts/setup.sh runtime): {e}")
-    });
+    let backend = OrtBackend::new(OrtSettings::default())
+        .unwrap_or_else(|e| panic!("ONNX Runtime is needed for this test ({ENV_LIB} or scripts/setup.sh runtime): {e}"));
     let graph = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx_ort/two_outputs.onnx");
     let mut engine = backend.load("two_outputs", &graph).unwrap();
     let mut out = engine.run(&[("x", &Tensor::f32(&[2], vec![1.5, 2.0]))]).unwrap();

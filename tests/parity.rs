@@ -130,7 +130,6 @@ fn run_case(case: &Case, with_noise: bool) -> (Vec<image::RgbImage>, Trace) {
     p.run_batch_traced(&jobs).unwrap()
 }
 
-
 /// Values in logical (row-major) order, whatever the memory layout.
 fn flat<T: Clone>(a: &ArrayD<T>) -> Vec<T> {
     a.iter().cloned().collect()
@@ -369,7 +368,9 @@ fn vae_stages_on_reference_inputs() {
             let (n, h, w) = (img.shape()[0], img.shape()[1], img.shape()[2]);
             let mut data = vec![0f32; n * 3 * h * w];
             for k in 0..n {
-                let rgb = image::RgbImage::from_raw(w as u32, h as u32, img.index_axis(ndarray::Axis(0), k).iter().copied().collect()).unwrap();
+                let rgb =
+                    image::RgbImage::from_raw(w as u32, h as u32, img.index_axis(ndarray::Axis(0), k).iter().copied().collect())
+                        .unwrap();
                 imaging::preprocess_into(&rgb, &mut data[k * 3 * h * w..(k + 1) * 3 * h * w]).unwrap();
             }
             let lat = run1(enc.as_mut(), vec![("image", Tensor::f32(&[n, 3, h, w], data))], "latent");

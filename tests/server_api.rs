@@ -103,7 +103,8 @@ async fn concurrent_clients_get_exactly_their_own_images_and_batches_form() {
     let server = start(Settings { batch_size: 4, batch_timeout: Duration::from_millis(150), ..settings() }).await;
     let addr = server.addr();
     let img = image_b64(5);
-    let jobs: Vec<(String, u64)> = (0..16u64).map(|i| (format!("edit number {i}: {}", "more ".repeat(i as usize % 5)), 1000 + i * 7919)).collect();
+    let jobs: Vec<(String, u64)> =
+        (0..16u64).map(|i| (format!("edit number {i}: {}", "more ".repeat(i as usize % 5)), 1000 + i * 7919)).collect();
 
     // Alone, one after another.
     let mut alone = Vec::new();
@@ -140,7 +141,11 @@ async fn concurrent_clients_get_exactly_their_own_images_and_batches_form() {
     // every other client's.
     for (i, got) in batched.iter().enumerate() {
         let own = differing(got, &alone[i]);
-        assert_eq!(own.count, 0, "client {i} (batch of {}): {} of {} values differ from its solo image, by up to {}", batch_sizes[i], own.count, own.total, own.max);
+        assert_eq!(
+            own.count, 0,
+            "client {i} (batch of {}): {} of {} values differ from its solo image, by up to {}",
+            batch_sizes[i], own.count, own.total, own.max
+        );
         for (j, other) in alone.iter().enumerate() {
             if j != i {
                 let d = differing(got, other);
@@ -266,7 +271,10 @@ async fn bad_inputs_get_their_status_and_do_not_harm_good_requests() {
     nested.push_str(&"[".repeat(5000));
     nested.push_str(&"]".repeat(5000));
     nested.push_str("}}");
-    let oversized = format!("POST /runsync HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", max_body + 1);
+    let oversized = format!(
+        "POST /runsync HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        max_body + 1
+    );
 
     let cases: Vec<(&str, Bad, u16, &str)> = vec![
         ("malformed JSON", Bad::Body("{\"input\": {\"prompt\": ".into()), 400, "invalid_json"),
@@ -334,7 +342,10 @@ async fn bad_inputs_get_their_status_and_do_not_harm_good_requests() {
                 let out = String::from_utf8_lossy(&raw(addr, &bytes, Duration::from_secs(10)).await).into_owned();
                 let status = out.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
                 let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-                let et = serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v["error_type"].as_str().map(String::from)).unwrap_or_default();
+                let et = serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["error_type"].as_str().map(String::from))
+                    .unwrap_or_default();
                 (status, et, out.clone(), out.to_ascii_lowercase().contains("x-process-time"))
             }
         };
@@ -379,10 +390,16 @@ async fn url_fixture(png_bytes: Vec<u8>) -> SocketAddr {
                 }
                 let req = String::from_utf8_lossy(&req);
                 let path = req.split(' ').nth(1).unwrap_or("/").to_string();
-                let redirect = |to: &str| format!("HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into_bytes();
+                let redirect = |to: &str| {
+                    format!("HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into_bytes()
+                };
                 let reply = match path.as_str() {
                     "/image.png" => {
-                        let mut v = format!("HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", png_bytes.len()).into_bytes();
+                        let mut v = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            png_bytes.len()
+                        )
+                        .into_bytes();
                         v.extend_from_slice(&png_bytes);
                         v
                     }
@@ -543,7 +560,8 @@ async fn edit_plus_takes_several_images_and_lightning_sets_the_default_steps() {
     assert_eq!(v["lightning_enabled"], true);
     // The output follows the last image's aspect (portrait here), as the reference does.
     assert!(v["height"].as_u64() > v["width"].as_u64(), "{v}");
-    let five = serde_json::json!({"input": {"prompt": "x", "images": vec![serde_json::json!({"image_base64": image_b64(1)}); 5]}});
+    let five =
+        serde_json::json!({"input": {"prompt": "x", "images": vec![serde_json::json!({"image_base64": image_b64(1)}); 5]}});
     let r = post_json(addr, five.to_string()).await;
     assert_eq!((r.status, r.error_type().as_str()), (422, "validation_error"), "{}", r.text());
     stop(server).await;
@@ -556,7 +574,9 @@ async fn a_stalled_body_times_out_and_frees_its_queue_place() {
     let server = start(Settings { body_read_timeout: Duration::from_millis(300), max_queue: 1, ..settings() }).await;
     let addr = server.addr();
     let started = Instant::now();
-    let out = raw(addr, b"POST /runsync HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{\"input\": ", Duration::from_secs(10)).await;
+    let out =
+        raw(addr, b"POST /runsync HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{\"input\": ", Duration::from_secs(10))
+            .await;
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(text.contains("\"error_type\":\"body_timeout\""), "{text}");

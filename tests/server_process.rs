@@ -65,7 +65,14 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn overload_gets_503_with_retry_after_the_rest_complete_and_memory_stays_flat() {
-    let p = spawn(&[("BATCH_SIZE", "2"), ("BATCH_TIMEOUT_MS", "10"), ("MAX_QUEUE", "3"), ("LOG_FORMAT", "json"), ("SLOW_REQUEST_MS", "1")]).await;
+    let p = spawn(&[
+        ("BATCH_SIZE", "2"),
+        ("BATCH_TIMEOUT_MS", "10"),
+        ("MAX_QUEUE", "3"),
+        ("LOG_FORMAT", "json"),
+        ("SLOW_REQUEST_MS", "1"),
+    ])
+    .await;
     let addr = p.addr;
     let burst = 24u64;
     let mut rss = Vec::new();

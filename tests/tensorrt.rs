@@ -61,7 +61,9 @@ fn a_real_libcudart_without_a_driver_says_no_driver() {
 
 #[test]
 fn a_real_tensorrt_library_without_a_driver_never_creates_a_runtime() {
-    let (Some(cudart), Some(lean)) = (test_lib("QWEN_EDIT_TEST_CUDART_LIB"), test_lib("QWEN_EDIT_TEST_TRT_LEAN_LIB")) else { return };
+    let (Some(cudart), Some(lean)) = (test_lib("QWEN_EDIT_TEST_CUDART_LIB"), test_lib("QWEN_EDIT_TEST_TRT_LEAN_LIB")) else {
+        return;
+    };
     if !shim::COMPILED || has_gpu_driver() {
         return;
     }
@@ -73,7 +75,8 @@ fn a_real_tensorrt_library_without_a_driver_never_creates_a_runtime() {
     let e = shim::Runtime::new(&trt, &cuda, 0).err().expect("no runtime without a driver").to_string();
     assert!(e.contains("no usable NVIDIA driver"), "{e}");
     // The lean library has no builder: loading it as one is a clean error too.
-    let e = shim::BuilderLibrary::load(&[lean.display().to_string()], &["libnvonnxparser.so.11".into()]).err().unwrap().to_string();
+    let e =
+        shim::BuilderLibrary::load(&[lean.display().to_string()], &["libnvonnxparser.so.11".into()]).err().unwrap().to_string();
     assert!(e.contains("createInferBuilder_INTERNAL"), "{e}");
 }
 
@@ -94,10 +97,7 @@ fn opening_the_gpu_backend_fails_cleanly_and_auto_falls_back() {
         return; // a GPU host: scripts/gpu-smoke.sh
     }
     let e = TrtWorker::open(TrtOptions::default()).err().expect("no GPU here").to_string();
-    assert!(
-        ["built without the TensorRT shim", "libcudart", "NVIDIA driver", "libnvinfer"].iter().any(|w| e.contains(w)),
-        "{e}"
-    );
+    assert!(["built without the TensorRT shim", "libcudart", "NVIDIA driver", "libnvinfer"].iter().any(|w| e.contains(w)), "{e}");
     let probe = GpuProbe::detect();
     let c = choose(BackendRequest::Auto, &probe, &Ok(vec![PathBuf::from("x.plan")])).unwrap();
     assert_eq!(c.backend, BackendKind::Ort);
@@ -220,7 +220,8 @@ fn build_input_errors_exit_with_the_input_code() {
     let missing = BuildArgs { bundle: PathBuf::from("/nonexistent/bundle"), dry_run: true, ..BuildArgs::default() };
     assert_eq!(builder::build(&missing, &mut |_| {}).exit_code, exit::INPUT);
     let dir = bundle();
-    let unknown = BuildArgs { bundle: dir.path().to_path_buf(), components: vec!["unet".into()], dry_run: true, ..BuildArgs::default() };
+    let unknown =
+        BuildArgs { bundle: dir.path().to_path_buf(), components: vec!["unet".into()], dry_run: true, ..BuildArgs::default() };
     let r = builder::build(&unknown, &mut |_| {});
     assert_eq!(r.exit_code, exit::INPUT);
     assert!(r.error.unwrap().contains("unet"));

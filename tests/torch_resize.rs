@@ -44,8 +44,7 @@ fn matches_the_processor_in_the_reference_runs() {
     let manifest: Value = serde_json::from_slice(&std::fs::read(bundle.join("manifest.json")).unwrap()).unwrap();
     let vision: VisionSettings = serde_json::from_value(manifest["vision"].clone()).unwrap();
     for case in ["edit_square", "edit_wide_cfg", "edit_lightning_jpeg", "edit_size_override"] {
-        let meta: Value =
-            serde_json::from_slice(&std::fs::read(bundle.join(format!("reference/{case}.json"))).unwrap()).unwrap();
+        let meta: Value = serde_json::from_slice(&std::fs::read(bundle.join(format!("reference/{case}.json"))).unwrap()).unwrap();
         let bytes = std::fs::read(bundle.join(format!("reference/{case}.safetensors"))).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let want = st.tensor("vl_image.0").unwrap();

@@ -123,13 +123,9 @@ fn to_rgb8(img: DynamicImage) -> RgbImage {
         DynamicImage::ImageLumaA8(g) => build(g.as_raw().chunks_exact(2).flat_map(|p| [p[0], p[0], p[0]]).collect()),
         DynamicImage::ImageRgba8(c) => build(c.as_raw().chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect()),
         DynamicImage::ImageLuma16(g) => build(g.as_raw().iter().flat_map(|&v| [hi(v), hi(v), hi(v)]).collect()),
-        DynamicImage::ImageLumaA16(g) => {
-            build(g.as_raw().chunks_exact(2).flat_map(|p| [hi(p[0]), hi(p[0]), hi(p[0])]).collect())
-        }
+        DynamicImage::ImageLumaA16(g) => build(g.as_raw().chunks_exact(2).flat_map(|p| [hi(p[0]), hi(p[0]), hi(p[0])]).collect()),
         DynamicImage::ImageRgb16(c) => build(c.as_raw().iter().map(|&v| hi(v)).collect()),
-        DynamicImage::ImageRgba16(c) => {
-            build(c.as_raw().chunks_exact(4).flat_map(|p| [hi(p[0]), hi(p[1]), hi(p[2])]).collect())
-        }
+        DynamicImage::ImageRgba16(c) => build(c.as_raw().chunks_exact(4).flat_map(|p| [hi(p[0]), hi(p[1]), hi(p[2])]).collect()),
         _ => None,
     };
     match (converted, img) {
@@ -166,8 +162,8 @@ fn decode_jpeg(bytes: &[u8], info: &ImageInfo) -> Result<(RgbImage, Orientation)
     if cmyk {
         pixels = cmyk_to_rgb(&pixels);
     }
-    let img = RgbImage::from_raw(info.width, info.height, pixels)
-        .ok_or_else(|| corrupt(F, "decoded buffer has the wrong size"))?;
+    let img =
+        RgbImage::from_raw(info.width, info.height, pixels).ok_or_else(|| corrupt(F, "decoded buffer has the wrong size"))?;
     Ok((img, jpeg_orientation(bytes)))
 }
 

@@ -51,11 +51,8 @@ pub fn probe(bytes: &[u8]) -> Result<ImageInfo, Error> {
         return probe_webp(bytes);
     }
     // A prefix of a known magic: the data was cut before the header ended.
-    let prefixes: [(&[u8], ImageFormat); 3] = [
-        (&[0xFF, 0xD8, 0xFF], ImageFormat::Jpeg),
-        (PNG_MAGIC, ImageFormat::Png),
-        (b"RIFF", ImageFormat::WebP),
-    ];
+    let prefixes: [(&[u8], ImageFormat); 3] =
+        [(&[0xFF, 0xD8, 0xFF], ImageFormat::Jpeg), (PNG_MAGIC, ImageFormat::Png), (b"RIFF", ImageFormat::WebP)];
     for (magic, fmt) in prefixes {
         let n = bytes.len().min(magic.len());
         if !bytes.is_empty() && bytes[..n] == magic[..n] && bytes.len() < 12 {

@@ -75,9 +75,7 @@ impl EditError {
         match self {
             EditError::Invalid(m) => EditError::Invalid(m.clone()),
             EditError::PromptTooLong { tokens, max } => EditError::PromptTooLong { tokens: *tokens, max: *max },
-            EditError::Engine(e) => {
-                EditError::Engine(runtime::Error::Run { component: "batch".into(), reason: e.to_string() })
-            }
+            EditError::Engine(e) => EditError::Engine(runtime::Error::Run { component: "batch".into(), reason: e.to_string() }),
             EditError::Internal(m) => EditError::Internal(m.clone()),
         }
     }
@@ -87,7 +85,6 @@ impl EditError {
         matches!(self, EditError::Invalid(_) | EditError::PromptTooLong { .. })
     }
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // Loading
@@ -103,8 +100,8 @@ use crate::pipeline::torch_cpu::CpuKernels;
 use crate::pipeline::vision::{self, VisionBatch, VisionImage, VisionSettings};
 use crate::runtime::backend::{self, BackendKind, BackendRequest, GpuProbe};
 use crate::runtime::ort::{OrtBackend, OrtSettings};
-use crate::runtime::tensorrt::{TrtOptions, TrtWorker};
 use crate::runtime::step::{self, StepShape};
+use crate::runtime::tensorrt::{TrtOptions, TrtWorker};
 use crate::runtime::{DType, DenoiseLoop, Engine, Tensor};
 use ndarray::{s, Array2, Array4, ArrayD, Axis, Ix3, IxDyn};
 use serde::Serialize;
@@ -222,8 +219,8 @@ impl Shared {
         let vision: VisionSettings = section(&m.vision, "vision", &name)?;
         vision.validate().map_err(|e| invalid(e.to_string()))?;
         let prompt_settings: PromptSettings = section(&m.prompt, "prompt", &name)?;
-        let prompt = PromptEncoder::from_file(&bundle.tokenizer_path(), prompt_settings, &vision)
-            .map_err(|e| invalid(e.to_string()))?;
+        let prompt =
+            PromptEncoder::from_file(&bundle.tokenizer_path(), prompt_settings, &vision).map_err(|e| invalid(e.to_string()))?;
         let base: SchedulerConfig = section(&m.scheduler.base, "scheduler.base", &name)?;
         let lightning: SchedulerConfig = section(&m.scheduler.lightning, "scheduler.lightning", &name)?;
         base.validate().map_err(|e| invalid(format!("scheduler.base: {e}")))?;
@@ -231,11 +228,8 @@ impl Shared {
         let stats = LatentStats::new(&m.vae.latents_mean, &m.vae.latents_std).map_err(|e| invalid(e.to_string()))?;
         let kernels = cpu_kernels();
         let t = &m.transformer;
-        let rope = Rope::new(
-            RopeSpec { theta: t.rope_theta, axes_dim: t.axes_dims_rope, table_len: t.rope_positions },
-            kernels,
-        )
-        .map_err(|e| invalid(e.to_string()))?;
+        let rope = Rope::new(RopeSpec { theta: t.rope_theta, axes_dim: t.axes_dims_rope, table_len: t.rope_positions }, kernels)
+            .map_err(|e| invalid(e.to_string()))?;
         let plus = m.variant == Variant::EditPlus;
         let info = PipelineInfo {
             bundle: m.name.clone(),
@@ -305,8 +299,7 @@ impl Pipeline {
     /// Runtime) and loads the four engines, checking each against the manifest's IO contract.
     pub fn open(dir: &Path, options: &PipelineOptions) -> Result<Pipeline, LoadError> {
         let bundle = if options.verify_hashes { Bundle::open_verified(dir)? } else { Bundle::open(dir)? };
-        let onnx_files: Vec<String> =
-            bundle::COMPONENTS.iter().map(|c| bundle.manifest().components[*c].file.clone()).collect();
+        let onnx_files: Vec<String> = bundle::COMPONENTS.iter().map(|c| bundle.manifest().components[*c].file.clone()).collect();
         let probe = GpuProbe::detect();
         let plans = backend::plans_present(bundle.dir(), &onnx_files);
         let choice = backend::choose(options.backend, &probe, &plans)?;
@@ -323,8 +316,7 @@ impl Pipeline {
                 let worker = TrtWorker::open(options.trt.clone())?;
                 for c in bundle::COMPONENTS {
                     let contract = &bundle.manifest().components[c];
-                    let engine =
-                        worker.load(c, &bundle.plan_path(c)?, Some((&contract.inputs[..], &contract.outputs[..])))?;
+                    let engine = worker.load(c, &bundle.plan_path(c)?, Some((&contract.inputs[..], &contract.outputs[..])))?;
                     engines.push(Box::new(engine));
                 }
             }
@@ -512,8 +504,9 @@ impl Preprocessor {
                 }
                 noise
             }
-            None => latents::initial_noise(req.seed, sh.z_dim, lh, lw, sh.kernels)
-                .map_err(|e| EditError::Internal(e.to_string()))?,
+            None => {
+                latents::initial_noise(req.seed, sh.z_dim, lh, lw, sh.kernels).map_err(|e| EditError::Internal(e.to_string()))?
+            }
         };
         let key = BatchKey {
             width: sizes.output.0,
@@ -575,9 +568,8 @@ pub struct Trace {
 fn run_one(engine: &mut dyn Engine, inputs: &[(&str, Tensor)], output: &str) -> Result<ArrayD<f32>, EditError> {
     let refs: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (*n, t)).collect();
     let mut out = engine.run(&refs)?;
-    let t = out.take(output).ok_or_else(|| {
-        EditError::Internal(format!("{} returned no `{output}` output", engine.component()))
-    })?;
+    let t =
+        out.take(output).ok_or_else(|| EditError::Internal(format!("{} returned no `{output}` output", engine.component())))?;
     t.into_f32().map_err(|e| EditError::Internal(format!("{}: {e}", engine.component())))
 }
 
@@ -667,7 +659,8 @@ impl Pipeline {
                 Some(ArrayD::from_shape_vec(IxDyn(&[text.batch, text.seq]), text.attention_mask.clone()).map_err(internal)?);
             for v in &vl_refs {
                 let dim = v.pixel_values.len() / v.grid.patches().max(1);
-                t.pixel_values.push(ArrayD::from_shape_vec(IxDyn(&[v.grid.patches(), dim]), v.pixel_values.clone()).map_err(internal)?);
+                t.pixel_values
+                    .push(ArrayD::from_shape_vec(IxDyn(&[v.grid.patches(), dim]), v.pixel_values.clone()).map_err(internal)?);
             }
         }
         let vision = VisionBatch::new(&vl_refs, &sh.vision).map_err(internal)?;
@@ -784,7 +777,11 @@ impl Pipeline {
                     let t = Tensor::f32(&[rows], vec![timesteps[step]; rows]);
                     let mut inputs = fixed.clone();
                     inputs.extend([("hidden_states", &hs), ("timestep", &t)]);
-                    let velocity = self.transformer.run(&inputs)?.take("sample").ok_or_else(|| internal("transformer returned no `sample`"))?;
+                    let velocity = self
+                        .transformer
+                        .run(&inputs)?
+                        .take("sample")
+                        .ok_or_else(|| internal("transformer returned no `sample`"))?;
                     let velocity = velocity.into_f32().map_err(internal)?;
                     let velocity = velocity.as_standard_layout();
                     let v = velocity.as_slice().ok_or_else(|| internal("velocity not contiguous"))?;
@@ -814,15 +811,17 @@ impl Pipeline {
         let (w, h) = sizes.output;
         let want = IxDyn(&[b, 3, h as usize, w as usize]);
         if decoded.raw_dim() != want {
-            return Err(internal(format!("vae_decoder returned {:?}, expected {:?}", decoded.shape(), [b, 3, h as usize, w as usize])));
+            return Err(internal(format!(
+                "vae_decoder returned {:?}, expected {:?}",
+                decoded.shape(),
+                [b, 3, h as usize, w as usize]
+            )));
         }
         let decoded = decoded.as_standard_layout();
         let per = 3 * w as usize * h as usize;
         let flat = decoded.as_slice().ok_or_else(|| internal("decoded image not contiguous"))?;
-        let images = flat
-            .chunks(per)
-            .map(|chw| imaging::postprocess(chw, w, h).map_err(internal))
-            .collect::<Result<Vec<_>, _>>()?;
+        let images =
+            flat.chunks(per).map(|chw| imaging::postprocess(chw, w, h).map_err(internal)).collect::<Result<Vec<_>, _>>()?;
         let stages = StageTimes { batch: b, text: t_text, vae_encode: t_vae, denoise: t_loop, decode: t3.elapsed() };
         tracing::debug!(?stages, "batch stages");
         self.last_stages = Some(stages);

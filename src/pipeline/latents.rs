@@ -31,15 +31,7 @@ pub enum LatentsError {
         "image {index} ({width}x{height}) has an aspect ratio too extreme for a {area}-pixel area: \
          its resized {what} size would be {new_width}x{new_height}; crop the image"
     )]
-    DegenerateSize {
-        index: usize,
-        width: u32,
-        height: u32,
-        area: u64,
-        what: &'static str,
-        new_width: u64,
-        new_height: u64,
-    },
+    DegenerateSize { index: usize, width: u32, height: u32, area: u64, what: &'static str, new_width: u64, new_height: u64 },
     #[error("output size {width}x{height} is too small: after flooring to multiples of 16 a side is 0; ask for at least 16x16")]
     OutputTooSmall { width: u64, height: u64 },
     #[error("latent shape {shape:?} cannot be packed: {reason}")]
@@ -344,14 +336,8 @@ mod tests {
         assert_eq!(edit_sizes(&[], (None, None), 1 << 20, None), Err(LatentsError::NoImages));
         assert_eq!(edit_sizes(&[(8, 8), (8, 8)], (None, None), 1 << 20, None), Err(LatentsError::TooManyImages(2)));
         assert!(matches!(edit_sizes(&[(0, 8)], (None, None), 1 << 20, None), Err(LatentsError::EmptyImage { .. })));
-        assert!(matches!(
-            edit_sizes(&[(1, 5000)], (None, None), 1 << 20, None),
-            Err(LatentsError::DegenerateSize { .. })
-        ));
-        assert!(matches!(
-            edit_sizes(&[(8, 8)], (Some(15), None), 1 << 20, None),
-            Err(LatentsError::OutputTooSmall { .. })
-        ));
+        assert!(matches!(edit_sizes(&[(1, 5000)], (None, None), 1 << 20, None), Err(LatentsError::DegenerateSize { .. })));
+        assert!(matches!(edit_sizes(&[(8, 8)], (Some(15), None), 1 << 20, None), Err(LatentsError::OutputTooSmall { .. })));
     }
 
     #[test]

@@ -44,9 +44,7 @@ pub enum PromptError {
     Template(String),
     #[error("tokenization failed: {0}")]
     Tokenize(String),
-    #[error(
-        "prompt {row} is too long: {tokens} text tokens, the model accepts at most {max}; shorten the prompt"
-    )]
+    #[error("prompt {row} is too long: {tokens} text tokens, the model accepts at most {max}; shorten the prompt")]
     TooLong { row: usize, tokens: usize, max: usize },
     #[error("prompt {row} contains the reserved token `{token}`, which only the pipeline may place; remove it")]
     ReservedToken { row: usize, token: &'static str },
@@ -103,10 +101,7 @@ impl PromptSettings {
     /// QwenImageEditPlusPipeline (2509/2511), verbatim.
     pub fn qwen_image_edit_plus(max_text_tokens: usize) -> Self {
         PromptSettings {
-            template: format!(
-                "{}{{}}<|im_end|>\n<|im_start|>assistant\n",
-                SYSTEM_PREFIX.replace('{', "{{").replace('}', "}}")
-            ),
+            template: format!("{}{{}}<|im_end|>\n<|im_start|>assistant\n", SYSTEM_PREFIX.replace('{', "{{").replace('}', "}}")),
             image_template: Some("Picture {}: <|vision_start|><|image_pad|><|vision_end|>".to_string()),
             drop_tokens: 64,
             max_text_tokens,
@@ -235,13 +230,11 @@ impl PromptEncoder {
         if !path.is_file() {
             return Err(PromptError::TokenizerMissing { path: shown });
         }
-        let bytes = std::fs::read(path)
-            .map_err(|e| PromptError::TokenizerLoad { path: shown.clone(), reason: e.to_string() })?;
-        Self::from_bytes(&bytes, settings, vision)
-            .map_err(|e| match e {
-                PromptError::TokenizerLoad { reason, .. } => PromptError::TokenizerLoad { path: shown, reason },
-                e => e,
-            })
+        let bytes = std::fs::read(path).map_err(|e| PromptError::TokenizerLoad { path: shown.clone(), reason: e.to_string() })?;
+        Self::from_bytes(&bytes, settings, vision).map_err(|e| match e {
+            PromptError::TokenizerLoad { reason, .. } => PromptError::TokenizerLoad { path: shown, reason },
+            e => e,
+        })
     }
 
     /// Parses a `tokenizer.json` held in memory.
@@ -255,9 +248,7 @@ impl PromptEncoder {
     pub fn new(tokenizer: Tokenizer, settings: PromptSettings, vision: &VisionSettings) -> Result<Self, PromptError> {
         vision.validate().map_err(|e| PromptError::Template(e.to_string()))?;
         let id = |token: &str| {
-            tokenizer
-                .token_to_id(token)
-                .ok_or_else(|| PromptError::TokenizerMismatch(format!("it has no `{token}` token")))
+            tokenizer.token_to_id(token).ok_or_else(|| PromptError::TokenizerMismatch(format!("it has no `{token}` token")))
         };
         let image_token_id = id(IMAGE_TOKEN)?;
         let video_token_id = id(VIDEO_TOKEN)?;
@@ -276,14 +267,8 @@ impl PromptEncoder {
         if let Some(t) = &settings.image_template {
             format_one(t, "1").map_err(|e| PromptError::Template(format!("image_template: {e}")))?;
         }
-        let encoder = PromptEncoder {
-            tokenizer,
-            settings,
-            merge_size: vision.merge_size,
-            image_token_id,
-            video_token_id,
-            pad_token_id,
-        };
+        let encoder =
+            PromptEncoder { tokenizer, settings, merge_size: vision.merge_size, image_token_id, video_token_id, pad_token_id };
         // The special tokens must be recognised as such, or the expansion would not survive.
         let ids = encoder.tokenize(&format!("a{IMAGE_TOKEN}{IMAGE_TOKEN}b"))?;
         if ids.iter().filter(|&&i| i == image_token_id).count() != 2 {
@@ -342,12 +327,7 @@ impl PromptEncoder {
     /// [`PromptEncoder::encode`] with the kept part of the padded length (`seq - drop_tokens`) rounded
     /// up to a multiple of `bucket` (at most `max_text_tokens`), so that batches of different prompts
     /// share shapes.
-    pub fn encode_bucketed(
-        &self,
-        rows: &[PromptRow<'_>],
-        grids: &[ImageGrid],
-        bucket: usize,
-    ) -> Result<TextBatch, PromptError> {
+    pub fn encode_bucketed(&self, rows: &[PromptRow<'_>], grids: &[ImageGrid], bucket: usize) -> Result<TextBatch, PromptError> {
         if rows.is_empty() {
             return Err(PromptError::EmptyBatch);
         }
@@ -383,9 +363,7 @@ impl PromptEncoder {
             let want: usize = row.images.iter().map(|&s| grids[s].merged_tokens(self.merge_size)).sum();
             let got = ids.iter().filter(|&&i| i == self.image_token_id).count();
             if got != want {
-                return Err(PromptError::Internal(format!(
-                    "prompt {r}: {got} image tokens after tokenization, {want} expected"
-                )));
+                return Err(PromptError::Internal(format!("prompt {r}: {got} image tokens after tokenization, {want} expected")));
             }
             if ids.len() <= drop {
                 return Err(PromptError::Template(format!(
@@ -394,11 +372,7 @@ impl PromptEncoder {
                 )));
             }
             if ids.len() - drop > self.settings.max_text_tokens {
-                return Err(PromptError::TooLong {
-                    row: r,
-                    tokens: ids.len() - drop,
-                    max: self.settings.max_text_tokens,
-                });
+                return Err(PromptError::TooLong { row: r, tokens: ids.len() - drop, max: self.settings.max_text_tokens });
             }
             rows_ids.push(ids);
         }
@@ -504,9 +478,7 @@ impl PromptEncoder {
 pub fn text_encoder_inputs(text: &TextBatch, vision: VisionBatch) -> Result<Vec<(&'static str, Tensor)>, PromptError> {
     let units = vision.units() as i64;
     if let Some(&bad) = text.image_embed_index.iter().find(|&&i| i >= units) {
-        return Err(PromptError::Internal(format!(
-            "a placeholder takes vision token {bad} but the images give {units}"
-        )));
+        return Err(PromptError::Internal(format!("a placeholder takes vision token {bad} but the images give {units}")));
     }
     let patches = vision.patches();
     if vision.pixel_values.len() != patches * vision.patch_dim {
@@ -536,15 +508,8 @@ mod tests {
     use serde_json::json;
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 
-    const SPECIALS: [&str; 7] = [
-        "<|endoftext|>",
-        "<|im_start|>",
-        "<|im_end|>",
-        "<|vision_start|>",
-        "<|vision_end|>",
-        "<|image_pad|>",
-        "<|video_pad|>",
-    ];
+    const SPECIALS: [&str; 7] =
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"];
     const PAD: i64 = 256;
     const IMG: i64 = 261;
 

@@ -19,9 +19,7 @@ use super::torch_cpu::{pow_scalar_base, CpuKernels};
 /// Errors of the RoPE table construction.
 #[derive(Debug, Error, PartialEq)]
 pub enum RopeError {
-    #[error(
-        "RoPE axes {0:?} are invalid: each axis dimension must be even and non-zero (the real model uses [16, 56, 56])"
-    )]
+    #[error("RoPE axes {0:?} are invalid: each axis dimension must be even and non-zero (the real model uses [16, 56, 56])")]
     Axes([usize; 3]),
     #[error("RoPE theta {0} is invalid: it must be a positive finite number (the real model uses 10000)")]
     Theta(f64),
@@ -148,9 +146,8 @@ impl Rope {
             }
             // Frame rows idx..idx+frames of the positive table; height/width need n - n/2 negative
             // and n/2 positive entries.
-            let fits = index + grid.frames <= table
-                && grid.height - grid.height / 2 <= table
-                && grid.width - grid.width / 2 <= table;
+            let fits =
+                index + grid.frames <= table && grid.height - grid.height / 2 <= table && grid.width - grid.width / 2 <= table;
             if !fits {
                 return Err(RopeError::ImageTooLarge { index, grid, table });
             }

@@ -23,9 +23,7 @@ pub enum ScheduleError {
          and yields a NaN sigma; use at least 2 steps (or a scheduler without shift_terminal, like Lightning's)"
     )]
     SingleStepTerminal,
-    #[error(
-        "scheduler option `{0}` is set but not supported by the edit pipeline; remove it from the scheduler config"
-    )]
+    #[error("scheduler option `{0}` is set but not supported by the edit pipeline; remove it from the scheduler config")]
     Unsupported(&'static str),
     #[error("scheduler config is invalid: {0}")]
     Config(String),
@@ -110,12 +108,7 @@ impl SchedulerConfig {
 
     /// The scheduler Qwen-Image-Lightning uses: a constant shift of 3 (`base_shift = max_shift = ln 3`).
     pub fn lightning() -> SchedulerConfig {
-        SchedulerConfig {
-            base_shift: 3f64.ln(),
-            max_shift: 3f64.ln(),
-            shift_terminal: None,
-            ..SchedulerConfig::qwen_image()
-        }
+        SchedulerConfig { base_shift: 3f64.ln(), max_shift: 3f64.ln(), shift_terminal: None, ..SchedulerConfig::qwen_image() }
     }
 
     /// Refuses the options this implementation does not reproduce and values that break the math.
@@ -155,13 +148,7 @@ impl SchedulerConfig {
 
 /// The pipelines' `calculate_shift`: a line through (base_seq_len, base_shift) and
 /// (max_seq_len, max_shift), evaluated at `image_seq_len`, in Python float (f64) arithmetic.
-pub fn calculate_shift(
-    image_seq_len: u64,
-    base_seq_len: u64,
-    max_seq_len: u64,
-    base_shift: f64,
-    max_shift: f64,
-) -> f64 {
+pub fn calculate_shift(image_seq_len: u64, base_seq_len: u64, max_seq_len: u64, base_shift: f64, max_shift: f64) -> f64 {
     let m = (max_shift - base_shift) / (max_seq_len as i64 - base_seq_len as i64) as f64;
     let b = base_shift - m * base_seq_len as f64;
     image_seq_len as f64 * m + b

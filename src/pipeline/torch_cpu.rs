@@ -297,11 +297,7 @@ pub fn pow_scalar_base(base: f32, exponents: &[f32], kernels: CpuKernels) -> Vec
         CpuKernels::Avx2 => exponents.len() / 16 * 16,
         CpuKernels::Scalar => 0,
     };
-    exponents
-        .iter()
-        .enumerate()
-        .map(|(i, &e)| if i < vectorised { sleef_powf_u10(base, e) } else { base.powf(e) })
-        .collect()
+    exponents.iter().enumerate().map(|(i, &e)| if i < vectorised { sleef_powf_u10(base, e) } else { base.powf(e) }).collect()
 }
 
 /// A float-float pair (Sleef's `vfloat2`): value `x + y` with `|y|` below half an ulp of `x`.

@@ -137,9 +137,7 @@ impl VisionSettings {
         if !(self.rescale_factor.is_finite() && self.rescale_factor > 0.0) {
             return bad(format!("rescale_factor {} must be a positive number", self.rescale_factor));
         }
-        if self.image_std.iter().any(|s| !(s.is_finite() && *s != 0.0))
-            || self.image_mean.iter().any(|m| !m.is_finite())
-        {
+        if self.image_std.iter().any(|s| !(s.is_finite() && *s != 0.0)) || self.image_mean.iter().any(|m| !m.is_finite()) {
             return bad(format!(
                 "image_mean {:?} / image_std {:?} must be finite, std non-zero",
                 self.image_mean, self.image_std
@@ -174,13 +172,7 @@ fn round_half_even(x: f64) -> f64 {
 
 /// `smart_resize(height, width, factor, min_pixels, max_pixels)` of transformers, returning
 /// `(height, width)`: both multiples of `factor`, area within bounds, aspect ratio kept.
-pub fn smart_resize(
-    height: u64,
-    width: u64,
-    factor: u64,
-    min_pixels: u64,
-    max_pixels: u64,
-) -> Result<(u64, u64), VisionError> {
+pub fn smart_resize(height: u64, width: u64, factor: u64, min_pixels: u64, max_pixels: u64) -> Result<(u64, u64), VisionError> {
     if height == 0 || width == 0 {
         return Err(VisionError::EmptyImage { width, height });
     }
@@ -205,13 +197,7 @@ pub fn smart_resize(
 
 /// Size `(width, height)` the processor resizes a `width`x`height` image to.
 pub fn target_size(width: u32, height: u32, settings: &VisionSettings) -> Result<(u32, u32), VisionError> {
-    let (h, w) = smart_resize(
-        height as u64,
-        width as u64,
-        settings.factor() as u64,
-        settings.min_pixels,
-        settings.max_pixels,
-    )?;
+    let (h, w) = smart_resize(height as u64, width as u64, settings.factor() as u64, settings.min_pixels, settings.max_pixels)?;
     let fit = |v: u64| u32::try_from(v).map_err(|_| VisionError::Settings(format!("resized side {v} overflows")));
     Ok((fit(w)?, fit(h)?))
 }
@@ -485,9 +471,7 @@ impl VisionBatch {
         let m = s.merge_size;
         for g in grids {
             if g.t == 0 || g.h == 0 || g.w == 0 || g.h % m != 0 || g.w % m != 0 {
-                return Err(VisionError::Settings(format!(
-                    "image grid {g:?} is not a positive multiple of merge_size {m}"
-                )));
+                return Err(VisionError::Settings(format!("image grid {g:?} is not a positive multiple of merge_size {m}")));
             }
         }
         let patches: usize = grids.iter().map(ImageGrid::patches).sum();

@@ -120,16 +120,26 @@ pub fn choose(request: BackendRequest, probe: &GpuProbe, plans: &Result<Vec<Path
         BackendRequest::TensorRt => {
             let what = gpu.map_err(|reason| Error::Unavailable { backend: "TensorRT".into(), reason })?;
             plans.as_ref().map_err(|reason| Error::Unavailable { backend: "TensorRT".into(), reason: reason.clone() })?;
-            Ok(BackendChoice { backend: BackendKind::TensorRt, reason: format!("{what}, as requested (--backend tensorrt)"), gpu_available })
+            Ok(BackendChoice {
+                backend: BackendKind::TensorRt,
+                reason: format!("{what}, as requested (--backend tensorrt)"),
+                gpu_available,
+            })
         }
         BackendRequest::Auto => Ok(match (gpu, plans) {
-            (Ok(what), Ok(_)) => BackendChoice { backend: BackendKind::TensorRt, reason: format!("{what}; engines present"), gpu_available },
+            (Ok(what), Ok(_)) => {
+                BackendChoice { backend: BackendKind::TensorRt, reason: format!("{what}; engines present"), gpu_available }
+            }
             (Ok(what), Err(why)) => BackendChoice {
                 backend: BackendKind::Ort,
                 reason: format!("ONNX Runtime on CPU: a GPU is available ({what}) but {why}"),
                 gpu_available,
             },
-            (Err(why), _) => BackendChoice { backend: BackendKind::Ort, reason: format!("ONNX Runtime on CPU: no GPU backend ({why})"), gpu_available },
+            (Err(why), _) => BackendChoice {
+                backend: BackendKind::Ort,
+                reason: format!("ONNX Runtime on CPU: no GPU backend ({why})"),
+                gpu_available,
+            },
         }),
     }
 }
@@ -178,7 +188,8 @@ mod tests {
         let c = choose(BackendRequest::Auto, &no_trt, &plans_ok()).unwrap();
         assert!(c.backend == BackendKind::Ort && c.reason.contains("libnvinfer.so.11"), "{}", c.reason);
 
-        let no_shim = GpuProbe { shim: Err("built without the TensorRT shim".into()), cuda: Err("-".into()), tensorrt: Err("-".into()) };
+        let no_shim =
+            GpuProbe { shim: Err("built without the TensorRT shim".into()), cuda: Err("-".into()), tensorrt: Err("-".into()) };
         assert!(choose(BackendRequest::Auto, &no_shim, &plans_ok()).unwrap().reason.contains("without the TensorRT shim"));
     }
 

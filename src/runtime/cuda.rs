@@ -1,7 +1,9 @@
 //! CUDA device memory, pinned host staging and the worker's stream, through cudarc (driver API,
 //! dlopen'ed). Every entry point checks for libcuda first: cudarc panics without it.
 
-use cudarc::driver::{result as cu, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg};
+use cudarc::driver::{
+    result as cu, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg,
+};
 use std::sync::Arc;
 
 use super::nvrtc::{self, Nvrtc};
@@ -128,7 +130,10 @@ impl Device {
         if src_offset.checked_add(bytes).is_none_or(|end| end > src.bytes) || bytes > dst.bytes {
             return Err(Error::Run {
                 component: "cuda".into(),
-                reason: format!("copy of {bytes} bytes at {src_offset} does not fit its buffers ({} -> {})", src.bytes, dst.bytes),
+                reason: format!(
+                    "copy of {bytes} bytes at {src_offset} does not fit its buffers ({} -> {})",
+                    src.bytes, dst.bytes
+                ),
             });
         }
         // SAFETY: both ranges were checked to lie inside live allocations; stream-ordered.
@@ -144,7 +149,8 @@ impl Device {
         let ptx = nvrtc
             .compile(step::SOURCE, "denoise_step.cu", &nvrtc::step_options(Some(cc)))
             .or_else(|_| nvrtc.compile(step::SOURCE, "denoise_step.cu", &nvrtc::step_options(None)))?;
-        let module = self.ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| driver("cuModuleLoadData (step kernel)", e))?;
+        let module =
+            self.ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| driver("cuModuleLoadData (step kernel)", e))?;
         let func = module.load_function(step::KERNEL).map_err(|e| driver("cuModuleGetFunction (step kernel)", e))?;
         Ok(StepKernel { func, compute_capability: cc })
     }
@@ -237,7 +243,10 @@ impl PinnedBuffer {
     /// The first `n` bytes (valid after the stream was synchronised).
     pub fn read(&self, n: usize) -> Result<&[u8], Error> {
         let s = self.mem.as_slice().map_err(|e| driver("pinned buffer", e))?;
-        s.get(..n).ok_or_else(|| Error::Run { component: "cuda".into(), reason: format!("read of {n} bytes past a {} byte staging buffer", self.bytes) })
+        s.get(..n).ok_or_else(|| Error::Run {
+            component: "cuda".into(),
+            reason: format!("read of {n} bytes past a {} byte staging buffer", self.bytes),
+        })
     }
 }
 

@@ -6,9 +6,9 @@ pub mod cuda;
 pub mod nvrtc;
 pub mod ort;
 pub mod shim;
-pub mod step;
 #[cfg(qe_trt)]
 mod shim_ffi;
+pub mod step;
 pub mod tensor;
 pub mod tensorrt;
 
@@ -126,7 +126,14 @@ impl DenoiseLoop<'_> {
         }
         let s = self.shape;
         if self.state.shape() != [s.rows(), s.img_seq, s.channels] {
-            return Err(err(format!("`{}` has shape {:?}, the loop needs [{}, {}, {}]", self.state_input, self.state.shape(), s.rows(), s.img_seq, s.channels)));
+            return Err(err(format!(
+                "`{}` has shape {:?}, the loop needs [{}, {}, {}]",
+                self.state_input,
+                self.state.shape(),
+                s.rows(),
+                s.img_seq,
+                s.channels
+            )));
         }
         if self.latents.len() != s.latents() {
             return Err(err(format!("{} latent values for {s:?}", self.latents.len())));
@@ -164,11 +171,7 @@ pub trait Engine: Send {
 
 /// Checks `inputs` against an engine's declared inputs: every declared input present once,
 /// no unknown names, rank and fixed dims matching, dtype equal or a float the engine converts.
-pub fn check_inputs(
-    component: &str,
-    declared: &[TensorInfo],
-    inputs: &[(&str, &Tensor)],
-) -> Result<(), Error> {
+pub fn check_inputs(component: &str, declared: &[TensorInfo], inputs: &[(&str, &Tensor)]) -> Result<(), Error> {
     let err = |reason: String| Error::Contract { component: component.to_string(), reason };
     for (name, t) in inputs {
         let Some(info) = declared.iter().find(|i| i.name == *name) else {
@@ -222,8 +225,7 @@ mod tests {
 
     #[test]
     fn dims_parse_from_manifest_json() {
-        let i: TensorInfo =
-            serde_json::from_str(r#"{"name":"a","dtype":"float32","shape":["batch",16,"h"]}"#).unwrap();
+        let i: TensorInfo = serde_json::from_str(r#"{"name":"a","dtype":"float32","shape":["batch",16,"h"]}"#).unwrap();
         assert_eq!(i.dtype, DType::F32);
         assert_eq!(i.shape[1], Dim::Fixed(16));
         assert_eq!(i.to_string(), "a: f32[batch, 16, h]");

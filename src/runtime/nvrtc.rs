@@ -6,7 +6,8 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use super::Error;
 
 type Program = *mut c_void;
-type CreateFn = unsafe extern "C" fn(*mut Program, *const c_char, *const c_char, c_int, *const *const c_char, *const *const c_char) -> c_int;
+type CreateFn =
+    unsafe extern "C" fn(*mut Program, *const c_char, *const c_char, c_int, *const *const c_char, *const *const c_char) -> c_int;
 type CompileFn = unsafe extern "C" fn(Program, c_int, *const *const c_char) -> c_int;
 type SizeFn = unsafe extern "C" fn(Program, *mut usize) -> c_int;
 type GetFn = unsafe extern "C" fn(Program, *mut c_char) -> c_int;
@@ -24,8 +25,7 @@ pub fn candidates() -> Vec<String> {
 /// Compiler options for the step kernel: IEEE float32 exactly as the host computes it (no fused
 /// multiply-add, no flush to zero, correctly rounded division and sqrt), for `arch` (`compute_XY`).
 pub fn step_options(compute_capability: Option<(i32, i32)>) -> Vec<String> {
-    let mut o: Vec<String> =
-        ["--fmad=false", "--ftz=false", "--prec-div=true", "--prec-sqrt=true"].map(String::from).to_vec();
+    let mut o: Vec<String> = ["--fmad=false", "--ftz=false", "--prec-div=true", "--prec-sqrt=true"].map(String::from).to_vec();
     if let Some((major, minor)) = compute_capability {
         o.push(format!("--gpu-architecture=compute_{major}{minor}"));
     }
@@ -71,7 +71,9 @@ impl Nvrtc {
     }
 
     #[allow(clippy::type_complexity)]
-    fn symbols(&self) -> Result<(CreateFn, CompileFn, SizeFn, GetFn, SizeFn, GetFn, DestroyFn, VersionFn, ErrorStringFn), String> {
+    fn symbols(
+        &self,
+    ) -> Result<(CreateFn, CompileFn, SizeFn, GetFn, SizeFn, GetFn, DestroyFn, VersionFn, ErrorStringFn), String> {
         Ok((
             self.sym("nvrtcCreateProgram")?,
             self.sym("nvrtcCompileProgram")?,
@@ -104,8 +106,11 @@ impl Nvrtc {
         let fail = |reason: String| Error::Run { component: format!("NVRTC ({name})"), reason };
         let src = CString::new(source).map_err(|_| fail("source contains a NUL byte".into()))?;
         let cname = CString::new(name).map_err(|_| fail("name contains a NUL byte".into()))?;
-        let opts: Vec<CString> =
-            options.iter().map(|o| CString::new(o.as_str())).collect::<Result<_, _>>().map_err(|_| fail("option with a NUL byte".into()))?;
+        let opts: Vec<CString> = options
+            .iter()
+            .map(|o| CString::new(o.as_str()))
+            .collect::<Result<_, _>>()
+            .map_err(|_| fail("option with a NUL byte".into()))?;
         let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
         let describe = |r: c_int| -> String {
             // SAFETY: nvrtcGetErrorString returns a static string for any code.

@@ -92,9 +92,7 @@ impl FromStr for Optimization {
             "layout" | "3" => Optimization::Layout,
             "all" | "99" => Optimization::All,
             other => {
-                return Err(format!(
-                    "unknown graph optimization level `{other}`; use disable, basic, extended, layout or all"
-                ))
+                return Err(format!("unknown graph optimization level `{other}`; use disable, basic, extended, layout or all"))
             }
         })
     }
@@ -192,8 +190,7 @@ static ENVIRONMENT: Mutex<Option<(PathBuf, ort::environment::Environment)>> = Mu
 /// for the same library is free; asking for another one after a successful load is an error. A
 /// failed load changes nothing, so a later call with a good path still succeeds.
 fn environment(path: &Path) -> Result<ort::environment::Environment, Error> {
-    let path =
-        std::fs::canonicalize(path).map_err(|e| missing(format!("cannot open {}: {e}; {FIX}", path.display())))?;
+    let path = std::fs::canonicalize(path).map_err(|e| missing(format!("cannot open {}: {e}; {FIX}", path.display())))?;
     let mut guard = ENVIRONMENT.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((loaded, env)) = guard.as_ref() {
         if *loaded == path {
@@ -306,8 +303,7 @@ fn tensor_info(name: &str, ty: &ValueType) -> Result<TensorInfo, String> {
     let ValueType::Tensor { ty, shape, dimension_symbols } = ty else {
         return Err(format!("`{name}` is a {ty}, not a tensor; only tensor IO is supported"));
     };
-    let dtype =
-        dtype_of(*ty).ok_or_else(|| format!("`{name}` has element type {ty}, which the engine seam does not carry"))?;
+    let dtype = dtype_of(*ty).ok_or_else(|| format!("`{name}` has element type {ty}, which the engine seam does not carry"))?;
     let shape = shape
         .iter()
         .enumerate()
@@ -426,10 +422,10 @@ impl Engine for OrtEngine {
             converted.push(if t.dtype() == want {
                 None
             } else {
-                Some(t.to_dtype(want).map_err(|e| Error::Contract {
-                    component: component.clone(),
-                    reason: format!("input `{name}`: {e}"),
-                })?)
+                Some(
+                    t.to_dtype(want)
+                        .map_err(|e| Error::Contract { component: component.clone(), reason: format!("input `{name}`: {e}") })?,
+                )
             });
         }
         let arrays: Vec<Contiguous<'_>> =
@@ -494,10 +490,7 @@ mod tests {
     fn lists_io_with_dtypes_and_symbolic_dims() {
         let e = load("matmul_add_f16");
         assert_eq!(e.component(), "matmul_add_f16");
-        assert_eq!(
-            e.inputs(),
-            &[TensorInfo { name: "x".into(), dtype: DType::F16, shape: vec![dyn_("batch"), Dim::Fixed(4)] }]
-        );
+        assert_eq!(e.inputs(), &[TensorInfo { name: "x".into(), dtype: DType::F16, shape: vec![dyn_("batch"), Dim::Fixed(4)] }]);
         assert_eq!(e.outputs()[0].to_string(), "y: f16[batch, 3]");
 
         let e = load("symbolic");
@@ -591,14 +584,11 @@ mod tests {
             let mut e = load(name);
             let mut inputs = Vec::new();
             for (iname, spec) in case["inputs"].as_object().unwrap() {
-                let shape: Vec<usize> =
-                    spec["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+                let shape: Vec<usize> = spec["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
                 let data: Vec<f64> = spec["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
                 let t = match spec["dtype"].as_str().unwrap() {
                     "int64" => Tensor::i64(&shape, data.iter().map(|&v| v as i64).collect()),
-                    "bool" => {
-                        Tensor::i64(&shape, data.iter().map(|&v| v as i64).collect()).to_dtype(DType::Bool).unwrap()
-                    }
+                    "bool" => Tensor::i64(&shape, data.iter().map(|&v| v as i64).collect()).to_dtype(DType::Bool).unwrap(),
                     _ => Tensor::f32(&shape, data.iter().map(|&v| v as f32).collect()),
                 };
                 inputs.push((iname.clone(), t));
@@ -607,8 +597,7 @@ mod tests {
             let mut out = e.run(&refs).unwrap_or_else(|err| panic!("{name}: {err}"));
             for (oname, spec) in case["outputs"].as_object().unwrap() {
                 let got = out.take(oname).unwrap_or_else(|| panic!("{name}: no output {oname}"));
-                let shape: Vec<usize> =
-                    spec["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+                let shape: Vec<usize> = spec["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
                 assert_eq!(got.shape(), shape.as_slice(), "{name}.{oname}");
                 let got: Vec<f64> = match got {
                     Tensor::I64(a) => a.iter().map(|&v| v as f64).collect(),

@@ -534,7 +534,9 @@ mod tests {
         assert!(matches!(classify_cuda(&info(0, 35, 0), "libcudart.so.13"), CudaStatus::NoDriver { .. }));
         assert!(matches!(classify_cuda(&info(12080, 34, 0), "x"), CudaStatus::NoDriver { .. }));
         match classify_cuda(&info(12080, 35, 0), "libcudart.so.13") {
-            CudaStatus::NoDriver { reason } => assert!(reason.contains("supports CUDA 12.8") && reason.contains("CUDA 13.2"), "{reason}"),
+            CudaStatus::NoDriver { reason } => {
+                assert!(reason.contains("supports CUDA 12.8") && reason.contains("CUDA 13.2"), "{reason}")
+            }
             other => panic!("{other:?}"),
         }
         assert!(matches!(classify_cuda(&info(13000, 100, 0), "x"), CudaStatus::NoDevice { .. }));

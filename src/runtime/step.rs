@@ -109,10 +109,8 @@ impl StepShape {
         let v_code = code(velocity.1)?;
         let h_code = hidden.map(|(_, d)| code(d)).transpose()?.unwrap_or(0);
         let fits = |have: usize, want: usize| if exact { have == want } else { have >= want };
-        let mut need = vec![
-            ("velocity", velocity.0, self.hidden() * velocity.1.size()),
-            ("latents", x_bytes, self.latents() * 4),
-        ];
+        let mut need =
+            vec![("velocity", velocity.0, self.hidden() * velocity.1.size()), ("latents", x_bytes, self.latents() * 4)];
         if let Some((bytes, d)) = hidden {
             need.push(("hidden states", bytes, self.hidden() * d.size()));
         }
@@ -200,22 +198,22 @@ mod tests {
     use super::*;
 
     // The kernel's element conversions, checked against the `half` crate (which the engines' seam uses).
-fn f32_to_f16_bits(f: f32) -> u16 {
-    // SAFETY: pure function of its argument.
-    unsafe { qe_f32_to_f16_host(f) }
-}
-fn f16_bits_to_f32(h: u16) -> f32 {
-    // SAFETY: pure function of its argument.
-    unsafe { qe_f16_to_f32_host(h) }
-}
-fn f32_to_bf16_bits(f: f32) -> u16 {
-    // SAFETY: pure function of its argument.
-    unsafe { qe_f32_to_bf16_host(f) }
-}
-fn bf16_bits_to_f32(h: u16) -> f32 {
-    // SAFETY: pure function of its argument.
-    unsafe { qe_bf16_to_f32_host(h) }
-}
+    fn f32_to_f16_bits(f: f32) -> u16 {
+        // SAFETY: pure function of its argument.
+        unsafe { qe_f32_to_f16_host(f) }
+    }
+    fn f16_bits_to_f32(h: u16) -> f32 {
+        // SAFETY: pure function of its argument.
+        unsafe { qe_f16_to_f32_host(h) }
+    }
+    fn f32_to_bf16_bits(f: f32) -> u16 {
+        // SAFETY: pure function of its argument.
+        unsafe { qe_f32_to_bf16_host(f) }
+    }
+    fn bf16_bits_to_f32(h: u16) -> f32 {
+        // SAFETY: pure function of its argument.
+        unsafe { qe_bf16_to_f32_host(h) }
+    }
 
     /// A small deterministic generator (xorshift) for test data.
     fn values(n: usize, seed: u64) -> Vec<f32> {

@@ -177,10 +177,7 @@ impl Tensor {
     pub fn from_bytes(dtype: DType, shape: &[usize], bytes: &[u8]) -> Result<Tensor, String> {
         let n: usize = shape.iter().product();
         if bytes.len() != n * dtype.size() {
-            return Err(format!(
-                "{} bytes do not hold a {dtype} tensor of shape {shape:?}",
-                bytes.len()
-            ));
+            return Err(format!("{} bytes do not hold a {dtype} tensor of shape {shape:?}", bytes.len()));
         }
         let sh = IxDyn(shape);
         macro_rules! le {
@@ -195,9 +192,7 @@ impl Tensor {
             DType::BF16 => Tensor::BF16(ArrayD::from_shape_vec(sh, le!(bf16, 2)).map_err(arr)?),
             DType::I64 => Tensor::I64(ArrayD::from_shape_vec(sh, le!(i64, 8)).map_err(arr)?),
             DType::I32 => Tensor::I32(ArrayD::from_shape_vec(sh, le!(i32, 4)).map_err(arr)?),
-            DType::Bool => {
-                Tensor::Bool(ArrayD::from_shape_vec(sh, bytes.iter().map(|&b| b != 0).collect()).map_err(arr)?)
-            }
+            DType::Bool => Tensor::Bool(ArrayD::from_shape_vec(sh, bytes.iter().map(|&b| b != 0).collect()).map_err(arr)?),
         })
     }
 }

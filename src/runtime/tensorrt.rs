@@ -100,7 +100,12 @@ impl TrtWorker {
 
     /// Loads the engine at `plan`. `contract` (the manifest's inputs and outputs) names the dynamic
     /// dims, which the text buckets need; without it no dim is bucketed.
-    pub fn load(&self, component: &str, plan: &Path, contract: Option<(&[TensorInfo], &[TensorInfo])>) -> Result<TrtEngine, Error> {
+    pub fn load(
+        &self,
+        component: &str,
+        plan: &Path,
+        contract: Option<(&[TensorInfo], &[TensorInfo])>,
+    ) -> Result<TrtEngine, Error> {
         let load_err = |reason: String| Error::Load { component: component.into(), path: plan.display().to_string(), reason };
         let bytes = std::fs::read(plan).map_err(|e| load_err(format!("cannot read the engine: {e}")))?;
         let engine = self.runtime.deserialize(&bytes).map_err(|e| load_err(e.to_string()))?;
@@ -274,13 +279,15 @@ pub fn pad_value(input: &str) -> f64 {
 
 fn pad_array<T: Clone>(a: &ArrayD<T>, shape: &[usize], fill: T) -> ArrayD<T> {
     let mut out = ArrayD::from_elem(IxDyn(shape), fill);
-    let info: Vec<SliceInfoElem> = a.shape().iter().map(|&n| SliceInfoElem::Slice { start: 0, end: Some(n as isize), step: 1 }).collect();
+    let info: Vec<SliceInfoElem> =
+        a.shape().iter().map(|&n| SliceInfoElem::Slice { start: 0, end: Some(n as isize), step: 1 }).collect();
     out.slice_mut(info.as_slice()).assign(a);
     out
 }
 
 fn crop_array<T: Clone>(a: &ArrayD<T>, shape: &[usize]) -> ArrayD<T> {
-    let info: Vec<SliceInfoElem> = shape.iter().map(|&n| SliceInfoElem::Slice { start: 0, end: Some(n as isize), step: 1 }).collect();
+    let info: Vec<SliceInfoElem> =
+        shape.iter().map(|&n| SliceInfoElem::Slice { start: 0, end: Some(n as isize), step: 1 }).collect();
     a.slice(info.as_slice()).to_owned()
 }
 
@@ -430,13 +437,15 @@ pub enum LoopOp {
 }
 
 /// The engine's inputs in its own order, from named tensors (checked against the declarations).
-pub fn order_inputs<'a>(component: &str, declared: &[TensorInfo], inputs: &[(&str, &'a Tensor)]) -> Result<Vec<&'a Tensor>, Error> {
+pub fn order_inputs<'a>(
+    component: &str,
+    declared: &[TensorInfo],
+    inputs: &[(&str, &'a Tensor)],
+) -> Result<Vec<&'a Tensor>, Error> {
     check_inputs(component, declared, inputs)?;
-    declared
-        .iter()
-        .map(|info| inputs.iter().find(|(n, _)| *n == info.name).map(|(_, t)| *t))
-        .collect::<Option<_>>()
-        .ok_or_else(|| Error::Contract { component: component.into(), reason: "an input went missing after the contract check".into() })
+    declared.iter().map(|info| inputs.iter().find(|(n, _)| *n == info.name).map(|(_, t)| *t)).collect::<Option<_>>().ok_or_else(
+        || Error::Contract { component: component.into(), reason: "an input went missing after the contract check".into() },
+    )
 }
 
 /// The bytes each input buffer gets: the tensor converted to the engine's dtype, padded to the plan's shape.
@@ -517,7 +526,12 @@ pub fn loop_program(
     }
     for (k, &dt) in job.dts.iter().enumerate() {
         if k > 0 {
-            ops.push(LoopOp::Copy { src: LoopBuf::Timesteps, src_offset: k * row_bytes, dst: LoopBuf::Input(ti), bytes: row_bytes });
+            ops.push(LoopOp::Copy {
+                src: LoopBuf::Timesteps,
+                src_offset: k * row_bytes,
+                dst: LoopBuf::Input(ti),
+                bytes: row_bytes,
+            });
         }
         ops.push(LoopOp::Execute);
         ops.push(LoopOp::Step { velocity: oi, v_dtype, hidden: si, h_dtype, shape: s, dt });
@@ -541,7 +555,8 @@ fn parse_dtype(s: &str) -> Option<DType> {
 /// TensorInfo of an engine tensor: dtype from the engine; dynamic dims named after the contract
 /// (when it has the tensor with the same rank), else `d<axis>`.
 fn engine_info(io: &shim::IoTensor, contract: Option<&[TensorInfo]>) -> Result<TensorInfo, String> {
-    let dtype = parse_dtype(&io.dtype).ok_or_else(|| format!("`{}` has element type {} which the seam does not carry", io.name, io.dtype))?;
+    let dtype = parse_dtype(&io.dtype)
+        .ok_or_else(|| format!("`{}` has element type {} which the seam does not carry", io.name, io.dtype))?;
     let named = contract.and_then(|c| c.iter().find(|t| t.name == io.name && t.shape.len() == io.shape.len()));
     let shape = io
         .shape
@@ -626,8 +641,10 @@ impl TrtEngine {
             Some((i, o)) => (Some(i), Some(o)),
             None => (None, None),
         };
-        let inputs: Vec<TensorInfo> = io.iter().filter(|t| t.is_input).map(|t| engine_info(t, ci)).collect::<Result<_, _>>().map_err(load_err)?;
-        let outputs: Vec<TensorInfo> = io.iter().filter(|t| !t.is_input).map(|t| engine_info(t, co)).collect::<Result<_, _>>().map_err(load_err)?;
+        let inputs: Vec<TensorInfo> =
+            io.iter().filter(|t| t.is_input).map(|t| engine_info(t, ci)).collect::<Result<_, _>>().map_err(load_err)?;
+        let outputs: Vec<TensorInfo> =
+            io.iter().filter(|t| !t.is_input).map(|t| engine_info(t, co)).collect::<Result<_, _>>().map_err(load_err)?;
         let n_profiles = engine.num_profiles();
         if n_profiles == 0 {
             return Err(load_err("the engine has no optimization profile".into()));
@@ -638,7 +655,11 @@ impl TrtEngine {
             for t in &inputs {
                 let r = engine.profile(&t.name, p).map_err(|e| load_err(e.to_string()))?;
                 let conv = |v: &[i64]| -> Result<Vec<usize>, Error> {
-                    v.iter().map(|&d| usize::try_from(d).map_err(|_| load_err(format!("profile {p} of `{}` has a negative dim", t.name)))).collect()
+                    v.iter()
+                        .map(|&d| {
+                            usize::try_from(d).map_err(|_| load_err(format!("profile {p} of `{}` has a negative dim", t.name)))
+                        })
+                        .collect()
                 };
                 shapes.min.push(conv(&r.min)?);
                 shapes.max.push(conv(&r.max)?);
@@ -661,15 +682,21 @@ impl TrtEngine {
             for (t, s) in inputs.iter().zip(&shapes.max) {
                 ctx.set_input_shape(&t.name, s).map_err(|e| load_err(e.to_string()))?;
             }
-            let outs = outputs.iter().map(|t| ctx.tensor_shape(&t.name)).collect::<Result<Vec<_>, _>>().map_err(|e| load_err(e.to_string()))?;
+            let outs = outputs
+                .iter()
+                .map(|t| ctx.tensor_shape(&t.name))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| load_err(e.to_string()))?;
             in_max.push(shapes.max.clone());
             out_max.push(outs);
             base.push(Some(ctx));
         }
         let in_sizes = buffer_sizes(&inputs.iter().map(|t| t.dtype).collect::<Vec<_>>(), &in_max).map_err(load_err)?;
         let out_sizes = buffer_sizes(&outputs.iter().map(|t| t.dtype).collect::<Vec<_>>(), &out_max).map_err(load_err)?;
-        let in_bufs = in_sizes.iter().map(|&b| Ok((device.alloc(b)?, device.pinned(b, false)?))).collect::<Result<Vec<_>, Error>>()?;
-        let out_bufs = out_sizes.iter().map(|&b| Ok((device.alloc(b)?, device.pinned(b, true)?))).collect::<Result<Vec<_>, Error>>()?;
+        let in_bufs =
+            in_sizes.iter().map(|&b| Ok((device.alloc(b)?, device.pinned(b, false)?))).collect::<Result<Vec<_>, Error>>()?;
+        let out_bufs =
+            out_sizes.iter().map(|&b| Ok((device.alloc(b)?, device.pinned(b, true)?))).collect::<Result<Vec<_>, Error>>()?;
         // Addresses never change: set them once on every base context.
         for ctx in base.iter_mut().flatten() {
             bind_addresses(ctx, &inputs, &outputs, &in_bufs, &out_bufs).map_err(|e| load_err(e.to_string()))?;
@@ -736,7 +763,12 @@ impl TrtEngine {
             // The warm-up enqueue computes this run's result; the capture records the next ones.
             ctx.enqueue(stream).map_err(|e| self.run_err(e))?;
             self.stats.plain_enqueues += 1;
-            let out_shapes = self.outputs.iter().map(|t| ctx.tensor_shape(&t.name)).collect::<Result<Vec<_>, _>>().map_err(|e| self.run_err(e))?;
+            let out_shapes = self
+                .outputs
+                .iter()
+                .map(|t| ctx.tensor_shape(&t.name))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| self.run_err(e))?;
             match ctx.capture(stream) {
                 Ok(graph) => {
                     self.stats.graph_captures += 1;
@@ -900,7 +932,8 @@ impl Engine for TrtEngine {
         self.device.bind()?;
 
         // Host -> device: converted at the seam, padded to the bucket, staged in pinned memory.
-        let staged = staged_inputs(&self.inputs, &ordered, &plan).map_err(|reason| Error::Contract { component: self.component.clone(), reason })?;
+        let staged = staged_inputs(&self.inputs, &ordered, &plan)
+            .map_err(|reason| Error::Contract { component: self.component.clone(), reason })?;
         for (bytes, (dev, pinned)) in staged.iter().zip(&mut self.in_bufs) {
             self.device.upload(bytes, pinned, dev)?;
         }
@@ -1033,7 +1066,8 @@ mod tests {
         assert!(e.contains("outside every optimization profile") && e.contains("rebuild"), "{e}");
         let e = plan_run(&inputs, &[vec![1, 64, 64], vec![1, 7, 32], vec![1, 8], vec![7, 64]], &profiles, &bucketed).unwrap_err();
         assert!(e.contains("disagree on dim `txt_seq`"), "{e}");
-        let e = plan_run(&inputs, &[vec![1, 64, 64], vec![1, 1001, 32], vec![1, 1001], vec![1001, 64]], &profiles, &bucketed).unwrap_err();
+        let e = plan_run(&inputs, &[vec![1, 64, 64], vec![1, 1001, 32], vec![1, 1001], vec![1001, 64]], &profiles, &bucketed)
+            .unwrap_err();
         assert!(e.contains("outside"), "{e}");
     }
 
@@ -1057,10 +1091,7 @@ mod tests {
     #[test]
     fn buffers_hold_the_largest_profile_shape() {
         let dtypes = [DType::F16, DType::I64];
-        let shapes = vec![
-            vec![vec![8, 100, 64], vec![8, 10]],
-            vec![vec![2, 1000, 64], vec![2, 3]],
-        ];
+        let shapes = vec![vec![vec![8, 100, 64], vec![8, 10]], vec![vec![2, 1000, 64], vec![2, 3]]];
         let s = buffer_sizes(&dtypes, &shapes).unwrap();
         assert_eq!(s, vec![(2 * 1000 * 64 * 2usize).div_ceil(256) * 256, 768]);
         assert!(s.iter().all(|b| b % 256 == 0));
@@ -1143,10 +1174,12 @@ mod tests {
         let f16 = |v: f32| half::f16::from_f32(v).to_bits().to_le_bytes();
         let times = |t: f32| [f16(t); 4].concat();
         // Everything goes up once: inputs in the engine's dtypes (padded), latents, time table, scales.
-        let up = |dst: LoopBuf| ops.iter().find_map(|o| match o {
-            LoopOp::Upload { dst: d, bytes } if *d == dst => Some(bytes.clone()),
-            _ => None,
-        });
+        let up = |dst: LoopBuf| {
+            ops.iter().find_map(|o| match o {
+                LoopOp::Upload { dst: d, bytes } if *d == dst => Some(bytes.clone()),
+                _ => None,
+            })
+        };
         assert_eq!(up(LoopBuf::Input(0)).unwrap().len(), 4 * 8 * 64 * 2);
         assert_eq!(up(LoopBuf::Input(0)).unwrap()[..2], f16(0.25));
         assert_eq!(up(LoopBuf::Input(1)).unwrap().len(), 4 * 96 * 32 * 2);

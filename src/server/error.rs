@@ -109,7 +109,8 @@ mod tests {
         assert_eq!((e.status.as_u16(), e.error_type), (415, "unsupported_image_format"));
         let e: ApiError = imaging::Error::Corrupt { format: "PNG", reason: "eof".into() }.into();
         assert_eq!((e.status.as_u16(), e.error_type), (400, "invalid_image"));
-        let e: ApiError = imaging::Limits { max_width: 10, max_height: 10, max_pixels: 100 }.check(50000, 50000).unwrap_err().into();
+        let e: ApiError =
+            imaging::Limits { max_width: 10, max_height: 10, max_pixels: 100 }.check(50000, 50000).unwrap_err().into();
         assert_eq!((e.status.as_u16(), e.error_type), (413, "image_too_large"));
         assert!(e.message.contains("50000x50000"), "{}", e.message);
     }

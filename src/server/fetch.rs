@@ -231,11 +231,9 @@ impl Fetcher {
             let response = self.request(&url).await?;
             let status = response.status();
             if status.is_redirection() && status != http::StatusCode::NOT_MODIFIED {
-                let location = response
-                    .headers()
-                    .get(http::header::LOCATION)
-                    .and_then(|v| v.to_str().ok())
-                    .ok_or_else(|| permanent(FetchError::Failed(format!("{} redirect without a Location header", status.as_u16()))))?;
+                let location = response.headers().get(http::header::LOCATION).and_then(|v| v.to_str().ok()).ok_or_else(|| {
+                    permanent(FetchError::Failed(format!("{} redirect without a Location header", status.as_u16())))
+                })?;
                 if hops >= self.policy.max_redirects {
                     return Err(permanent(FetchError::Failed(format!("more than {} redirects", self.policy.max_redirects))));
                 }
@@ -287,7 +285,9 @@ impl Fetcher {
         let addr = self.resolve(&host, port).await?;
         let tcp = tokio::time::timeout(self.policy.connect_timeout, TcpStream::connect(addr))
             .await
-            .map_err(|_| transient(format!("connecting to {addr} timed out after {:.1} s", self.policy.connect_timeout.as_secs_f64())))?
+            .map_err(|_| {
+                transient(format!("connecting to {addr} timed out after {:.1} s", self.policy.connect_timeout.as_secs_f64()))
+            })?
             .map_err(|e| transient(format!("connecting to {addr}: {e}")))?;
         let _ = tcp.set_nodelay(true);
 
@@ -340,7 +340,8 @@ impl Fetcher {
         // Every address must pass: a name that resolves to both a public and a private address is
         // refused rather than raced.
         for a in &addrs {
-            check_address(a.ip(), &self.policy.private).map_err(|m| permanent(FetchError::Blocked(format!("{host} resolves to {m}"))))?;
+            check_address(a.ip(), &self.policy.private)
+                .map_err(|m| permanent(FetchError::Blocked(format!("{host} resolves to {m}"))))?;
         }
         Ok(addrs[0])
     }
@@ -350,9 +351,8 @@ async fn send<S>(io: TokioIo<S>, req: http::Request<Empty<Bytes>>) -> Result<htt
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| transient(format!("HTTP handshake: {e}")))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(io).await.map_err(|e| transient(format!("HTTP handshake: {e}")))?;
     tokio::spawn(async move {
         // Ends with the response body (or the fetch being dropped).
         let _ = conn.await;
@@ -406,17 +406,60 @@ mod tests {
     #[test]
     fn address_classes() {
         let blocked = [
-            "127.0.0.1", "127.1.2.3", "0.0.0.0", "0.1.2.3", "10.0.0.1", "172.16.0.1", "172.31.255.255", "192.168.1.1",
-            "169.254.169.254", "169.254.0.1", "100.64.0.1", "100.127.255.254", "224.0.0.1", "239.255.255.250",
-            "255.255.255.255", "240.0.0.1", "192.0.2.1", "198.51.100.1", "203.0.113.1", "198.18.0.1", "192.0.0.8",
-            "::", "::1", "::ffff:127.0.0.1", "::ffff:8.8.8.8", "::127.0.0.1", "fe80::1", "fc00::1", "fd12:3456::1",
-            "ff02::1", "2001:db8::1", "64:ff9b::7f00:1", "64:ff9b::a00:1", "2002:7f00:1::1", "2002:c0a8:101::1",
-            "2001::1", "fec0::1", "100::1", "64:ff9b:1::1",
+            "127.0.0.1",
+            "127.1.2.3",
+            "0.0.0.0",
+            "0.1.2.3",
+            "10.0.0.1",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.169.254",
+            "169.254.0.1",
+            "100.64.0.1",
+            "100.127.255.254",
+            "224.0.0.1",
+            "239.255.255.250",
+            "255.255.255.255",
+            "240.0.0.1",
+            "192.0.2.1",
+            "198.51.100.1",
+            "203.0.113.1",
+            "198.18.0.1",
+            "192.0.0.8",
+            "::",
+            "::1",
+            "::ffff:127.0.0.1",
+            "::ffff:8.8.8.8",
+            "::127.0.0.1",
+            "fe80::1",
+            "fc00::1",
+            "fd12:3456::1",
+            "ff02::1",
+            "2001:db8::1",
+            "64:ff9b::7f00:1",
+            "64:ff9b::a00:1",
+            "2002:7f00:1::1",
+            "2002:c0a8:101::1",
+            "2001::1",
+            "fec0::1",
+            "100::1",
+            "64:ff9b:1::1",
         ];
         for a in blocked {
             assert!(!is_public(a.parse().unwrap()), "{a} must not be public");
         }
-        let public = ["8.8.8.8", "1.1.1.1", "172.32.0.1", "100.128.0.1", "169.253.1.1", "2606:4700::1111", "64:ff9b::808:808", "2002:808:808::1", "11.0.0.1"];
+        let public = [
+            "8.8.8.8",
+            "1.1.1.1",
+            "172.32.0.1",
+            "100.128.0.1",
+            "169.253.1.1",
+            "2606:4700::1111",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+            "11.0.0.1",
+        ];
         for a in public {
             assert!(is_public(a.parse().unwrap()), "{a} must be public");
         }
@@ -505,16 +548,34 @@ mod tests {
     async fn blocked_targets_are_refused_before_connecting() {
         let f = Fetcher::new(policy(PrivateUrls::Deny)).unwrap();
         for url in [
-            "http://127.0.0.1/x.png", "http://localhost:1/x.png", "http://[::1]/x.png", "http://10.0.0.1/x.png",
-            "http://169.254.169.254/latest/meta-data/", "http://[::ffff:127.0.0.1]/x.png", "http://0x7f.1/x.png",
-            "http://2130706433/x.png", "http://0.0.0.0/", "http://100.64.0.1/", "https://[fe80::1]/", "http://224.0.0.1/",
+            "http://127.0.0.1/x.png",
+            "http://localhost:1/x.png",
+            "http://[::1]/x.png",
+            "http://10.0.0.1/x.png",
+            "http://169.254.169.254/latest/meta-data/",
+            "http://[::ffff:127.0.0.1]/x.png",
+            "http://0x7f.1/x.png",
+            "http://2130706433/x.png",
+            "http://0.0.0.0/",
+            "http://100.64.0.1/",
+            "https://[fe80::1]/",
+            "http://224.0.0.1/",
         ] {
             match f.fetch(url).await {
-                Err(FetchError::Blocked(m)) => assert!(m.contains("not a public address") || m.contains("metadata"), "{url}: {m}"),
+                Err(FetchError::Blocked(m)) => {
+                    assert!(m.contains("not a public address") || m.contains("metadata"), "{url}: {m}")
+                }
                 other => panic!("{url}: {other:?}"),
             }
         }
-        for url in ["ftp://example.com/a.png", "file:///etc/passwd", "gopher://x/", "http://user:pw@example.com/", "not a url", "data:image/png;base64,AA"] {
+        for url in [
+            "ftp://example.com/a.png",
+            "file:///etc/passwd",
+            "gopher://x/",
+            "http://user:pw@example.com/",
+            "not a url",
+            "data:image/png;base64,AA",
+        ] {
             assert!(matches!(f.fetch(url).await, Err(FetchError::InvalidUrl(_))), "{url}");
         }
     }
@@ -588,7 +649,11 @@ mod tests {
     #[tokio::test]
     async fn transient_failures_are_retried_with_backoff_and_permanent_ones_are_not() {
         let (addr, count) = fixture(|n, _| {
-            Some(if n < 2 { b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n".to_vec() } else { ok(b"third time") })
+            Some(if n < 2 {
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n".to_vec()
+            } else {
+                ok(b"third time")
+            })
         })
         .await;
         let f = Fetcher::new(policy(loopback_only())).unwrap();
@@ -631,7 +696,10 @@ mod tests {
         let ca = ca_params.self_signed(&ca_key).unwrap();
         let issuer = Issuer::new(ca_params, ca_key);
         let leaf_key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap().signed_by(&leaf_key, &issuer).unwrap();
+        let leaf = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
         TestPki {
             ca: ca.der().clone(),
             leaf: leaf.der().clone(),
@@ -703,6 +771,9 @@ mod tests {
         let addr = tls_fixture(&other, b"x").await;
         let f = Fetcher::with_tls(FetchPolicy { retries: 0, ..policy(loopback_only()) }, trusting(&other.ca));
         let e = f.fetch(&format!("https://{addr}/a.png")).await.unwrap_err();
-        assert!(matches!(&e, FetchError::Failed(m) if m.contains("TLS") && m.to_lowercase().contains("not valid for name")), "{e:?}");
+        assert!(
+            matches!(&e, FetchError::Failed(m) if m.contains("TLS") && m.to_lowercase().contains("not valid for name")),
+            "{e:?}"
+        );
     }
 }

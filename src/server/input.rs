@@ -23,9 +23,9 @@ const URL_SAFE: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::URL_SAFE
 pub fn decode_base64(s: &str) -> Result<Vec<u8>, ApiError> {
     let mut data = s.trim();
     if data.len() >= 5 && data[..5].eq_ignore_ascii_case("data:") {
-        let comma = data
-            .find(',')
-            .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "invalid_base64", "image_base64 is a data URI without a comma before the data"))?;
+        let comma = data.find(',').ok_or_else(|| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_base64", "image_base64 is a data URI without a comma before the data")
+        })?;
         let meta = &data[5..comma];
         let mut parts = meta.split(';');
         let mime = parts.next().unwrap_or("").trim().to_ascii_lowercase();
@@ -37,7 +37,11 @@ pub fn decode_base64(s: &str) -> Result<Vec<u8>, ApiError> {
             ));
         }
         if !parts.any(|p| p.trim().eq_ignore_ascii_case("base64")) {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_base64", "image_base64 is a data URI that is not base64-encoded (`;base64,` is missing)"));
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_base64",
+                "image_base64 is a data URI that is not base64-encoded (`;base64,` is missing)",
+            ));
         }
         data = &data[comma + 1..];
     }
@@ -90,9 +94,7 @@ where
     T: Send + 'static,
 {
     let _permit = cpu.acquire().await.map_err(|_| ApiError::internal("the server is shutting down"))?;
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal(format!("a preprocessing task failed: {e}")))?
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(format!("a preprocessing task failed: {e}")))?
 }
 
 /// Loads every image of a request, in order.

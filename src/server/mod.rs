@@ -119,7 +119,8 @@ pub struct Server {
 impl Server {
     /// Binds `settings.addr` and starts serving; the model loads in the background.
     pub async fn start(settings: Settings) -> Result<Server, ServeError> {
-        let listener = TcpListener::bind(settings.addr).await.map_err(|source| ServeError::Bind { addr: settings.addr, source })?;
+        let listener =
+            TcpListener::bind(settings.addr).await.map_err(|source| ServeError::Bind { addr: settings.addr, source })?;
         let addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: settings.addr, source })?;
 
         let probe = tokio::task::spawn_blocking(crate::runtime::backend::GpuProbe::detect)
@@ -132,7 +133,8 @@ impl Server {
 
         let metrics = Arc::new(Metrics::new(settings.batch_size));
         metrics.set_ready(false);
-        let policy = BatchPolicy { batch_size: settings.batch_size, batch_timeout: settings.batch_timeout, max_queue: settings.max_queue };
+        let policy =
+            BatchPolicy { batch_size: settings.batch_size, batch_timeout: settings.batch_timeout, max_queue: settings.max_queue };
         let open_settings = settings.clone();
         let (batcher, loaded, finished) =
             Batcher::start(policy, metrics.clone(), move || model::open(&open_settings)).map_err(ServeError::Worker)?;
@@ -343,7 +345,8 @@ async fn serve(
 
 /// Sets up `tracing` (RUST_LOG filter, default `info`) in text or JSON, on stderr.
 pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let _ = match format {
@@ -436,7 +439,8 @@ pub(crate) fn test_state(
     open: impl FnOnce() -> Result<(model::PipelineRunner, model::Loaded), String> + Send + 'static,
 ) -> Arc<AppState> {
     let metrics = Arc::new(Metrics::new(settings.batch_size));
-    let policy = BatchPolicy { batch_size: settings.batch_size, batch_timeout: settings.batch_timeout, max_queue: settings.max_queue };
+    let policy =
+        BatchPolicy { batch_size: settings.batch_size, batch_timeout: settings.batch_timeout, max_queue: settings.max_queue };
     let (batcher, _loaded, _finished) = Batcher::start(policy, metrics.clone(), open).expect("worker thread");
     Arc::new(AppState {
         phase: watch::channel(Phase::Loading).0,

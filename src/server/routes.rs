@@ -78,7 +78,11 @@ pub fn error_response(e: &ApiError) -> Response<Body> {
 }
 
 fn method_not_allowed(allow: &'static str) -> Response<Body> {
-    let mut r = error_response(&ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("use {allow} on this route")));
+    let mut r = error_response(&ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("use {allow} on this route"),
+    ));
     r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
     r
 }
@@ -110,15 +114,18 @@ fn health(state: &AppState) -> Response<Body> {
         "version": env!("CARGO_PKG_VERSION"),
     });
     if let (Some(m), Some(obj)) = (model, body.as_object_mut()) {
-        obj.insert("model".into(), serde_json::json!({
-            "name": m.info.name,
-            "variant": m.info.variant,
-            "max_images": m.info.max_images,
-            "default_steps": m.info.default_steps,
-            "default_true_cfg_scale": m.info.default_true_cfg_scale,
-            "lightning_fused": m.info.lightning_fused,
-            "max_text_tokens": m.info.max_text_tokens,
-        }));
+        obj.insert(
+            "model".into(),
+            serde_json::json!({
+                "name": m.info.name,
+                "variant": m.info.variant,
+                "max_images": m.info.max_images,
+                "default_steps": m.info.default_steps,
+                "default_true_cfg_scale": m.info.default_true_cfg_scale,
+                "lightning_fused": m.info.lightning_fused,
+                "max_text_tokens": m.info.max_text_tokens,
+            }),
+        );
     }
     if let (Phase::Failed(e), Some(obj)) = (&phase, body.as_object_mut()) {
         obj.insert("error".into(), e.clone().into());
@@ -176,7 +183,10 @@ where
         Err(_) => Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",
-            format!("the request took longer than {:.0} s (REQUEST_TIMEOUT); retry later or with fewer steps", timeout.as_secs_f64()),
+            format!(
+                "the request took longer than {:.0} s (REQUEST_TIMEOUT); retry later or with fewer steps",
+                timeout.as_secs_f64()
+            ),
         )),
     };
     match result {
@@ -223,8 +233,10 @@ where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let too_large = || ApiError::too_large(format!("the request body is larger than {max} bytes (MAX_BODY_BYTES); send a smaller image"));
-    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+    let too_large =
+        || ApiError::too_large(format!("the request body is larger than {max} bytes (MAX_BODY_BYTES); send a smaller image"));
+    let declared =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
     if declared.is_some_and(|n| n > max as u64) {
         return Err(too_large());
     }
@@ -244,12 +256,17 @@ where
     let model = match state.phase() {
         Phase::Ready => state.model.get().ok_or_else(|| ApiError::internal("ready without a model"))?,
         Phase::Loading => return Err(ApiError::not_ready("the model is still loading; retry shortly", Duration::from_secs(5))),
-        Phase::Draining => return Err(ApiError::not_ready("the server is shutting down; retry on another instance", Duration::from_secs(5))),
+        Phase::Draining => {
+            return Err(ApiError::not_ready("the server is shutting down; retry on another instance", Duration::from_secs(5)))
+        }
         Phase::Failed(e) => return Err(ApiError::not_ready(format!("the model failed to load: {e}"), Duration::from_secs(30))),
     };
     let ticket = state.batcher.try_admit().ok_or_else(|| {
         ApiError::overloaded(
-            format!("the queue is full ({} requests waiting, MAX_QUEUE); retry after the Retry-After seconds", state.settings.max_queue),
+            format!(
+                "the queue is full ({} requests waiting, MAX_QUEUE); retry after the Retry-After seconds",
+                state.settings.max_queue
+            ),
             state.batcher.retry_after(),
         )
     })?;
@@ -265,7 +282,17 @@ where
     })??;
     let limits = model.limits.clone();
     let params = input::blocking(&state.cpu, move || schema::parse(&body, &limits, || u64::from(rand::random::<u32>()))).await?;
-    let schema::EditParams { prompt, negative_prompt, images, num_inference_steps, true_cfg_scale, seed, width, height, output_format } = params;
+    let schema::EditParams {
+        prompt,
+        negative_prompt,
+        images,
+        num_inference_steps,
+        true_cfg_scale,
+        seed,
+        width,
+        height,
+        output_format,
+    } = params;
     let images = input::load_images(images, &state.fetcher, state.image_limits, &state.cpu).await?;
     let request = EditRequest {
         images,
@@ -413,7 +440,11 @@ mod tests {
             let r = handle(st.clone(), with(Some(good))).await;
             assert_eq!(json(r).await["error_type"], "not_ready", "{good}");
         }
-        assert_eq!(handle(st.clone(), req(Method::GET, "/health", "")).await.status(), StatusCode::SERVICE_UNAVAILABLE, "no key on /health");
+        assert_eq!(
+            handle(st.clone(), req(Method::GET, "/health", "")).await.status(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no key on /health"
+        );
     }
 
     #[tokio::test]

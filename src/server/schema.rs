@@ -95,19 +95,29 @@ struct RawInput {
 /// Parses and validates a request body. `random_seed` supplies the seed when none is given.
 pub fn parse(body: &[u8], limits: &Limits, random_seed: impl FnOnce() -> u64) -> Result<EditParams, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::invalid_json("the request body is empty; send {\"input\": {\"prompt\": ..., \"image_base64\": ...}}"));
+        return Err(ApiError::invalid_json(
+            "the request body is empty; send {\"input\": {\"prompt\": ..., \"image_base64\": ...}}",
+        ));
     }
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         // (serde would also accept a struct written as a JSON array)
-        let what = if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() { "a JSON value but not an object" } else { "not valid JSON" };
-        return Err(ApiError::invalid_json(format!("the body is {what}; send {{\"input\": {{\"prompt\": ..., \"image_base64\": ...}}}}")));
+        let what = if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() {
+            "a JSON value but not an object"
+        } else {
+            "not valid JSON"
+        };
+        return Err(ApiError::invalid_json(format!(
+            "the body is {what}; send {{\"input\": {{\"prompt\": ..., \"image_base64\": ...}}}}"
+        )));
     }
     let mut de = serde_json::Deserializer::from_slice(body);
     let envelope: Envelope = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         match inner.classify() {
-            serde_json::error::Category::Data if path != "." => ApiError::validation(format!("{path}: {}", strip_position(&inner))),
+            serde_json::error::Category::Data if path != "." => {
+                ApiError::validation(format!("{path}: {}", strip_position(&inner)))
+            }
             serde_json::error::Category::Data => ApiError::invalid_json(format!(
                 "the body must be a JSON object {{\"input\": {{...}}}}: {}",
                 strip_position(&inner)
@@ -116,9 +126,9 @@ pub fn parse(body: &[u8], limits: &Limits, random_seed: impl FnOnce() -> u64) ->
         }
     })?;
     de.end().map_err(|e| ApiError::invalid_json(format!("the body is not valid JSON: {e}")))?;
-    let input = envelope
-        .input
-        .ok_or_else(|| ApiError::invalid_json("the body has no \"input\" object; send {\"input\": {\"prompt\": ..., \"image_base64\": ...}}"))?;
+    let input = envelope.input.ok_or_else(|| {
+        ApiError::invalid_json("the body has no \"input\" object; send {\"input\": {\"prompt\": ..., \"image_base64\": ...}}")
+    })?;
     validate(input, limits, random_seed)
 }
 
@@ -146,7 +156,9 @@ fn validate(r: RawInput, l: &Limits, random_seed: impl FnOnce() -> u64) -> Resul
     let num_inference_steps = match r.num_inference_steps {
         None => l.default_steps,
         Some(s) if (MIN_STEPS..=MAX_STEPS).contains(&s) => s as u32,
-        Some(s) => return Err(ApiError::validation(format!("input.num_inference_steps must be in {MIN_STEPS}..={MAX_STEPS}, got {s}"))),
+        Some(s) => {
+            return Err(ApiError::validation(format!("input.num_inference_steps must be in {MIN_STEPS}..={MAX_STEPS}, got {s}")))
+        }
     };
     let true_cfg_scale = match r.true_cfg_scale {
         None => l.default_true_cfg_scale,
@@ -211,21 +223,32 @@ fn one_source(where_: &str, b64: Option<String>, url: Option<String>) -> Result<
         }
         (None, Some(u)) => {
             if u.trim().is_empty() {
-                return Err(ApiError::new(http::StatusCode::UNPROCESSABLE_ENTITY, "invalid_url", format!("{where_}image_url is empty")));
+                return Err(ApiError::new(
+                    http::StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_url",
+                    format!("{where_}image_url is empty"),
+                ));
             }
             Ok(ImageSource::Url(u))
         }
-        (Some(_), Some(_)) => Err(ApiError::validation(format!("{where_}image_base64 and {where_}image_url are both given: send exactly one"))),
+        (Some(_), Some(_)) => {
+            Err(ApiError::validation(format!("{where_}image_base64 and {where_}image_url are both given: send exactly one")))
+        }
         (None, None) => Err(ApiError::validation(format!("{where_}image_base64 or {where_}image_url is required"))),
     }
 }
 
-fn image_sources(b64: Option<String>, url: Option<String>, images: Option<Vec<RawImage>>, max_images: usize) -> Result<Vec<ImageSource>, ApiError> {
+fn image_sources(
+    b64: Option<String>,
+    url: Option<String>,
+    images: Option<Vec<RawImage>>,
+    max_images: usize,
+) -> Result<Vec<ImageSource>, ApiError> {
     match images {
         None => Ok(vec![one_source("input.", b64, url)?]),
-        Some(_) if b64.is_some() || url.is_some() => {
-            Err(ApiError::validation("input.images cannot be combined with input.image_base64 or input.image_url: send one of them"))
-        }
+        Some(_) if b64.is_some() || url.is_some() => Err(ApiError::validation(
+            "input.images cannot be combined with input.image_base64 or input.image_url: send one of them",
+        )),
         Some(list) => {
             if list.is_empty() {
                 return Err(ApiError::validation("input.images is empty: send at least one image"));
@@ -333,10 +356,11 @@ mod tests {
 
     #[test]
     fn full_request() {
-        let r = p(r#"{"input": {"prompt": " p ", "image_url": "https://x/y.png", "negative_prompt": "", "num_inference_steps": 100,
+        let r =
+            p(r#"{"input": {"prompt": " p ", "image_url": "https://x/y.png", "negative_prompt": "", "num_inference_steps": 100,
                    "true_cfg_scale": 1, "seed": 18446744073709551615, "width": 1031, "height": 16, "output_format": "JPG",
                    "output_quality": 75, "unknown": {"nested": [1]}}}"#)
-        .unwrap();
+            .unwrap();
         assert_eq!(r.prompt, " p ");
         assert_eq!(r.images, vec![ImageSource::Url("https://x/y.png".into())]);
         assert_eq!(r.negative_prompt.as_deref(), Some(""));
@@ -414,7 +438,10 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&r.to_json()).unwrap();
         assert_eq!(v["image"], "iVBORw0KGgo+/==");
         assert_eq!(v["prompt"], "say \"hi\"\n");
-        assert_eq!((v["num_inference_steps"].as_u64(), v["seed"].as_u64(), v["width"].as_u64(), v["height"].as_u64()), (Some(8), Some(42), Some(64), Some(32)));
+        assert_eq!(
+            (v["num_inference_steps"].as_u64(), v["seed"].as_u64(), v["width"].as_u64(), v["height"].as_u64()),
+            (Some(8), Some(42), Some(64), Some(32))
+        );
         assert_eq!(v["lightning_enabled"], true);
         assert_eq!(v["timings"]["batch_size"], 3);
         assert_eq!(v.as_object().unwrap().len(), 10);

@@ -125,7 +125,8 @@ pub fn jpeg(img: &RgbImage) -> Vec<u8> {
 
 /// A request body for one edit.
 pub fn edit_body(prompt: &str, seed: u64, steps: u32, image_b64: &str) -> String {
-    serde_json::json!({"input": {"prompt": prompt, "image_base64": image_b64, "seed": seed, "num_inference_steps": steps}}).to_string()
+    serde_json::json!({"input": {"prompt": prompt, "image_base64": image_b64, "seed": seed, "num_inference_steps": steps}})
+        .to_string()
 }
 
 /// `name{labels} value` from Prometheus text.
