@@ -38,13 +38,22 @@ def time_diffusers() -> list[float]:
 
     pipe = QwenImageEditPipeline.from_pretrained(str(ROOT / "engines/tiny-checkpoints/edit"), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    image = Image.open(ROOT / "engines/tiny/reference/images/square.png").convert("RGB").resize((256, 256), Image.LANCZOS)
+    image = (
+        Image.open(ROOT / "engines/tiny/reference/images/square.png").convert("RGB").resize((256, 256), Image.LANCZOS)
+    )
     times = []
     with patched_areas(VARIANTS["edit"], TINY_VAE_AREA, None), torch.no_grad():
         for i in range(RUNS + 2):
             t = time.perf_counter()
-            pipe(image=image, prompt="make the sky blue, variant 1", num_inference_steps=4, width=256, height=256,
-                 generator=torch.Generator().manual_seed(1), output_type="pil")
+            pipe(
+                image=image,
+                prompt="make the sky blue, variant 1",
+                num_inference_steps=4,
+                width=256,
+                height=256,
+                generator=torch.Generator().manual_seed(1),
+                output_type="pil",
+            )
             if i >= 2:  # warm-up
                 times.append(time.perf_counter() - t)
     return times
@@ -65,15 +74,20 @@ def main() -> int:
 
     rust = time_qwen_edit()
     py = statistics.median(time_diffusers())
-    table = "\n".join([
-        f"Edit at 256x256, 4 steps, tiny model, CPU, same machine, same run (diffusers: median of {RUNS} runs after "
-        "2 warm-ups; qwen-edit: criterion median).\n",
-        "| implementation | median per edit (ms) | speed-up |",
-        "| --- | ---: | ---: |",
-        f"| diffusers {diffusers.__version__} QwenImageEditPipeline (torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads) | {py * 1e3:.1f} | 1.0x |",
-        f"| qwen-edit (ONNX Runtime {onnxruntime.__version__}, CPU) | {rust * 1e3:.1f} | {py / rust:.1f}x |",
-    ]) + "\n"
+    table = (
+        "\n".join(
+            [
+                f"Edit at 256x256, 4 steps, tiny model, CPU, same machine, same run (diffusers: median of {RUNS} runs after "
+                "2 warm-ups; qwen-edit: criterion median).\n",
+                "| implementation | median per edit (ms) | speed-up |",
+                "| --- | ---: | ---: |",
+                f"| diffusers {diffusers.__version__} QwenImageEditPipeline (torch {torch.__version__}, "
+                f"{torch.get_num_threads()} threads) | {py * 1e3:.1f} | 1.0x |",
+                f"| qwen-edit (ONNX Runtime {onnxruntime.__version__}, CPU) | {rust * 1e3:.1f} | {py / rust:.1f}x |",
+            ]
+        )
+        + "\n"
+    )
     print(f"{datetime.date.today().isoformat()}, {machine()}\n")
     print(table)
     out = ROOT / "target/bench-tables"

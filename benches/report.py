@@ -25,8 +25,10 @@ OVERHEAD_ROWS = [
     ("parse_request_json", "parse the request JSON"),
     ("base64_decode", "base64-decode the image"),
     ("jpeg_decode", "decode the JPEG (libjpeg-turbo both)"),
-    ("vl_preprocess_resize_normalize_patchify",
-     "VL processor: smart_resize (bicubic 1024 -> 1036, torchvision backend), rescale, normalize, patchify"),
+    (
+        "vl_preprocess_resize_normalize_patchify",
+        "VL processor: smart_resize (bicubic 1024 -> 1036, torchvision backend), rescale, normalize, patchify",
+    ),
     ("vae_normalize_f16", "VAE input: 1024x1024 to CHW half floats in [-1, 1]"),
     ("png_encode", "PNG-encode the 1024x1024 result"),
     ("base64_encode", "base64-encode the PNG"),
@@ -78,11 +80,14 @@ def pipeline_table() -> str | None:
     if not rows or rows[0][0] != 1:
         return None
     base = 1000.0 / rows[0][1]
-    out = [stamp(CRITERION / "batch/size_1/new/estimates.json"),
-           "`cargo bench --bench pipeline -- batch` (criterion median; tiny bundle, ONNX Runtime CPU, one "
-           "`run_batch` of n different 256x256 requests with 4 steps, no CFG, preprocessing included).", "",
-           "| batch size | ms per batch | ms per image | images/s | vs batch 1 |",
-           "| ---: | ---: | ---: | ---: | ---: |"]
+    out = [
+        stamp(CRITERION / "batch/size_1/new/estimates.json"),
+        "`cargo bench --bench pipeline -- batch` (criterion median; tiny bundle, ONNX Runtime CPU, one "
+        "`run_batch` of n different 256x256 requests with 4 steps, no CFG, preprocessing included).",
+        "",
+        "| batch size | ms per batch | ms per image | images/s | vs batch 1 |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
     for n, ms in rows:
         ips = n * 1000.0 / ms
         out.append(f"| {n} | {ms:.1f} | {ms / n:.1f} | {ips:.2f} | {ips / base:.2f}x |")
@@ -95,10 +100,14 @@ def overhead_table() -> str | None:
         return None
     base_path = TABLES / "server_overhead_baseline.json"
     py = json.loads(base_path.read_text()) if base_path.exists() else {}
-    out = [stamp(CRITERION / "server_overhead_1024_jpeg/total_without_model/new/estimates.json"),
-           "Rust: `cargo bench --bench server_overhead` (criterion median). Python: "
-           "`.venv/bin/python benches/server_overhead_baseline.py`. Milliseconds.", "",
-           "| stage | Rust | Python |", "| --- | ---: | ---: |"]
+    out = [
+        stamp(CRITERION / "server_overhead_1024_jpeg/total_without_model/new/estimates.json"),
+        "Rust: `cargo bench --bench server_overhead` (criterion median). Python: "
+        "`.venv/bin/python benches/server_overhead_baseline.py`. Milliseconds.",
+        "",
+        "| stage | Rust | Python |",
+        "| --- | ---: | ---: |",
+    ]
     for key, label in OVERHEAD_ROWS:
         p = f"{py[key]:.1f}" if key in py else "n/a"
         r = f"{rust[key]:.2f}" if rust[key] < 1 else f"{rust[key]:.1f}"
@@ -112,9 +121,13 @@ def io_table() -> str | None:
     rows = [(label, median_ms("io_1024", key)) for key, label in IO_ROWS]
     if any(ms is None for _, ms in rows):
         return None
-    out = [stamp(CRITERION / "io_1024/preprocess_jpeg/new/estimates.json"),
-           "`cargo bench --bench server_overhead -- io_1024` (criterion median, 1024x1024 picture). Milliseconds.", "",
-           "| step | ms |", "| --- | ---: |"]
+    out = [
+        stamp(CRITERION / "io_1024/preprocess_jpeg/new/estimates.json"),
+        "`cargo bench --bench server_overhead -- io_1024` (criterion median, 1024x1024 picture). Milliseconds.",
+        "",
+        "| step | ms |",
+        "| --- | ---: |",
+    ]
     out += [f"| {label} | {ms:.1f} |" for label, ms in rows]
     return "\n".join(out)
 
@@ -128,7 +141,9 @@ def file_table(name: str, command: str) -> str | None:
 
 def tables() -> dict[str, str | None]:
     return {
-        "edit-vs-diffusers": file_table("edit_vs_diffusers.md", "source .deps/env && .venv/bin/python benches/edit_vs_diffusers.py"),
+        "edit-vs-diffusers": file_table(
+            "edit_vs_diffusers.md", "source .deps/env && .venv/bin/python benches/edit_vs_diffusers.py"
+        ),
         "batch": pipeline_table(),
         "stages": file_table("stages.md", "cargo bench --bench pipeline"),
         "load": file_table("load.md", "cargo bench --bench load"),

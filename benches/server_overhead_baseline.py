@@ -66,8 +66,17 @@ def main():
         return out.getvalue()
 
     def response():
-        return json.dumps({"image": base64.b64encode(png).decode(), "prompt": PROMPT, "num_inference_steps": 8,
-                           "lightning_enabled": True, "seed": 42, "width": 1024, "height": 1024}).encode()
+        return json.dumps(
+            {
+                "image": base64.b64encode(png).decode(),
+                "prompt": PROMPT,
+                "num_inference_steps": 8,
+                "lightning_enabled": True,
+                "seed": 42,
+                "width": 1024,
+                "height": 1024,
+            }
+        ).encode()
 
     def whole():
         params = json.loads(body)["input"]

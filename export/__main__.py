@@ -31,9 +31,14 @@ def cmd_bundle(args) -> int:
         raise UsageError(f"checkpoint directory not found: {ckpt}")
     variant = get_variant(args.variant) if args.variant else detect_variant(ckpt)
     report = bundle.export_bundle(
-        ckpt, Path(args.out), variant=variant, dtype=args.dtype,
-        lightning_lora=Path(args.lightning_lora) if args.lightning_lora else None, lora_scale=args.lora_scale,
-        areas=_areas(args, variant), name=args.name,
+        ckpt,
+        Path(args.out),
+        variant=variant,
+        dtype=args.dtype,
+        lightning_lora=Path(args.lightning_lora) if args.lightning_lora else None,
+        lora_scale=args.lora_scale,
+        areas=_areas(args, variant),
+        name=args.name,
     )
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2) + "\n")

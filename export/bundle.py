@@ -21,8 +21,14 @@ from . import graphs, host, lora, onnx_export as ox, tiny
 from . import manifest as manifest_contract
 from .variants import DROP_TOKENS, UsageError, Variant, detect_variant
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # rel-L2 tolerance of ONNX (onnxruntime CPU) against torch, per export dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2}
@@ -129,9 +135,12 @@ def text_encoder_cases(pipe, variant, dtype):
         mi, gi = text_encoder_case(pipe, variant, sizes, prompts, 1)
         with torch.no_grad():
             o = pipe.text_encoder(
-                input_ids=mi["input_ids"], attention_mask=mi["attention_mask"],
-                pixel_values=mi["pixel_values"].to(dtype), image_grid_thw=mi["image_grid_thw"],
-                mm_token_type_ids=mi["mm_token_type_ids"], output_hidden_states=True,
+                input_ids=mi["input_ids"],
+                attention_mask=mi["attention_mask"],
+                pixel_values=mi["pixel_values"].to(dtype),
+                image_grid_thw=mi["image_grid_thw"],
+                mm_token_type_ids=mi["mm_token_type_ids"],
+                output_hidden_states=True,
             )
         feeds = {k: _float(v, dtype) for k, v in gi.items()}
         label = f"batch {len(prompts)}, {len(sizes)} images, seq {mi['input_ids'].shape[1]}"
@@ -146,14 +155,19 @@ def _transformer_inputs(pipe, shapes, batch, txt_len, dtype, seed):
     e = torch.randn(batch, txt_len, cfg.joint_attention_dim, generator=g).to(dtype)
     mask = torch.ones(batch, txt_len, dtype=torch.int64)
     if batch > 1:
-        mask[-1, max(1, txt_len * 2 // 3):] = 0
+        mask[-1, max(1, txt_len * 2 // 3) :] = 0
     t = torch.rand(batch, generator=g).to(dtype)
     ic, is_, tc, ts = host.rope_tables(shapes, txt_len, tuple(cfg.axes_dims_rope))
     args = [x, e, mask, t, ic, is_, tc, ts]
     if cfg.zero_cond_t:
         args.append(host.modulate_index(shapes, batch))
-    return args, dict(hidden_states=x, encoder_hidden_states=e, encoder_hidden_states_mask=mask, timestep=t,
-                      img_shapes=[list(shapes)] * batch)
+    return args, dict(
+        hidden_states=x,
+        encoder_hidden_states=e,
+        encoder_hidden_states_mask=mask,
+        timestep=t,
+        img_shapes=[list(shapes)] * batch,
+    )
 
 
 def transformer_example(pipe, dtype):
@@ -204,8 +218,9 @@ def _rename_dims(path: Path, component: str) -> None:
             if axis in outs.get(vi.name, {}):
                 d.ClearField("dim_value")
                 d.dim_param = outs[vi.name][axis]
-    has_external = any(t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL
-                       for t in model.graph.initializer)
+    has_external = any(
+        t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer
+    )
     if has_external:
         # Rewrite only the graph proto; external data files stay as they are.
         with open(path, "wb") as f:
@@ -222,8 +237,10 @@ def export_components(pipe, variant: Variant, dtype, out: Path, only=None) -> tu
 
     def check(path, name, cases):
         if tol is None:
-            log(f"{name}: {DTYPE_NAMES[dtype]} graphs are not verified on CPU (onnxruntime has no CPU kernels "
-                "for them); `qwen-edit build` compares the TensorRT engine with ORT on the GPU host")
+            log(
+                f"{name}: {DTYPE_NAMES[dtype]} graphs are not verified on CPU (onnxruntime has no CPU kernels "
+                "for them); `qwen-edit build` compares the TensorRT engine with ORT on the GPU host"
+            )
             return
         rows.extend(ox.verify(path, name, cases, tol))
 
@@ -242,14 +259,20 @@ def export_components(pipe, variant: Variant, dtype, out: Path, only=None) -> tu
         log("exporting vae_encoder")
         spec = ox.vae_encoder_spec(pipe.vae, [(torch.rand(2, 3, 48, 64) * 2 - 1).to(dtype)])
         paths["vae_encoder"] = ox.export(spec, out)
-        check(paths["vae_encoder"], "vae_encoder",
-              [(lbl, f, r, None) for n, lbl, f, r in vae_cases_all if n == "vae_encoder"])
+        check(
+            paths["vae_encoder"],
+            "vae_encoder",
+            [(lbl, f, r, None) for n, lbl, f, r in vae_cases_all if n == "vae_encoder"],
+        )
     if "vae_decoder" in wanted:
         log("exporting vae_decoder")
         spec = ox.vae_decoder_spec(pipe.vae, [torch.randn(2, 16, 6, 8).to(dtype)])
         paths["vae_decoder"] = ox.export(spec, out)
-        check(paths["vae_decoder"], "vae_decoder",
-              [(lbl, f, r, None) for n, lbl, f, r in vae_cases_all if n == "vae_decoder"])
+        check(
+            paths["vae_decoder"],
+            "vae_decoder",
+            [(lbl, f, r, None) for n, lbl, f, r in vae_cases_all if n == "vae_decoder"],
+        )
     for name, path in paths.items():
         _rename_dims(path, name)
     return paths, rows
@@ -266,8 +289,17 @@ def _file_sha256(path: Path) -> str:
 
 
 def _scheduler_subset(cfg) -> dict:
-    keys = ["base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift", "shift_terminal",
-            "time_shift_type", "use_dynamic_shifting", "num_train_timesteps", "shift"]
+    keys = [
+        "base_image_seq_len",
+        "max_image_seq_len",
+        "base_shift",
+        "max_shift",
+        "shift_terminal",
+        "time_shift_type",
+        "use_dynamic_shifting",
+        "num_train_timesteps",
+        "shift",
+    ]
     return {k: cfg[k] for k in keys}
 
 
@@ -281,8 +313,9 @@ def profile_resolutions(area: int) -> list[list[int]]:
     return out
 
 
-def build_manifest(pipe, variant: Variant, dtype, paths: dict, areas: Areas, name: str, source: dict,
-                   lightning: dict | None) -> dict:
+def build_manifest(
+    pipe, variant: Variant, dtype, paths: dict, areas: Areas, name: str, source: dict, lightning: dict | None
+) -> dict:
     te_cfg = pipe.text_encoder.config
     vcfg = te_cfg.vision_config
     ip = pipe.processor.image_processor
@@ -366,9 +399,17 @@ def build_manifest(pipe, variant: Variant, dtype, paths: dict, areas: Areas, nam
     }
 
 
-def export_bundle(checkpoint: Path, out: Path, variant: Variant | None = None, dtype: str = "float32",
-                  lightning_lora: Path | None = None, lora_scale: float = 1.0, areas: Areas | None = None,
-                  name: str | None = None, source: dict | None = None) -> dict:
+def export_bundle(
+    checkpoint: Path,
+    out: Path,
+    variant: Variant | None = None,
+    dtype: str = "float32",
+    lightning_lora: Path | None = None,
+    lora_scale: float = 1.0,
+    areas: Areas | None = None,
+    name: str | None = None,
+    source: dict | None = None,
+) -> dict:
     """Writes a complete bundle to `out`; returns the export report (verification rows, timings)."""
     checkpoint = Path(checkpoint)
     out = Path(out)
@@ -388,11 +429,24 @@ def export_bundle(checkpoint: Path, out: Path, variant: Variant | None = None, d
     out.mkdir(parents=True, exist_ok=True)
     paths, rows = export_components(pipe, variant, tdtype, out)
     pipe.tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
-    manifest = build_manifest(pipe, variant, tdtype, paths, areas, name or out.name,
-                              source or {"checkpoint": checkpoint.name, "tiny": False, "seed": None}, lightning)
+    manifest = build_manifest(
+        pipe,
+        variant,
+        tdtype,
+        paths,
+        areas,
+        name or out.name,
+        source or {"checkpoint": checkpoint.name, "tiny": False, "seed": None},
+        lightning,
+    )
     manifest_contract.write(out / "manifest.json", manifest)
-    report = {"bundle": out.name, "variant": variant.name, "dtype": DTYPE_NAMES[tdtype],
-              "seconds": round(time.time() - t0, 1), "verification": rows}
+    report = {
+        "bundle": out.name,
+        "variant": variant.name,
+        "dtype": DTYPE_NAMES[tdtype],
+        "seconds": round(time.time() - t0, 1),
+        "verification": rows,
+    }
     log(f"wrote {out} in {report['seconds']} s")
     return report
 

@@ -32,8 +32,15 @@ def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 class _RealRopeJointAttn:
     """QwenDoubleStreamAttnProcessor2_0 with real RoPE tables ((img_cos, img_sin), (txt_cos, txt_sin))."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
-                 attention_mask=None, image_rotary_emb=None):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        encoder_hidden_states_mask=None,
+        attention_mask=None,
+        image_rotary_emb=None,
+    ):
         seq_txt = encoder_hidden_states.shape[1]
         head_dim = attn.inner_dim // attn.heads
         img_q = attn.to_q(hidden_states).unflatten(-1, (-1, head_dim))
@@ -73,12 +80,30 @@ class TransformerGraph(nn.Module):
         self.zero_cond_t = bool(getattr(self.m.config, "zero_cond_t", False))
 
     def input_names(self):
-        names = ["hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep",
-                 "img_cos", "img_sin", "txt_cos", "txt_sin"]
+        names = [
+            "hidden_states",
+            "encoder_hidden_states",
+            "encoder_hidden_states_mask",
+            "timestep",
+            "img_cos",
+            "img_sin",
+            "txt_cos",
+            "txt_sin",
+        ]
         return names + (["modulate_index"] if self.zero_cond_t else [])
 
-    def forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep,
-                img_cos, img_sin, txt_cos, txt_sin, modulate_index=None):
+    def forward(
+        self,
+        hidden_states,
+        encoder_hidden_states,
+        encoder_hidden_states_mask,
+        timestep,
+        img_cos,
+        img_sin,
+        txt_cos,
+        txt_sin,
+        modulate_index=None,
+    ):
         m = self.m
         hs = m.img_in(hidden_states)
         timestep = timestep.to(hs.dtype)
@@ -168,8 +193,17 @@ def _segment_mask(seg: torch.Tensor) -> torch.Tensor:
 class TextEncoderGraph(nn.Module):
     """`text_encoder` contract: last hidden state (after the final norm) of Qwen2.5-VL."""
 
-    INPUTS = ["input_ids", "attention_mask", "position_ids", "pixel_values", "vision_pos_ids", "window_index",
-              "window_seg", "image_seg", "image_embed_index"]
+    INPUTS = [
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "pixel_values",
+        "vision_pos_ids",
+        "window_index",
+        "window_seg",
+        "image_seg",
+        "image_embed_index",
+    ]
 
     def __init__(self, model):
         super().__init__()
@@ -210,8 +244,18 @@ class TextEncoderGraph(nn.Module):
         inverse = torch.zeros_like(window_index).scatter(0, window_index, arange)
         return merged[inverse]
 
-    def forward(self, input_ids, attention_mask, position_ids, pixel_values, vision_pos_ids, window_index,
-                window_seg, image_seg, image_embed_index):
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        position_ids,
+        pixel_values,
+        vision_pos_ids,
+        window_index,
+        window_seg,
+        image_seg,
+        image_embed_index,
+    ):
         lm = self.lm
         image_embeds = self.vision(pixel_values, vision_pos_ids, window_index, window_seg, image_seg)
         embeds = lm.embed_tokens(input_ids)
@@ -225,6 +269,12 @@ class TextEncoderGraph(nn.Module):
         cos, sin = lm.rotary_emb(embeds, position_ids)
         hs = embeds
         for layer in lm.layers:
-            hs = layer(hs, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None,
-                       past_key_values=None, use_cache=False)
+            hs = layer(
+                hs,
+                attention_mask=mask,
+                position_embeddings=(cos, sin),
+                position_ids=None,
+                past_key_values=None,
+                use_cache=False,
+            )
         return lm.norm(hs)

@@ -162,8 +162,14 @@ def export(spec: GraphSpec, out_dir: Path) -> Path:
     _strip_metadata(model)
     size = sum(t.ByteSize() for t in model.graph.initializer)
     if size > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
     else:
         onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path))
@@ -213,8 +219,15 @@ def verify(path: Path, name: str, cases, tolerance: float) -> list[dict]:
             out, ref = out[valid.numpy()], ref[valid.numpy()]
         err = float(np.abs(out.astype(np.float64) - ref).max()) if ref.size else 0.0
         rl2 = rel_l2(out, ref)
-        rows.append({"graph": name, "case": label, "max_abs": err, "rel_l2": rl2,
-                     "ref_mean_abs": float(np.abs(ref).mean()) if ref.size else 0.0})
+        rows.append(
+            {
+                "graph": name,
+                "case": label,
+                "max_abs": err,
+                "rel_l2": rl2,
+                "ref_mean_abs": float(np.abs(ref).mean()) if ref.size else 0.0,
+            }
+        )
         if not math.isfinite(rl2) or rl2 > tolerance:
             raise VerificationError(
                 f"{name} [{label}]: ONNX differs from torch: rel L2 {rl2:.3g} > {tolerance:g} (max abs {err:.3g})"

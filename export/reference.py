@@ -184,14 +184,16 @@ class Recorder:
             out = tr_forward(*a, **kw)
             if not rec.step_latents:  # step 0: cond (and uncond with true CFG)
                 mask = kw.get("encoder_hidden_states_mask")
-                rec.transformer_calls.append({
-                    "hidden_states": kw["hidden_states"].detach().clone(),
-                    "encoder_hidden_states": kw["encoder_hidden_states"].detach().clone(),
-                    "encoder_hidden_states_mask": None if mask is None else mask.clone(),
-                    "timestep": kw["timestep"].detach().clone(),
-                    "img_shapes": kw["img_shapes"],
-                    "sample": out[0].detach().clone(),
-                })
+                rec.transformer_calls.append(
+                    {
+                        "hidden_states": kw["hidden_states"].detach().clone(),
+                        "encoder_hidden_states": kw["encoder_hidden_states"].detach().clone(),
+                        "encoder_hidden_states_mask": None if mask is None else mask.clone(),
+                        "timestep": kw["timestep"].detach().clone(),
+                        "img_shapes": kw["img_shapes"],
+                        "sample": out[0].detach().clone(),
+                    }
+                )
             return out
 
         tr.forward = tr_fwd
@@ -290,21 +292,28 @@ def run_case(pipe, variant: Variant, case: Case, images_dir: Path, areas, full: 
 
     call0 = rec.transformer_calls[0]
     meta = asdict(case)
-    meta.update({
-        "variant": variant.name,
-        "pipeline": type(pipe).__name__.replace("RecordingProcessor", ""),
-        "output_size": [result[0].width, result[0].height],
-        "img_shapes": [list(map(list, s)) for s in call0["img_shapes"][0:1]][0],
-        "true_cfg": bool(case.true_cfg_scale > 1 and case.negative_prompt is not None),
-        "areas": {"vae": areas.vae, "condition": areas.condition},
-        "deviations": [
-            "3-D mRoPE positions passed to Qwen2.5-VL (diffusers PR #14189)",
-            "working areas patched to the bundle's",
-        ] + (["v1 batch: images pre-resized to the working size (as a single call does)"]
-             if not variant.plus and len(case.images) > 1 else []),
-        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
-                    for k, v in tensors.items()},
-    })
+    meta.update(
+        {
+            "variant": variant.name,
+            "pipeline": type(pipe).__name__.replace("RecordingProcessor", ""),
+            "output_size": [result[0].width, result[0].height],
+            "img_shapes": [list(map(list, s)) for s in call0["img_shapes"][0:1]][0],
+            "true_cfg": bool(case.true_cfg_scale > 1 and case.negative_prompt is not None),
+            "areas": {"vae": areas.vae, "condition": areas.condition},
+            "deviations": [
+                "3-D mRoPE positions passed to Qwen2.5-VL (diffusers PR #14189)",
+                "working areas patched to the bundle's",
+            ]
+            + (
+                ["v1 batch: images pre-resized to the working size (as a single call does)"]
+                if not variant.plus and len(case.images) > 1
+                else []
+            ),
+            "tensors": {
+                k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()
+            },
+        }
+    )
     return tensors, meta
 
 

@@ -29,21 +29,45 @@ SEED = 0
 CASES = {
     "tiny": [
         Case("edit_square", ["square.png"], ["make the sky blue"], [42], steps=4),
-        Case("edit_wide_cfg", ["wide.png"], ["add a red balloon"], [7], steps=4,
-             negative_prompt="blurry, low quality", true_cfg_scale=4.0),
-        Case("edit_batch2", ["square.png", "square_b.png"],
-             ["make it winter", "turn the car green and add snow on the roof, 雪, ❄"], [1, 2], steps=3),
-        Case("edit_lightning_jpeg", ["tall.jpg"], ["turn the photo into a watercolor painting"], [3], steps=8,
-             lightning=True),
+        Case(
+            "edit_wide_cfg",
+            ["wide.png"],
+            ["add a red balloon"],
+            [7],
+            steps=4,
+            negative_prompt="blurry, low quality",
+            true_cfg_scale=4.0,
+        ),
+        Case(
+            "edit_batch2",
+            ["square.png", "square_b.png"],
+            ["make it winter", "turn the car green and add snow on the roof, 雪, ❄"],
+            [1, 2],
+            steps=3,
+        ),
+        Case(
+            "edit_lightning_jpeg",
+            ["tall.jpg"],
+            ["turn the photo into a watercolor painting"],
+            [3],
+            steps=8,
+            lightning=True,
+        ),
         Case("edit_size_override", ["square.png"], ["make it warmer"], [5], steps=2, width=96, height=144),
     ],
     "tiny-2509": [
         Case("plus2509_one_image", ["tall.jpg"], ["make it night"], [5], steps=4),
     ],
     "tiny-2511": [
-        Case("plus2511_two_images_cfg", ["square.png", "wide.png"],
-             ["put the object from picture 2 into picture 1"], [11], steps=4,
-             negative_prompt=" ", true_cfg_scale=4.0),
+        Case(
+            "plus2511_two_images_cfg",
+            ["square.png", "wide.png"],
+            ["put the object from picture 2 into picture 1"],
+            [11],
+            steps=4,
+            negative_prompt=" ",
+            true_cfg_scale=4.0,
+        ),
     ],
 }
 
@@ -84,8 +108,12 @@ def make_all(engines: Path, references: bool = True, report: str | None = None) 
         pipe = bundle.load_pipeline(ckpt, variant, torch.float32)
         # Graphs whose weights and config equal an already exported bundle's are copied, not re-exported.
         reuse, todo = {}, []
-        for comp, sub in (("text_encoder", "text_encoder"), ("transformer", "transformer"),
-                          ("vae_encoder", "vae"), ("vae_decoder", "vae")):
+        for comp, sub in (
+            ("text_encoder", "text_encoder"),
+            ("transformer", "transformer"),
+            ("vae_encoder", "vae"),
+            ("vae_decoder", "vae"),
+        ):
             key = f"{comp}:{_weights_digest(ckpt, sub)}"
             (reuse.__setitem__(comp, exported[key]) if key in exported else todo.append((comp, key)))
         out.mkdir(parents=True, exist_ok=True)
@@ -102,8 +130,14 @@ def make_all(engines: Path, references: bool = True, report: str | None = None) 
             log(f"{bname}/{comp}: same weights as {src.parent.name}, copied")
         pipe.tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
         manifest = bundle.build_manifest(
-            pipe, variant, torch.float32, paths, areas, bname,
-            {"checkpoint": f"engines/tiny-checkpoints/{vname}", "tiny": True, "seed": SEED}, None,
+            pipe,
+            variant,
+            torch.float32,
+            paths,
+            areas,
+            bname,
+            {"checkpoint": f"engines/tiny-checkpoints/{vname}", "tiny": True, "seed": SEED},
+            None,
         )
         manifest_contract.write(out / "manifest.json", manifest)
         if references:
@@ -148,8 +182,18 @@ def _compare_graphs(a: Path, b: Path) -> list[str]:
     ins, _ = ox.io_contract(a)
     rng = np.random.default_rng(0)
     feeds = {}
-    sizes = {"batch": 2, "seq": 9, "txt_seq": 9, "img_seq": 32, "units": 16, "patches": 64,
-             "height": 32, "width": 48, "lh": 4, "lw": 6}
+    sizes = {
+        "batch": 2,
+        "seq": 9,
+        "txt_seq": 9,
+        "img_seq": 32,
+        "units": 16,
+        "patches": 64,
+        "height": 32,
+        "width": 48,
+        "lh": 4,
+        "lw": 6,
+    }
     if "pixel_values" in [i["name"] for i in ins]:
         return []  # the text encoder needs consistent index inputs: covered by the reference tensors
     for i in ins:
@@ -225,8 +269,12 @@ def check(engines: Path) -> bool:
                     errors.append(f"{rel}: pixels differ")
             elif a.read_bytes() != b.read_bytes():
                 errors.append(f"{rel}: differs")
-        committed = {p.relative_to(engines) for d in [*BUNDLES.values(), "tiny-checkpoints"]
-                     for p in (engines / d).rglob("*") if p.is_file() and p.name != "README.md"}
+        committed = {
+            p.relative_to(engines)
+            for d in [*BUNDLES.values(), "tiny-checkpoints"]
+            for p in (engines / d).rglob("*")
+            if p.is_file() and p.name != "README.md"
+        }
         regenerated = {p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file()}
         for extra in sorted(committed - regenerated):
             errors.append(f"{extra}: committed but no longer generated")

@@ -160,7 +160,9 @@ def write_processor() -> None:
     assert pre.dtype == torch.float32
     write_npy(GOLD / "preprocess_allvalues_u8.npy", allv)
     write_npy(GOLD / "preprocess_allvalues.npy", pre.numpy())
-    write_npy(GOLD / "preprocess_allvalues_f16bits.npy", pre.to(torch.float16).view(torch.int16).numpy().view(np.uint16))
+    write_npy(
+        GOLD / "preprocess_allvalues_f16bits.npy", pre.to(torch.float16).view(torch.int16).numpy().view(np.uint16)
+    )
 
     # Resize (PIL lanczos) + normalize on a generated source, as the pipeline does for the VAE image.
     src = make_source(64, 64, 2)
@@ -199,13 +201,23 @@ def png_rgb16(w: int, h: int) -> bytes:
                 v = (x * 4099 + y * 7919 + c * 20011) * 37 % 65536
                 raw += struct.pack(">H", v)
     ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(bytes(raw), 9)) + png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(bytes(raw), 9))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def png_bomb() -> bytes:
     """A valid-looking PNG header claiming 50000x50000 RGB; the pixel data is absent."""
     ihdr = struct.pack(">IIBBBBB", 50000, 50000, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def exif_with_orientation(o: int) -> bytes:
@@ -265,7 +277,12 @@ def write_fixtures() -> None:
             continue
         fn = name.replace(".", "_") + ".rgb"
         (dd / fn).write_bytes(rgb.tobytes())
-        expected[name] = {"mode": Image.open(io.BytesIO(data)).mode, "width": rgb.width, "height": rgb.height, "file": fn}
+        expected[name] = {
+            "mode": Image.open(io.BytesIO(data)).mode,
+            "width": rgb.width,
+            "height": rgb.height,
+            "file": fn,
+        }
     (GOLD / "decode.json").write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
 
 

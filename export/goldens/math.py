@@ -54,10 +54,42 @@ LINEAR = dict(REAL, time_shift_type="linear", base_shift=1.2, max_shift=3.5)
 STATIC = dict(REAL, use_dynamic_shifting=False, shift=3.0, shift_terminal=0.1)
 
 # Real Qwen-Image VAE latents_mean / latents_std (vae/config.json).
-LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
-LATENTS_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.916]
+LATENTS_MEAN = [
+    -0.7571,
+    -0.7089,
+    -0.9113,
+    0.1075,
+    -0.1745,
+    0.9653,
+    -0.1517,
+    1.5508,
+    0.4134,
+    -0.0715,
+    0.5517,
+    -0.3632,
+    -0.1922,
+    -0.9497,
+    0.2503,
+    -0.2921,
+]
+LATENTS_STD = [
+    2.8184,
+    1.4541,
+    2.3275,
+    2.6558,
+    1.2196,
+    1.7708,
+    2.6052,
+    2.0743,
+    3.2687,
+    2.1526,
+    2.8652,
+    1.5579,
+    1.6382,
+    1.1253,
+    2.8251,
+    1.916,
+]
 
 
 def sha_f32(a) -> str:
@@ -108,11 +140,25 @@ def schedule_goldens() -> None:
     configs = {"real": REAL, "lightning": LIGHTNING, "linear": LINEAR, "static": STATIC}
     for name, steps, n in [
         # N = 1 with shift_terminal: the reference's stretch divides 0 by 0 and yields a NaN sigma.
-        ("real", 1, 4096), ("real", 2, 256), ("real", 3, 1024), ("real", 4, 4096), ("real", 8, 64),
-        ("real", 8, 4096), ("real", 8, 16384), ("real", 20, 3600), ("real", 28, 6889), ("real", 50, 4096),
+        ("real", 1, 4096),
+        ("real", 2, 256),
+        ("real", 3, 1024),
+        ("real", 4, 4096),
+        ("real", 8, 64),
+        ("real", 8, 4096),
+        ("real", 8, 16384),
+        ("real", 20, 3600),
+        ("real", 28, 6889),
+        ("real", 50, 4096),
         ("real", 50, 8192),
-        ("lightning", 1, 4096), ("lightning", 4, 4096), ("lightning", 8, 256), ("lightning", 8, 4096),
-        ("linear", 8, 4096), ("linear", 30, 256), ("static", 1, 4096), ("static", 8, 4096),
+        ("lightning", 1, 4096),
+        ("lightning", 4, 4096),
+        ("lightning", 8, 256),
+        ("lightning", 8, 4096),
+        ("linear", 8, 4096),
+        ("linear", 30, 256),
+        ("static", 1, 4096),
+        ("static", 8, 4096),
     ]:
         case = schedule_case(configs[name], steps, n)
         case["config"] = name
@@ -152,15 +198,17 @@ def rope_goldens() -> dict:
 
     rope = QwenEmbedRope(theta=10000, axes_dim=[16, 56, 56], scale_rope=True)
     cases = []
-    for k, (images, txt) in enumerate([
-        ([(1, 64, 64), (1, 64, 64)], 300),  # v1, 1024x1024
-        ([(1, 37, 53), (1, 37, 53)], 17),  # v1, odd sizes
-        ([(1, 48, 80), (1, 40, 40), (1, 57, 35)], 512),  # Plus, target + two conditions
-        ([(1, 3, 5)], 1),
-        ([(1, 1, 1), (1, 2, 3)], 4),
-        ([(2, 4, 6), (1, 5, 4)], 9),  # frame > 1 (never used by the edit pipelines, but defined)
-        ([(1, 64, 64)], 4096 - 32),  # the longest text the 4096-entry table holds after a 64x64 image
-    ]):
+    for k, (images, txt) in enumerate(
+        [
+            ([(1, 64, 64), (1, 64, 64)], 300),  # v1, 1024x1024
+            ([(1, 37, 53), (1, 37, 53)], 17),  # v1, odd sizes
+            ([(1, 48, 80), (1, 40, 40), (1, 57, 35)], 512),  # Plus, target + two conditions
+            ([(1, 3, 5)], 1),
+            ([(1, 1, 1), (1, 2, 3)], 4),
+            ([(2, 4, 6), (1, 5, 4)], 9),  # frame > 1 (never used by the edit pipelines, but defined)
+            ([(1, 64, 64)], 4096 - 32),  # the longest text the 4096-entry table holds after a 64x64 image
+        ]
+    ):
         img, txt_f = rope([list(images)], device=torch.device("cpu"), max_txt_seq_len=txt)
         img_cos, img_sin = img.real.numpy(), img.imag.numpy()
         txt_cos, txt_sin = txt_f.real.numpy(), txt_f.imag.numpy()
@@ -169,15 +217,21 @@ def rope_goldens() -> dict:
         # Full rows for two cases (readable values, max-error reports); checksums of every table for all.
         img_rows = sorted({0, n // 2, n - 1}) if k in (1, 2) else []
         txt_rows = sorted({0, txt - 1}) if k in (1, 2) else []
-        cases.append({
-            "images": [list(s) for s in images],
-            "txt_seq": txt,
-            "img_seq": n,
-            "sha256": {"img_cos": sha_f32(img_cos), "img_sin": sha_f32(img_sin),
-                       "txt_cos": sha_f32(txt_cos), "txt_sin": sha_f32(txt_sin)},
-            "img_rows": {str(r): {"cos": f32_list(img_cos[r]), "sin": f32_list(img_sin[r])} for r in img_rows},
-            "txt_rows": {str(r): {"cos": f32_list(txt_cos[r]), "sin": f32_list(txt_sin[r])} for r in txt_rows},
-        })
+        cases.append(
+            {
+                "images": [list(s) for s in images],
+                "txt_seq": txt,
+                "img_seq": n,
+                "sha256": {
+                    "img_cos": sha_f32(img_cos),
+                    "img_sin": sha_f32(img_sin),
+                    "txt_cos": sha_f32(txt_cos),
+                    "txt_sin": sha_f32(txt_sin),
+                },
+                "img_rows": {str(r): {"cos": f32_list(img_cos[r]), "sin": f32_list(img_sin[r])} for r in img_rows},
+                "txt_rows": {str(r): {"cos": f32_list(txt_cos[r]), "sin": f32_list(txt_sin[r])} for r in txt_rows},
+            }
+        )
     inv_freq = [f32_list(1.0 / torch.pow(10000, torch.arange(0, d, 2).to(torch.float32).div(d))) for d in (16, 56, 56)]
     return {"cases": cases, "inv_freq": inv_freq}
 
@@ -190,9 +244,28 @@ def dimension_goldens() -> None:
     import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
 
     rng = np.random.default_rng(7)
-    sizes = [(1024, 1024), (1000, 1000), (1920, 1080), (1080, 1920), (4000, 3000), (3000, 4000), (512, 512),
-             (1, 1), (1, 4000), (4000, 1), (33, 1000), (999, 1001), (1365, 768), (7, 3), (2048, 64), (64, 2048),
-             (800, 600), (1536, 640), (123, 4567), (10000, 7)]
+    sizes = [
+        (1024, 1024),
+        (1000, 1000),
+        (1920, 1080),
+        (1080, 1920),
+        (4000, 3000),
+        (3000, 4000),
+        (512, 512),
+        (1, 1),
+        (1, 4000),
+        (4000, 1),
+        (33, 1000),
+        (999, 1001),
+        (1365, 768),
+        (7, 3),
+        (2048, 64),
+        (64, 2048),
+        (800, 600),
+        (1536, 640),
+        (123, 4567),
+        (10000, 7),
+    ]
     sizes += [(int(w), int(h)) for w, h in rng.integers(1, 6000, size=(25, 2))]
     areas = [1024 * 1024, 384 * 384, 512 * 512, 256 * 256, 64 * 64, 32 * 32, 1]
     calc = []
@@ -212,16 +285,24 @@ def dimension_goldens() -> None:
 
     # The size logic of __call__ (v1: first image; Plus: last image for the output, every image for VAE/VL).
     v1_cases = []
-    for (w, h) in sizes[:16] + [(1, 5000)]:
+    for w, h in sizes[:16] + [(1, 5000)]:
         for req in [(None, None), (1000, 700), (None, 520), (17, None)]:
             cw, ch, _ = v1.calculate_dimensions(1024 * 1024, w / h)
             height = req[1] or ch
             width = req[0] or cw
             m = 16
             width, height = width // m * m, height // m * m
-            v1_cases.append({"image": [w, h], "request": list(req), "output": [width, height],
-                             "vae": [cw, ch], "vl": [cw, ch], "degenerate": 0 in (width, height, cw, ch),
-                             "img_shapes": [[1, height // 8 // 2, width // 8 // 2], [1, ch // 8 // 2, cw // 8 // 2]]})
+            v1_cases.append(
+                {
+                    "image": [w, h],
+                    "request": list(req),
+                    "output": [width, height],
+                    "vae": [cw, ch],
+                    "vl": [cw, ch],
+                    "degenerate": 0 in (width, height, cw, ch),
+                    "img_shapes": [[1, height // 8 // 2, width // 8 // 2], [1, ch // 8 // 2, cw // 8 // 2]],
+                }
+            )
     plus_cases = []
     for k in range(16):
         idx = rng.integers(0, len(sizes), size=1 + k % 3)
@@ -235,13 +316,21 @@ def dimension_goldens() -> None:
         vae = [plus.calculate_dimensions(plus.VAE_IMAGE_SIZE, w / h) for w, h in images]
         # A zero side (extreme aspect ratio) makes the reference's PIL resize fail: the Rust side refuses it.
         degenerate = 0 in [width, height] + [v for s in cond + vae for v in s]
-        plus_cases.append({"images": [list(s) for s in images], "request": list(req), "output": [width, height],
-                           "vae": [list(s) for s in vae], "condition": [list(s) for s in cond],
-                           "degenerate": degenerate,
-                           "img_shapes": [[1, height // 8 // 2, width // 8 // 2]]
-                           + [[1, vh // 8 // 2, vw // 8 // 2] for vw, vh in vae]})
-    write_json("dimensions.json", {"calculate_dimensions": calc, "half_way": halves, "v1": v1_cases,
-                                   "plus": plus_cases})
+        plus_cases.append(
+            {
+                "images": [list(s) for s in images],
+                "request": list(req),
+                "output": [width, height],
+                "vae": [list(s) for s in vae],
+                "condition": [list(s) for s in cond],
+                "degenerate": degenerate,
+                "img_shapes": [[1, height // 8 // 2, width // 8 // 2]]
+                + [[1, vh // 8 // 2, vw // 8 // 2] for vw, vh in vae],
+            }
+        )
+    write_json(
+        "dimensions.json", {"calculate_dimensions": calc, "half_way": halves, "v1": v1_cases, "plus": plus_cases}
+    )
 
 
 def pack_goldens() -> None:
@@ -254,9 +343,14 @@ def pack_goldens() -> None:
         # _unpack_latents takes pixel sizes: latent size * 8.
         unpacked = P._unpack_latents(packed, h * 8, w * 8, 8)
         assert torch.equal(unpacked.reshape(b, c, h, w), x.reshape(b, c, h, w))
-        cases.append({"shape": [b, c, h, w], "packed_shape": list(packed.shape),
-                      "packed": [int(v) for v in packed.reshape(-1).tolist()],
-                      "unpacked_shape": list(unpacked.shape)})
+        cases.append(
+            {
+                "shape": [b, c, h, w],
+                "packed_shape": list(packed.shape),
+                "packed": [int(v) for v in packed.reshape(-1).tolist()],
+                "unpacked_shape": list(unpacked.shape),
+            }
+        )
     write_json("pack.json", {"cases": cases})
 
 
@@ -269,9 +363,17 @@ def normalize_goldens() -> None:
     normalized = (z - mean) / std
     inv_std = 1.0 / torch.tensor(LATENTS_STD).view(1, 16, 1, 1, 1).to(z.device, z.dtype)
     denormalized = z / inv_std + mean
-    write_json("normalize.json", {"mean": LATENTS_MEAN, "std": LATENTS_STD, "shape": [1, 16, 2, 2],
-                                  "z": f32_list(z), "normalized": f32_list(normalized),
-                                  "denormalized": f32_list(denormalized)})
+    write_json(
+        "normalize.json",
+        {
+            "mean": LATENTS_MEAN,
+            "std": LATENTS_STD,
+            "shape": [1, 16, 2, 2],
+            "z": f32_list(z),
+            "normalized": f32_list(normalized),
+            "denormalized": f32_list(denormalized),
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------------------ randn
@@ -292,20 +394,37 @@ def randn_cases() -> dict:
         g = torch.Generator("cpu").manual_seed(seed)
         v = torch.randn(shape, generator=g, dtype=torch.float32).numpy()
         flat = v.reshape(-1)
-        big.append({"seed": str(seed), "shape": list(shape), "sha256": sha_f32(v),
-                    "head": f32_list(flat[:20]), "tail": f32_list(flat[-20:]),
-                    "sum": float(flat.astype(np.float64).sum())})
+        big.append(
+            {
+                "seed": str(seed),
+                "shape": list(shape),
+                "sha256": sha_f32(v),
+                "head": f32_list(flat[:20]),
+                "tail": f32_list(flat[-20:]),
+                "sum": float(flat.astype(np.float64).sum()),
+            }
+        )
     g = torch.Generator("cpu").manual_seed(2024)
     medium = torch.randn((1, 1, 16, 16, 16), generator=g, dtype=torch.float32).numpy()
-    return {"capability": torch.backends.cpu.get_cpu_capability(), "small": small, "big": big,
-            "medium": {"seed": "2024", "shape": [1, 1, 16, 16, 16], "values": medium, "sha256": sha_f32(medium)}}
+    return {
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "small": small,
+        "big": big,
+        "medium": {"seed": "2024", "shape": [1, 1, 16, 16, 16], "values": medium, "sha256": sha_f32(medium)},
+    }
 
 
 def scalar_goldens() -> dict:
     """The child process's randn cases and RoPE inverse frequencies (torch's `default` CPU capability)."""
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    child = subprocess.run([sys.executable, "-m", "export.goldens.math", "--scalar-child"], cwd=ROOT, env=env,
-                           check=True, capture_output=True, text=True)
+    child = subprocess.run(
+        [sys.executable, "-m", "export.goldens.math", "--scalar-child"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(child.stdout)
 
 
@@ -325,8 +444,9 @@ def scalar_child() -> None:
     # Checksums only: the scalar kernel is the secondary flavour.
     for case in cases["small"]:
         case["sha256"] = sha_f32(case.pop("values"))
-    cases["rope_inv_freq"] = [f32_list(1.0 / torch.pow(10000, torch.arange(0, d, 2).to(torch.float32).div(d)))
-                              for d in (16, 56, 56)]
+    cases["rope_inv_freq"] = [
+        f32_list(1.0 / torch.pow(10000, torch.arange(0, d, 2).to(torch.float32).div(d))) for d in (16, 56, 56)
+    ]
     json.dump(cases, sys.stdout)
 
 
@@ -337,8 +457,10 @@ def main() -> None:
     torch.set_num_threads(1)
     cap = torch.backends.cpu.get_cpu_capability()
     if cap != "AVX2":
-        raise SystemExit(f"the main goldens are the AVX2 kernels' but torch dispatches to {cap}: "
-                         "run on an AVX2 host or set ATEN_CPU_CAPABILITY=avx2")
+        raise SystemExit(
+            f"the main goldens are the AVX2 kernels' but torch dispatches to {cap}: "
+            "run on an AVX2 host or set ATEN_CPU_CAPABILITY=avx2"
+        )
     OUT.mkdir(parents=True, exist_ok=True)
     schedule_goldens()
     euler_goldens()

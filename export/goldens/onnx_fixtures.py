@@ -43,7 +43,9 @@ def transformer_io() -> None:
         helper.make_tensor_value_info("txt_sin", f, ["txt_seq", 64]),
     ]
     out = helper.make_tensor_value_info("sample", f, ["batch", "img_seq", 64])
-    g = helper.make_graph([helper.make_node("Mul", ["hidden_states", "img_cos"], ["sample"])], "transformer_io", inputs, [out])
+    g = helper.make_graph(
+        [helper.make_node("Mul", ["hidden_states", "img_cos"], ["sample"])], "transformer_io", inputs, [out]
+    )
     _save(_model(g), "transformer_io.onnx")
 
 

@@ -111,7 +111,13 @@ def symbolic() -> onnx.ModelProto:
 def _np_dtype(name: str):
     import ml_dtypes
 
-    return {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "int64": np.int64, "bool": np.bool_}[name]
+    return {
+        "float32": np.float32,
+        "float16": np.float16,
+        "bfloat16": ml_dtypes.bfloat16,
+        "int64": np.int64,
+        "bool": np.bool_,
+    }[name]
 
 
 # Inputs of each graph for the reference run: name -> (dtype, shape, values).
@@ -139,7 +145,9 @@ def _run(sess, feeds: dict) -> list:
     bind = sess.io_binding()
     bufs = []
     for k, a in feeds.items():
-        bind.bind_ortvalue_input(k, ort.OrtValue.ortvalue_from_numpy_with_onnx_type(a.view(np.uint16), TensorProto.BFLOAT16))
+        bind.bind_ortvalue_input(
+            k, ort.OrtValue.ortvalue_from_numpy_with_onnx_type(a.view(np.uint16), TensorProto.BFLOAT16)
+        )
     for o in sess.get_outputs():
         shape = [next(iter(feeds.values())).shape[0] if isinstance(d, str) else d for d in o.shape]
         buf = np.zeros(shape, dtype=np.uint16)
@@ -170,7 +178,10 @@ def main() -> None:
         feeds = {k: np.array(v, dtype=_np_dtype(dt)).reshape(shape) for k, (dt, shape, v) in CASES[name].items()}
         outs = _run(sess, feeds)
         expected[name] = {
-            "inputs": {k: {"dtype": dt, "shape": shape, "data": [float(x) for x in v]} for k, (dt, shape, v) in CASES[name].items()},
+            "inputs": {
+                k: {"dtype": dt, "shape": shape, "data": [float(x) for x in v]}
+                for k, (dt, shape, v) in CASES[name].items()
+            },
             "outputs": {
                 o.name: {"shape": list(r.shape), "data": [float(x) for x in np.asarray(r, dtype=np.float64).ravel()]}
                 for o, r in zip(sess.get_outputs(), outs)

