@@ -77,8 +77,8 @@ def main() -> int:
     table = (
         "\n".join(
             [
-                f"Edit at 256x256, 4 steps, tiny model, CPU, same machine, same run (diffusers: median of {RUNS} runs after "
-                "2 warm-ups; qwen-edit: criterion median).\n",
+                "Edit at 256x256, 4 steps, tiny model, CPU, same machine, same run "
+                f"(diffusers: median of {RUNS} runs after 2 warm-ups; qwen-edit: criterion median).\n",
                 "| implementation | median per edit (ms) | speed-up |",
                 "| --- | ---: | ---: |",
                 f"| diffusers {diffusers.__version__} QwenImageEditPipeline (torch {torch.__version__}, "

@@ -10,14 +10,14 @@ target/bench-tables/server_overhead_baseline.json for benches/report.py.
 import base64
 import io
 import json
-from pathlib import Path
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
 torch.set_num_threads(1)

@@ -6,7 +6,6 @@ working areas differ (the tiny bundle declares small ones so a CPU edit takes we
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -17,8 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import graphs, host, lora, onnx_export as ox, tiny
+from . import graphs, host, lora, tiny
 from . import manifest as manifest_contract
+from . import onnx_export as ox
 from .variants import DROP_TOKENS, UsageError, Variant, detect_variant
 
 DTYPES = {
@@ -44,7 +44,7 @@ VL_TOKEN_PIXELS = 28 * 28  # pixels per merged vision token
 MAX_PLUS_IMAGES = 4
 
 
-def max_text_tokens(variant: Variant, areas: "Areas") -> int:
+def max_text_tokens(variant: Variant, areas: Areas) -> int:
     if variant.plus:
         image_tokens = MAX_PLUS_IMAGES * math.ceil(areas.condition / VL_TOKEN_PIXELS)
     else:
@@ -100,7 +100,7 @@ def _random_images(sizes, seed):
 
 def _texts(variant: Variant, prompts, images_per_prompt):
     out = []
-    for p, n in zip(prompts, images_per_prompt):
+    for p, n in zip(prompts, images_per_prompt, strict=True):
         prefix = "".join(variant.image_template.format(i + 1) for i in range(n)) if variant.plus else ""
         out.append(variant.template.format(prefix + p))
     return out
@@ -180,7 +180,7 @@ def transformer_cases(pipe, dtype, names):
         args, kw = _transformer_inputs(pipe, shapes, batch, txt, dtype, 1)
         with torch.no_grad():
             ref = pipe.transformer(**kw, return_dict=False)[0]
-        yield f"batch {batch}, images {shapes}, text {txt}", dict(zip(names, args)), ref, None
+        yield f"batch {batch}, images {shapes}, text {txt}", dict(zip(names, args, strict=True)), ref, None
 
 
 def vae_cases(pipe, dtype):

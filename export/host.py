@@ -14,7 +14,7 @@ from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position
 def segments_from_cu(cu: torch.Tensor, n: int) -> torch.Tensor:
     """Segment id of each of `n` positions from cumulative boundaries [0, c1, c2, ..., n]."""
     seg = torch.zeros(n, dtype=torch.int64)
-    for s, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+    for s, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)):
         seg[a:b] = s
     return seg
 

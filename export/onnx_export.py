@@ -7,7 +7,6 @@ their weights in external data files next to the .onnx file.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 

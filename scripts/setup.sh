@@ -2,7 +2,8 @@
 # Installs everything qwen-edit needs on a fresh machine, idempotently, into the repo:
 #   .venv/  Python env (export tool, reference pipeline, ONNX Runtime's shared library)
 #   .deps/  build-time headers and a sourced env file (.deps/env)
-# Usage: scripts/setup.sh [runtime|all]   (runtime = only what `serve`/`edit` need)
+# Usage: scripts/setup.sh [runtime|check|all]   (runtime = only what `serve`/`edit` need; check = runtime
+#        plus the Python linter for `make check`; all = everything `make test` needs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -19,11 +20,15 @@ if [ ! -x .venv/bin/python ]; then
 fi
 VPY=$ROOT/.venv/bin/python
 stamp_ok() { [ -f "$1" ] && cmp -s "$1" "$2"; }
-if [ "$MODE" = runtime ]; then
-  ORT_VER=$(sed -n 's/^onnxruntime==//p' export/requirements.txt)
+pinned() { sed -n "s/^$1==//p" export/requirements.txt; }
+if [ "$MODE" = runtime ] || [ "$MODE" = check ]; then
   if ! "$VPY" -c "import onnxruntime" 2>/dev/null; then
-    log "installing onnxruntime==$ORT_VER (runtime only)"
-    "$VPY" -m pip install -q --disable-pip-version-check "onnxruntime==$ORT_VER"
+    log "installing onnxruntime==$(pinned onnxruntime) (runtime only)"
+    "$VPY" -m pip install -q --disable-pip-version-check "onnxruntime==$(pinned onnxruntime)"
+  fi
+  if [ "$MODE" = check ] && [ "$("$VPY" -m ruff --version 2>/dev/null)" != "ruff $(pinned ruff)" ]; then
+    log "installing ruff==$(pinned ruff)"
+    "$VPY" -m pip install -q --disable-pip-version-check "ruff==$(pinned ruff)"
   fi
 else
   if ! stamp_ok .venv/.requirements.stamp export/requirements.txt; then

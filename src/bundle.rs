@@ -1132,7 +1132,8 @@ mod contract {
         let validator = jsonschema::validator_for(&manifest_schema()).unwrap();
         let base: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(root().join("engines/tiny/manifest.json")).unwrap()).unwrap();
-        let edits: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+        type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+        let edits: Vec<(&str, Edit)> = vec![
             ("source.seed absent", Box::new(|m| drop(m["source"].as_object_mut().unwrap().remove("seed")))),
             ("source.seed null", Box::new(|m| m["source"]["seed"] = serde_json::Value::Null)),
             ("lightning absent", Box::new(|m| drop(m.as_object_mut().unwrap().remove("lightning")))),

@@ -115,7 +115,7 @@ fn max_abs(a: &[f32], b: &[f32]) -> f32 {
 fn pipeline(bundle: &str) -> &'static Mutex<Pipeline> {
     static CACHE: OnceLock<Mutex<HashMap<String, &'static Mutex<Pipeline>>>> = OnceLock::new();
     let mut cache = CACHE.get_or_init(Default::default).lock().unwrap();
-    *cache.entry(bundle.to_string()).or_insert_with(|| {
+    cache.entry(bundle.to_string()).or_insert_with(|| {
         let opts = PipelineOptions { backend: "ort".parse().unwrap(), ..Default::default() };
         let p = Pipeline::open(&root().join("engines").join(bundle), &opts).expect("open tiny bundle");
         Box::leak(Box::new(Mutex::new(p)))

@@ -184,7 +184,7 @@ def main() -> None:
             },
             "outputs": {
                 o.name: {"shape": list(r.shape), "data": [float(x) for x in np.asarray(r, dtype=np.float64).ravel()]}
-                for o, r in zip(sess.get_outputs(), outs)
+                for o, r in zip(sess.get_outputs(), outs, strict=True)
             },
         }
     (OUT / "expected.json").write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")

@@ -10,14 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from export import bundle, host, lora, onnx_export as ox, tiny, tokenizer, variants
+from export import bundle, host, lora, tiny, tokenizer, variants
 from export import manifest as manifest_contract
+from export import onnx_export as ox
 from export.variants import SYSTEM_PREFIX, UsageError
 
 ROOT = Path(__file__).resolve().parents[2]

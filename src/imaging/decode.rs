@@ -149,7 +149,7 @@ fn decode_jpeg(bytes: &[u8], info: &ImageInfo) -> Result<(RgbImage, Orientation)
     // A progressive JPEG can carry thousands of tiny scans that each cost a full pass (CVE-style DoS);
     // libjpeg-turbo's own tools cap them at 500.
     d.set_scan_limit(500).map_err(|e| corrupt(F, e))?;
-    let header = d.read_header(bytes).map_err(|e| jpeg_error(e))?;
+    let header = d.read_header(bytes).map_err(jpeg_error)?;
     if (header.width, header.height) != (info.width as usize, info.height as usize) {
         return Err(corrupt(F, "the frame header and the decoder disagree on the size"));
     }

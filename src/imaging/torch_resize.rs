@@ -12,6 +12,7 @@
 //!    largest weight still fits (`round(w_max * 2^(p+1)) < 2^15`); rounding half away from zero.
 //! 3. Horizontal pass (when the width changes), then vertical (when the height does), each sample
 //!    `((1 << (p - 1)) + sum(pixel * weight)) >> p` in i32, clamped to 0..=255, stored as u8.
+//!
 //! Unlike Pillow's own Resample.c (22-bit i32 weights, its own pass order), so results differ.
 
 use image::RgbImage;

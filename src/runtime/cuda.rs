@@ -157,6 +157,7 @@ impl Device {
 
     /// Enqueues the step kernel on `velocity` (dtype `v`), the f32 latents `x`, the hidden states
     /// (dtype `h`) and the CFG `scales` (when `shape.cfg`).
+    // The kernel's own argument list (buffers with their dtypes), passed through as it is.
     #[allow(clippy::too_many_arguments)]
     pub fn launch_step(
         &self,

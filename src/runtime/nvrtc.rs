@@ -70,6 +70,7 @@ impl Nvrtc {
         unsafe { self.lib.get::<T>(name.as_bytes()) }.map(|s| *s).map_err(|e| format!("no `{name}` ({e})"))
     }
 
+    // One tuple of the nine NVRTC entry points, each already a named fn-pointer type.
     #[allow(clippy::type_complexity)]
     fn symbols(
         &self,

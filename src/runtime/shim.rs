@@ -9,7 +9,7 @@ use super::shim_ffi::ffi;
 
 /// Stand-ins for the bridge when the shim is not compiled: the same surface, never constructed.
 #[cfg(not(qe_trt))]
-#[allow(dead_code)]
+#[allow(dead_code)] // the stand-ins exist only so the same code compiles without the shim
 mod ffi {
     pub struct NotCompiled;
     pub type Result<T> = std::result::Result<T, NotCompiled>;
@@ -104,7 +104,7 @@ mod ffi {
     pub fn runtime_new(t: &TrtLib, _: &CudaRt, _: i32) -> Result<UniquePtr<Runtime>> {
         match *t {}
     }
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // the stand-in of the bridge function above
     pub fn build_engine(
         l: &BuilderLib,
         _: &CudaRt,
@@ -499,7 +499,7 @@ impl BuilderLibrary {
         TrtVersion::from_int(self.inner.version())
     }
     /// Builds `onnx_path` into `plan_path` on device `ordinal`.
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // forwards the bridge function's arguments one to one
     pub fn build(
         &self,
         cuda: &CudaRuntime,

@@ -122,6 +122,7 @@ pub(crate) mod ffi {
         fn path(self: &BuilderLib) -> String;
         fn parser_path(self: &BuilderLib) -> String;
         fn version(self: &BuilderLib) -> i32;
+        // Mirrors the C++ function of the bridge; a struct would need a shared cxx type for little gain.
         #[allow(clippy::too_many_arguments)]
         fn build_engine(
             lib: &BuilderLib,

@@ -1,7 +1,7 @@
 //! Helpers of the server integration tests: settings for the real tiny bundle, a small HTTP client
 //! over loopback (hyper), raw-socket requests, test images and request bodies, and the built binary
 //! as a child process (also used by benches/load.rs).
-#![allow(dead_code)]
+#![allow(dead_code)] // shared by several test binaries, each using a part
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
