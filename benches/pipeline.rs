@@ -4,7 +4,7 @@
 
 use criterion::{criterion_group, BatchSize, Criterion, Throughput};
 use qwen_edit::imaging::{self, Limits};
-use qwen_edit::pipeline::edit::{EditRequest, Pipeline, PipelineOptions};
+use qwen_edit::pipeline::{EditRequest, Pipeline, PipelineOptions};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;

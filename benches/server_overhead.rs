@@ -14,9 +14,9 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion};
 use half::f16;
 use qwen_edit::imaging::{self, Filter, OutputFormat, RgbImage};
-use qwen_edit::pipeline::vision::{self, VisionSettings};
-use qwen_edit::server::input::{decode_base64, encode_base64};
-use qwen_edit::server::schema::{self, EditResponse, Limits, Timings};
+use qwen_edit::pipeline::vision::{self, Vision};
+use qwen_edit::service::images::{decode_base64, encode_base64};
+use qwen_edit::service::schema::{self, EditResponse, Limits, Timings};
 
 /// A photo-like 1024x1024 picture: smooth shapes plus deterministic noise, so JPEG and PNG sizes are
 /// realistic (a flat gradient would compress unrealistically well).
@@ -82,7 +82,7 @@ fn response(image: String) -> Vec<u8> {
 }
 
 /// Everything but the model, in request order.
-fn whole_request(f: &Fixture, vl: &VisionSettings, vae: &mut [f16]) -> usize {
+fn whole_request(f: &Fixture, vl: &Vision, vae: &mut [f16]) -> usize {
     let params = schema::parse(&f.body, &limits(), || 0).unwrap();
     let schema::ImageSource::Base64(s) = &params.images[0] else { unreachable!() };
     let bytes = decode_base64(s).unwrap();
@@ -97,7 +97,7 @@ fn whole_request(f: &Fixture, vl: &VisionSettings, vae: &mut [f16]) -> usize {
 
 fn bench(c: &mut Criterion) {
     let f = fixture();
-    let vl = VisionSettings::qwen_image_edit();
+    let vl = Vision::qwen_image_edit();
     let mut vae = vec![f16::ZERO; 3 * 1024 * 1024];
     let mut g = c.benchmark_group("server_overhead_1024_jpeg");
     g.sample_size(20);

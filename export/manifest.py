@@ -1,6 +1,6 @@
 """The manifest contract: every manifest.json the export tool writes is validated against
 engines/manifest.schema.json, the JSON Schema generated from the server's manifest types
-(src/bundle.rs; a Rust test keeps the file current), so a bundle the server would refuse is never written.
+(src/bundle/manifest.rs; a Rust test keeps the file current), so a bundle the server would refuse is never written.
 """
 
 from __future__ import annotations

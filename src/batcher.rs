@@ -1,5 +1,5 @@
-//! Groups compatible edit jobs into batches for the one engine worker thread that owns the pipeline.
-//! Knows jobs, batch keys and result channels; nothing about HTTP, JSON or tensors.
+//! Groups compatible jobs into batches for the one engine worker thread that owns the engines.
+//! Generic over the key, job, output and error types (a leaf: it imports nothing from the crate).
 //!
 //! Flow: a request first takes an admission [`Ticket`] (`try_admit`; none left = the queue is full,
 //! the caller answers 503 at once). The ticket is held while the request is read, decoded and
@@ -26,14 +26,34 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::pipeline::edit::{BatchKey, EditError};
+/// What the engine worker runs: one batch of jobs to one result per job, in order (a closure over
+/// the pipeline in production; test doubles in the unit tests).
+pub trait Runner<J, O, E>: 'static {
+    fn run_batch(&mut self, jobs: Vec<J>) -> Vec<Result<O, E>>;
+}
 
-/// What the engine worker runs. Implemented for the pipeline by the server; unit tests use doubles.
-pub trait Runner: 'static {
-    type Job: Send + 'static;
-    type Output: Send + 'static;
-    /// Runs one batch; returns one result per job, in order.
-    fn run_batch(&mut self, jobs: Vec<Self::Job>) -> Vec<Result<Self::Output, EditError>>;
+impl<J, O, E, F: FnMut(Vec<J>) -> Vec<Result<O, E>> + 'static> Runner<J, O, E> for F {
+    fn run_batch(&mut self, jobs: Vec<J>) -> Vec<Result<O, E>> {
+        self(jobs)
+    }
+}
+
+/// What a batch key must be: jobs with equal keys may share a batch.
+pub trait BatchKey: Clone + Eq + std::hash::Hash + std::fmt::Debug + Send + 'static {}
+impl<K: Clone + Eq + std::hash::Hash + std::fmt::Debug + Send + 'static> BatchKey for K {}
+
+/// Why the batcher itself failed a job (the job's own errors come from the runner).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// The engine worker is not running (it could not open its engines, or it stopped).
+    #[error("the engine worker is not running")]
+    WorkerGone,
+    /// The runner panicked while running this job's batch.
+    #[error("the engine worker panicked while running a batch of {batch}: {message}")]
+    Panicked { batch: usize, message: String },
+    /// The runner returned the wrong number of results.
+    #[error("the pipeline returned {got} results for a batch of {batch}")]
+    WrongCount { batch: usize, got: usize },
 }
 
 /// Batching and queueing limits.
@@ -74,31 +94,31 @@ pub struct Ticket {
 }
 
 /// The result channel of one job.
-pub type JobReceiver<O> = oneshot::Receiver<Result<Done<O>, EditError>>;
+pub type JobReceiver<O, E> = oneshot::Receiver<Result<Done<O>, E>>;
 
-struct Pending<J, O> {
-    key: BatchKey,
+struct Pending<K, J, O, E> {
+    key: K,
     job: J,
-    tx: oneshot::Sender<Result<Done<O>, EditError>>,
+    tx: oneshot::Sender<Result<Done<O>, E>>,
     enqueued: Instant,
     _ticket: Ticket,
 }
 
-enum Msg<J, O> {
-    Job(Pending<J, O>),
+enum Msg<K, J, O, E> {
+    Job(Pending<K, J, O, E>),
     Close,
 }
 
 /// Handle to the batcher (cheap to clone).
-pub struct Batcher<J, O> {
-    tx: mpsc::UnboundedSender<Msg<J, O>>,
+pub struct Batcher<K, J, O, E> {
+    tx: mpsc::UnboundedSender<Msg<K, J, O, E>>,
     permits: Arc<Semaphore>,
     policy: BatchPolicy,
     /// Exponential moving average of batch compute time, microseconds (0 = none yet).
     batch_ewma_us: Arc<AtomicU64>,
 }
 
-impl<J, O> Clone for Batcher<J, O> {
+impl<K, J, O, E> Clone for Batcher<K, J, O, E> {
     fn clone(&self) -> Self {
         Batcher {
             tx: self.tx.clone(),
@@ -115,24 +135,23 @@ pub type Finished = tokio::task::JoinHandle<()>;
 /// What the worker reports once `open` ran: its extra value, or why the runner could not be built.
 pub type Opened<T> = oneshot::Receiver<Result<T, String>>;
 
-impl<J: Send + 'static, O: Send + 'static> Batcher<J, O> {
+/// A started batcher: its handle, the worker's report of `open`, and its end.
+pub type Started<K, J, O, E, T> = (Batcher<K, J, O, E>, Opened<T>, Finished);
+
+impl<K: BatchKey, J: Send + 'static, O: Send + 'static, E: From<Failure> + Send + 'static> Batcher<K, J, O, E> {
     /// Starts the scheduler task (on the current tokio runtime) and the engine worker thread, which
     /// first calls `open` to build its runner (the pipeline is created, used and dropped on that
     /// thread) and sends `open`'s extra value (or its error) on the returned channel.
-    pub fn start<R, T, F>(
-        policy: BatchPolicy,
-        observer: Arc<dyn Observer>,
-        open: F,
-    ) -> std::io::Result<(Batcher<J, O>, Opened<T>, Finished)>
+    pub fn start<R, T, F>(policy: BatchPolicy, observer: Arc<dyn Observer>, open: F) -> std::io::Result<Started<K, J, O, E, T>>
     where
-        R: Runner<Job = J, Output = O>,
+        R: Runner<J, O, E>,
         T: Send + 'static,
         F: FnOnce() -> Result<(R, T), String> + Send + 'static,
     {
         let policy = BatchPolicy { batch_size: policy.batch_size.max(1), max_queue: policy.max_queue.max(1), ..policy };
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = oneshot::channel();
-        let (batch_tx, batch_rx) = std::sync::mpsc::channel::<Vec<Pending<J, O>>>();
+        let (batch_tx, batch_rx) = std::sync::mpsc::channel::<Vec<Pending<K, J, O, E>>>();
         let (idle_tx, idle_rx) = mpsc::unbounded_channel::<()>();
         let batch_ewma_us = Arc::new(AtomicU64::new(0));
         let ewma = batch_ewma_us.clone();
@@ -166,7 +185,7 @@ impl<J: Send + 'static, O: Send + 'static> Batcher<J, O> {
 
     /// Queues a prepared job; its result arrives on the returned channel. If the batcher has
     /// stopped, the channel closes without a result.
-    pub fn submit(&self, ticket: Ticket, key: BatchKey, job: J) -> JobReceiver<O> {
+    pub fn submit(&self, ticket: Ticket, key: K, job: J) -> JobReceiver<O, E> {
         let (tx, rx) = oneshot::channel();
         let p = Pending { key, job, tx, enqueued: Instant::now(), _ticket: ticket };
         let _ = self.tx.send(Msg::Job(p));
@@ -206,9 +225,9 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
-fn worker<R: Runner>(
+fn worker<K, J, O, E: From<Failure>, R: Runner<J, O, E>>(
     mut runner: R,
-    batches: std::sync::mpsc::Receiver<Vec<Pending<R::Job, R::Output>>>,
+    batches: std::sync::mpsc::Receiver<Vec<Pending<K, J, O, E>>>,
     idle: mpsc::UnboundedSender<()>,
     observer: Arc<dyn Observer>,
     ewma: Arc<AtomicU64>,
@@ -233,13 +252,13 @@ fn worker<R: Runner>(
         let results = match catch_unwind(AssertUnwindSafe(|| runner.run_batch(jobs))) {
             Ok(r) if r.len() == n => r,
             Ok(r) => {
-                let msg = format!("the pipeline returned {} results for a batch of {n}", r.len());
-                (0..n).map(|_| Err(EditError::Internal(msg.clone()))).collect()
+                let failure = Failure::WrongCount { batch: n, got: r.len() };
+                (0..n).map(|_| Err(failure.clone().into())).collect()
             }
             Err(p) => {
-                let msg = format!("the engine worker panicked while running a batch of {n}: {}", panic_message(&p));
-                tracing::error!("{msg}");
-                (0..n).map(|_| Err(EditError::Internal(msg.clone()))).collect()
+                let failure = Failure::Panicked { batch: n, message: panic_message(&p) };
+                tracing::error!("{failure}");
+                (0..n).map(|_| Err(failure.clone().into())).collect()
             }
         };
         let compute = started.elapsed();
@@ -259,13 +278,15 @@ fn worker<R: Runner>(
 
 /// A queued item as the scheduling policy sees it.
 trait Queued {
-    fn key(&self) -> &BatchKey;
+    type Key: BatchKey;
+    fn key(&self) -> &Self::Key;
     fn enqueued(&self) -> Instant;
     fn cancelled(&self) -> bool;
 }
 
-impl<J, O> Queued for Pending<J, O> {
-    fn key(&self) -> &BatchKey {
+impl<K: BatchKey, J, O, E> Queued for Pending<K, J, O, E> {
+    type Key = K;
+    fn key(&self) -> &K {
         &self.key
     }
     fn enqueued(&self) -> Instant {
@@ -277,8 +298,8 @@ impl<J, O> Queued for Pending<J, O> {
 }
 
 /// The buckets and the scheduling policy (no I/O, so it is unit-tested with plain items).
-struct Buckets<P> {
-    buckets: HashMap<BatchKey, VecDeque<P>>,
+struct Buckets<P: Queued> {
+    buckets: HashMap<P::Key, VecDeque<P>>,
     batch_size: usize,
     timeout: Duration,
 }
@@ -337,14 +358,14 @@ impl<P: Queued> Buckets<P> {
     }
 }
 
-async fn schedule<J: Send + 'static, O: Send + 'static>(
-    mut rx: mpsc::UnboundedReceiver<Msg<J, O>>,
-    batch_tx: std::sync::mpsc::Sender<Vec<Pending<J, O>>>,
+async fn schedule<K: BatchKey, J: Send + 'static, O: Send + 'static, E: From<Failure> + Send + 'static>(
+    mut rx: mpsc::UnboundedReceiver<Msg<K, J, O, E>>,
+    batch_tx: std::sync::mpsc::Sender<Vec<Pending<K, J, O, E>>>,
     mut idle_rx: mpsc::UnboundedReceiver<()>,
     policy: BatchPolicy,
     observer: Arc<dyn Observer>,
 ) {
-    let mut buckets: Buckets<Pending<J, O>> = Buckets::new(policy.batch_size, policy.batch_timeout);
+    let mut buckets: Buckets<Pending<K, J, O, E>> = Buckets::new(policy.batch_size, policy.batch_timeout);
     let mut idle = false; // the worker says when it is ready (after opening the pipeline)
     let mut closing = false;
     let mut worker_alive = true;
@@ -374,7 +395,7 @@ async fn schedule<J: Send + 'static, O: Send + 'static>(
             // The worker thread ended (it could not open the pipeline): fail what waits, keep failing.
             for q in std::mem::take(&mut buckets.buckets).into_values() {
                 for p in q {
-                    let _ = p.tx.send(Err(EditError::Internal("the engine worker is not running".into())));
+                    let _ = p.tx.send(Err(Failure::WorkerGone.into()));
                 }
             }
             if closing {
@@ -387,7 +408,7 @@ async fn schedule<J: Send + 'static, O: Send + 'static>(
                 idle = false;
                 if let Err(std::sync::mpsc::SendError(batch)) = batch_tx.send(batch) {
                     for p in batch {
-                        let _ = p.tx.send(Err(EditError::Internal("the engine worker is not running".into())));
+                        let _ = p.tx.send(Err(Failure::WorkerGone.into()));
                     }
                 }
             }
@@ -409,26 +430,47 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    fn key(w: u32) -> BatchKey {
-        BatchKey {
-            width: w,
-            height: 16,
-            condition_sizes: vec![(16, 16)],
-            steps: 2,
-            true_cfg: false,
-            lightning: false,
-            text_len: 64,
+    /// A batch key of the shape the edit pipeline's has (sizes, steps, flags).
+    #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+    struct Key {
+        width: u32,
+        height: u32,
+        steps: u32,
+    }
+
+    fn key(w: u32) -> Key {
+        Key { width: w, height: 16, steps: 2 }
+    }
+
+    /// A job's own error, or the batcher's.
+    #[derive(Debug)]
+    enum TestError {
+        Job(String),
+        Batcher(Failure),
+    }
+    impl From<Failure> for TestError {
+        fn from(f: Failure) -> TestError {
+            TestError::Batcher(f)
+        }
+    }
+    impl std::fmt::Display for TestError {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self {
+                TestError::Job(m) => f.write_str(m),
+                TestError::Batcher(e) => write!(f, "{e}"),
+            }
         }
     }
 
     struct Item {
-        key: BatchKey,
+        key: Key,
         at: Instant,
         id: usize,
         gone: bool,
     }
     impl Queued for Item {
-        fn key(&self) -> &BatchKey {
+        type Key = Key;
+        fn key(&self) -> &Key {
             &self.key
         }
         fn enqueued(&self) -> Instant {
@@ -515,22 +557,25 @@ mod tests {
         batches: Log,
         delay: Duration,
     }
-    impl Runner for Echo {
-        type Job = u32;
-        type Output = u32;
-        fn run_batch(&mut self, jobs: Vec<u32>) -> Vec<Result<u32, EditError>> {
+    impl Runner<u32, u32, TestError> for Echo {
+        fn run_batch(&mut self, jobs: Vec<u32>) -> Vec<Result<u32, TestError>> {
             self.batches.lock().unwrap().push(jobs.clone());
             if jobs.contains(&666) {
                 panic!("boom");
             }
             std::thread::sleep(self.delay);
-            jobs.into_iter().map(|j| if j == 13 { Err(EditError::Invalid("thirteen".into())) } else { Ok(j * 10) }).collect()
+            jobs.into_iter().map(|j| if j == 13 { Err(TestError::Job("thirteen".into())) } else { Ok(j * 10) }).collect()
         }
     }
 
     type Log = Arc<Mutex<Vec<Vec<u32>>>>;
 
-    fn start(batch_size: usize, timeout_ms: u64, max_queue: usize, delay_ms: u64) -> (Batcher<u32, u32>, Log, Finished) {
+    fn start(
+        batch_size: usize,
+        timeout_ms: u64,
+        max_queue: usize,
+        delay_ms: u64,
+    ) -> (Batcher<Key, u32, u32, TestError>, Log, Finished) {
         let log = Arc::new(Mutex::new(Vec::new()));
         let l = log.clone();
         let policy = BatchPolicy { batch_size, batch_timeout: Duration::from_millis(timeout_ms), max_queue };
@@ -590,7 +635,7 @@ mod tests {
             b.submit(t, key(j), j)
         };
         let e = go(13).await.unwrap().unwrap_err();
-        assert!(e.is_client_error());
+        assert!(matches!(&e, TestError::Job(m) if m == "thirteen"), "{e}");
         let e = go(666).await.unwrap().unwrap_err();
         assert!(e.to_string().contains("panicked") && e.to_string().contains("boom"), "{e}");
         assert_eq!(go(5).await.unwrap().unwrap().output, 50, "the worker survives a panic");
@@ -633,9 +678,10 @@ mod tests {
     #[tokio::test]
     async fn a_failed_open_is_reported_and_jobs_fail_cleanly() {
         let policy = BatchPolicy { batch_size: 2, batch_timeout: Duration::ZERO, max_queue: 4 };
-        let (b, ready, fin) =
-            Batcher::<u32, u32>::start(policy, Arc::new(NoObserver), || Err::<(Echo, ()), _>("no bundle at x".to_string()))
-                .unwrap();
+        let (b, ready, fin) = Batcher::<Key, u32, u32, TestError>::start(policy, Arc::new(NoObserver), || {
+            Err::<(Echo, ()), _>("no bundle at x".to_string())
+        })
+        .unwrap();
         assert_eq!(ready.await.unwrap().unwrap_err(), "no bundle at x");
         let r = b.submit(b.try_admit().unwrap(), key(1), 1).await.unwrap().unwrap_err();
         assert!(r.to_string().contains("not running"), "{r}");

@@ -2,7 +2,7 @@
 //! `--image`/`--prompt` pairs running as one batch; exit code 0 ok, 1 failure, 2 bad input.
 
 use crate::imaging::{self, Limits, OutputFormat};
-use crate::pipeline::edit::{EditError, EditRequest, Pipeline, PipelineOptions, Prepared};
+use crate::pipeline::{EditError, EditRequest, Pipeline, PipelineOptions, Prepared};
 use crate::runtime::backend::BackendRequest;
 use crate::runtime::ort::OrtSettings;
 use clap::Args;
@@ -152,7 +152,7 @@ pub fn run(args: &EditArgs) -> Result<(), Error> {
     };
     let started = Instant::now();
     let mut pipeline = Pipeline::open(&args.bundle, &options).map_err(|e| match e {
-        crate::pipeline::edit::LoadError::Bundle(b) => usage(b.to_string()),
+        crate::pipeline::LoadError::Bundle(b) => usage(b.to_string()),
         other => Error::Failed(other.to_string()),
     })?;
     let info = pipeline.info().clone();

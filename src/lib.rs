@@ -12,3 +12,4 @@ pub mod onnx;
 pub mod pipeline;
 pub mod runtime;
 pub mod server;
+pub mod service;

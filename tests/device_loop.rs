@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use image::{Rgb, RgbImage};
-use qwen_edit::pipeline::edit::{EditRequest, Pipeline, PipelineOptions};
+use qwen_edit::pipeline::{EditRequest, Pipeline, PipelineOptions};
 use qwen_edit::runtime::step::{self, StepShape};
 use qwen_edit::runtime::tensorrt::{loop_program, LoopBuf, LoopOp, ProfileShapes, TrtOptions};
 use qwen_edit::runtime::{DenoiseLoop, DeviceLoop, Dim, Engine, Error, Outputs, Tensor, TensorInfo};

@@ -4,9 +4,9 @@
 use ndarray::{ArrayD, IxDyn};
 use qwen_edit::bundle::Bundle;
 use qwen_edit::imaging::{self, Limits};
-use qwen_edit::pipeline::edit::{EditRequest, Pipeline, PipelineOptions, Prepared, Trace};
 use qwen_edit::pipeline::latents::{pack_latents, LatentStats};
 use qwen_edit::pipeline::rope::{LatentGrid, Rope, RopeSpec};
+use qwen_edit::pipeline::{EditRequest, Pipeline, PipelineOptions, Prepared, Trace};
 use qwen_edit::runtime::ort::{OrtBackend, OrtSettings};
 use qwen_edit::runtime::{Engine, Tensor};
 use safetensors::SafeTensors;
@@ -321,7 +321,7 @@ fn transformer_stage_on_reference_inputs() {
             })
             .collect();
         let manifest = Bundle::open(root().join("engines").join(bundle)).unwrap().manifest().clone();
-        let rope = Rope::new(RopeSpec::default(), qwen_edit::pipeline::edit::cpu_kernels()).unwrap();
+        let rope = Rope::new(RopeSpec::default(), qwen_edit::pipeline::cpu_kernels()).unwrap();
         for tag in ["cond", "neg"] {
             let Some(hs) = case.f32s.get(&format!("step0.{tag}.hidden_states")) else { continue };
             let ehs = case.f(&format!("step0.{tag}.encoder_hidden_states"));

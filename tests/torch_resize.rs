@@ -2,7 +2,7 @@
 //! and against the VL images the reference pipeline recorded.
 
 use qwen_edit::imaging::{self, torch_resize::resize_bicubic_aa, Filter, Limits};
-use qwen_edit::pipeline::vision::{target_size, VisionSettings};
+use qwen_edit::pipeline::vision::{target_size, Vision};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
@@ -42,7 +42,7 @@ fn bit_identical_to_torch() {
 fn matches_the_processor_in_the_reference_runs() {
     let bundle = root().join("engines/tiny");
     let manifest: Value = serde_json::from_slice(&std::fs::read(bundle.join("manifest.json")).unwrap()).unwrap();
-    let vision: VisionSettings = serde_json::from_value(manifest["vision"].clone()).unwrap();
+    let vision: Vision = serde_json::from_value(manifest["vision"].clone()).unwrap();
     for case in ["edit_square", "edit_wide_cfg", "edit_lightning_jpeg", "edit_size_override"] {
         let meta: Value = serde_json::from_slice(&std::fs::read(bundle.join(format!("reference/{case}.json"))).unwrap()).unwrap();
         let bytes = std::fs::read(bundle.join(format!("reference/{case}.safetensors"))).unwrap();

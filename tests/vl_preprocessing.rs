@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 
 use ndarray::Array3;
 use qwen_edit::imaging::{self, Filter, RgbImage};
-use qwen_edit::pipeline::prompt::{PromptEncoder, PromptRow, PromptSettings};
+use qwen_edit::pipeline::prompt::{Prompt, PromptEncoder, PromptRow};
 use qwen_edit::pipeline::vision::ProcessorBackend;
 use qwen_edit::pipeline::vision::{
-    self, cu_seqlens, smart_resize, window_index, ImageGrid, VisionBatch, VisionError, VisionImage, VisionSettings,
+    self, cu_seqlens, smart_resize, window_index, ImageGrid, Vision, VisionBatch, VisionError, VisionImage,
 };
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -82,11 +82,11 @@ fn synthetic(width: u32, height: u32, seed: u64) -> Vec<u8> {
 
 /// These goldens come from the PIL backend of the processor (`Qwen2VLImageProcessorPil`); the
 /// torchvision backend, the reference's, is checked in tests/torch_resize.rs and tests/parity.rs.
-fn settings(bounds: &str) -> VisionSettings {
-    let s = VisionSettings { processor_backend: ProcessorBackend::Pil, ..VisionSettings::qwen_image_edit() };
+fn settings(bounds: &str) -> Vision {
+    let s = Vision { processor_backend: ProcessorBackend::Pil, ..Vision::qwen_image_edit() };
     match bounds {
         "real" => s,
-        "tiny" => VisionSettings { max_pixels: 28 * 28 * 64, ..s },
+        "tiny" => Vision { max_pixels: 28 * 28 * 64, ..s },
         other => panic!("unknown bounds {other}"),
     }
 }
@@ -137,7 +137,7 @@ fn smart_resize_matches_transformers() {
 fn pixel_values_match_the_pil_processor_bit_for_bit() {
     let g = golden("vision.json");
     let p = &g["processor"];
-    let s = VisionSettings::qwen_image_edit();
+    let s = Vision::qwen_image_edit();
     assert_eq!(p["rescale_factor"].as_f64().unwrap().to_bits(), s.rescale_factor.to_bits());
     assert_eq!(floats(&p["image_mean"]), s.image_mean.map(|v| v as f32).to_vec());
     assert_eq!(floats(&p["image_std"]), s.image_std.map(|v| v as f32).to_vec());
@@ -181,7 +181,7 @@ fn check_index(g: &Value, key: &str, got: &[i64], what: &str) {
     assert_eq!(sha_i64(got), g[format!("{key}_sha256")].as_str().unwrap(), "{what}: {key}");
 }
 
-fn check_vision_batch(g: &Value, batch: &VisionBatch, s: &VisionSettings, what: &str) {
+fn check_vision_batch(g: &Value, batch: &VisionBatch, s: &Vision, what: &str) {
     let (_, cu_window) = window_index(&batch.grids, s.merge_size, s.window_size, s.patch_size);
     check_index(g, "vision_pos_ids", &batch.vision_pos_ids, what);
     check_index(g, "window_index", &batch.window_index, what);
@@ -202,7 +202,7 @@ fn grids_of(v: &Value) -> Vec<ImageGrid> {
 #[test]
 fn vision_index_tensors_match_vision_utils() {
     let g = golden("vision.json");
-    let s = VisionSettings::qwen_image_edit();
+    let s = Vision::qwen_image_edit();
     let sets = g["grid_sets"].as_array().expect("list");
     assert!(sets.len() >= 8);
     for set in sets {
@@ -243,7 +243,7 @@ fn real_tokenizer() -> Option<PathBuf> {
 #[test]
 fn tokenizer_parity_with_transformers_on_the_real_qwen2_tokenizer() {
     let Some(path) = real_tokenizer() else { return };
-    let enc = PromptEncoder::from_file(&path, PromptSettings::qwen_image_edit(1024), &VisionSettings::qwen_image_edit())
+    let enc = PromptEncoder::from_file(&path, Prompt::qwen_image_edit(1024), &Vision::qwen_image_edit())
         .unwrap_or_else(|e| panic!("{e}"));
     let g = golden("tokenizer_parity.json");
     let cases = g["cases"].as_array().expect("list");
@@ -269,7 +269,7 @@ fn processor_goldens_match_transformers() {
         let variant = case["variant"].as_str().unwrap();
         let key = if variant == "edit" { "edit" } else { "plus" };
         let t = &g["templates"][key];
-        let prompt = PromptSettings {
+        let prompt = Prompt {
             template: t["template"].as_str().unwrap().to_string(),
             image_template: (variant != "edit").then(|| g["image_template"].as_str().unwrap().to_string()),
             drop_tokens: u(&t["drop_tokens"]) as usize,

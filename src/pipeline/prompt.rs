@@ -18,10 +18,10 @@
 use std::path::Path;
 
 use ndarray::{Array2, Array3, ArrayView3};
-use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use super::vision::{ImageGrid, VisionBatch, VisionSettings};
+use super::vision::{ImageGrid, Vision, VisionBatch};
+pub use crate::bundle::Prompt;
 use crate::runtime::Tensor;
 
 /// The image placeholder of the templates, expanded to one token per merged vision token.
@@ -65,29 +65,16 @@ impl PromptError {
     }
 }
 
-/// The manifest's `prompt` section.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PromptSettings {
-    /// Chat template with one `{}` where the (image prefix +) user text goes (Python `str.format`).
-    pub template: String,
-    /// Plus: `Picture {}: <|vision_start|><|image_pad|><|vision_end|>`, repeated per image with the
-    /// 1-based index and prepended to the user text. `None` (v1): the template holds the placeholder.
-    pub image_template: Option<String>,
-    /// System-prompt tokens dropped from the hidden states (64).
-    pub drop_tokens: usize,
-    /// Longest accepted row after the drop, in tokens.
-    pub max_text_tokens: usize,
-}
-
 const SYSTEM_PREFIX: &str = "<|im_start|>system\nDescribe the key features of the input image (color, shape, \
 size, texture, objects, background), then explain how the user's text instruction should alter or modify the \
 image. Generate a new image that meets the user's requirements while maintaining consistency with the original \
 input where appropriate.<|im_end|>\n<|im_start|>user\n";
 
-impl PromptSettings {
+/// The manifest's `prompt` section (declared in `bundle`): the reference's templates.
+impl Prompt {
     /// QwenImageEditPipeline (v1), verbatim; `max_text_tokens` is the caller's choice.
     pub fn qwen_image_edit(max_text_tokens: usize) -> Self {
-        PromptSettings {
+        Prompt {
             template: format!(
                 "{}<|vision_start|><|image_pad|><|vision_end|>{{}}<|im_end|>\n<|im_start|>assistant\n",
                 SYSTEM_PREFIX.replace('{', "{{").replace('}', "}}")
@@ -100,7 +87,7 @@ impl PromptSettings {
 
     /// QwenImageEditPlusPipeline (2509/2511), verbatim.
     pub fn qwen_image_edit_plus(max_text_tokens: usize) -> Self {
-        PromptSettings {
+        Prompt {
             template: format!("{}{{}}<|im_end|>\n<|im_start|>assistant\n", SYSTEM_PREFIX.replace('{', "{{").replace('}', "}}")),
             image_template: Some("Picture {}: <|vision_start|><|image_pad|><|vision_end|>".to_string()),
             drop_tokens: 64,
@@ -216,7 +203,7 @@ impl TextBatch {
 #[derive(Clone)]
 pub struct PromptEncoder {
     tokenizer: Tokenizer,
-    settings: PromptSettings,
+    settings: Prompt,
     merge_size: usize,
     image_token_id: u32,
     video_token_id: u32,
@@ -225,7 +212,7 @@ pub struct PromptEncoder {
 
 impl PromptEncoder {
     /// Loads `tokenizer.json` from `path`.
-    pub fn from_file(path: &Path, settings: PromptSettings, vision: &VisionSettings) -> Result<Self, PromptError> {
+    pub fn from_file(path: &Path, settings: Prompt, vision: &Vision) -> Result<Self, PromptError> {
         let shown = path.display().to_string();
         if !path.is_file() {
             return Err(PromptError::TokenizerMissing { path: shown });
@@ -238,14 +225,14 @@ impl PromptEncoder {
     }
 
     /// Parses a `tokenizer.json` held in memory.
-    pub fn from_bytes(json: &[u8], settings: PromptSettings, vision: &VisionSettings) -> Result<Self, PromptError> {
+    pub fn from_bytes(json: &[u8], settings: Prompt, vision: &Vision) -> Result<Self, PromptError> {
         let tokenizer = Tokenizer::from_bytes(json)
             .map_err(|e| PromptError::TokenizerLoad { path: "<memory>".into(), reason: e.to_string() })?;
         Self::new(tokenizer, settings, vision)
     }
 
     /// Wraps a loaded tokenizer; checks it and the templates against the vision settings.
-    pub fn new(tokenizer: Tokenizer, settings: PromptSettings, vision: &VisionSettings) -> Result<Self, PromptError> {
+    pub fn new(tokenizer: Tokenizer, settings: Prompt, vision: &Vision) -> Result<Self, PromptError> {
         vision.validate().map_err(|e| PromptError::Template(e.to_string()))?;
         let id = |token: &str| {
             tokenizer.token_to_id(token).ok_or_else(|| PromptError::TokenizerMismatch(format!("it has no `{token}` token")))
@@ -277,7 +264,7 @@ impl PromptEncoder {
         Ok(encoder)
     }
 
-    pub fn settings(&self) -> &PromptSettings {
+    pub fn settings(&self) -> &Prompt {
         &self.settings
     }
 
@@ -328,10 +315,69 @@ impl PromptEncoder {
     /// up to a multiple of `bucket` (at most `max_text_tokens`), so that batches of different prompts
     /// share shapes.
     pub fn encode_bucketed(&self, rows: &[PromptRow<'_>], grids: &[ImageGrid], bucket: usize) -> Result<TextBatch, PromptError> {
+        let ids = rows.iter().enumerate().map(|(r, row)| self.tokenize_row(r, *row, grids)).collect::<Result<Vec<_>, _>>()?;
+        self.assemble(rows, &ids, grids, bucket)
+    }
+
+    /// Row `r` on its own: the template rendered, each placeholder expanded to its image's token
+    /// count, tokenized and checked against `max_text_tokens`. The ids depend only on the row's text
+    /// and its images' grids, never on the rest of a batch, so a job tokenizes once (when it is
+    /// prepared) and its batch only assembles the rows ([`PromptEncoder::assemble`]).
+    pub fn tokenize_row(&self, r: usize, row: PromptRow<'_>, grids: &[ImageGrid]) -> Result<Vec<u32>, PromptError> {
+        let m2 = self.merge_size * self.merge_size;
+        let drop = self.settings.drop_tokens;
+        for &slot in row.images {
+            if slot >= grids.len() {
+                return Err(PromptError::BadSlot { row: r, slot, slots: grids.len() });
+            }
+        }
+        let text = self.render(r, row.text, row.images.len())?;
+        // The processor's expansion: the i-th placeholder becomes the i-th image's token count.
+        let mut expanded = String::with_capacity(text.len());
+        let mut pieces = text.split(IMAGE_TOKEN);
+        expanded.push_str(pieces.next().unwrap_or(""));
+        for (piece, &slot) in pieces.zip(row.images) {
+            let g = grids[slot];
+            if g.patches() % m2 != 0 {
+                return Err(PromptError::Internal(format!("image grid {g:?} is not a multiple of {m2}")));
+            }
+            expanded.push_str(&IMAGE_TOKEN.repeat(g.merged_tokens(self.merge_size)));
+            expanded.push_str(piece);
+        }
+        let ids = self.tokenize(&expanded)?;
+        let want: usize = row.images.iter().map(|&s| grids[s].merged_tokens(self.merge_size)).sum();
+        let got = ids.iter().filter(|&&i| i == self.image_token_id).count();
+        if got != want {
+            return Err(PromptError::Internal(format!("prompt {r}: {got} image tokens after tokenization, {want} expected")));
+        }
+        if ids.len() <= drop {
+            return Err(PromptError::Template(format!(
+                "a prompt is only {} tokens, not more than drop_tokens = {drop}",
+                ids.len()
+            )));
+        }
+        if ids.len() - drop > self.settings.max_text_tokens {
+            return Err(PromptError::TooLong { row: r, tokens: ids.len() - drop, max: self.settings.max_text_tokens });
+        }
+        Ok(ids)
+    }
+
+    /// The batch of `rows` from their token ids (`ids[r]` = [`PromptEncoder::tokenize_row`] of row
+    /// `r` with the same grids): right-padded to the longest row, rounded up to `bucket` as in
+    /// [`PromptEncoder::encode_bucketed`], with mRoPE positions and vision-token indices.
+    pub fn assemble(
+        &self,
+        rows: &[PromptRow<'_>],
+        ids: &[impl AsRef<[u32]>],
+        grids: &[ImageGrid],
+        bucket: usize,
+    ) -> Result<TextBatch, PromptError> {
         if rows.is_empty() {
             return Err(PromptError::EmptyBatch);
         }
-        let m2 = self.merge_size * self.merge_size;
+        if ids.len() != rows.len() {
+            return Err(PromptError::Internal(format!("{} token rows for {} prompt rows", ids.len(), rows.len())));
+        }
         let mut offsets = Vec::with_capacity(grids.len());
         let mut next = 0usize;
         for g in grids {
@@ -339,49 +385,8 @@ impl PromptEncoder {
             next += g.merged_tokens(self.merge_size);
         }
         let drop = self.settings.drop_tokens;
-        let mut rows_ids = Vec::with_capacity(rows.len());
-        for (r, row) in rows.iter().enumerate() {
-            for &slot in row.images {
-                if slot >= grids.len() {
-                    return Err(PromptError::BadSlot { row: r, slot, slots: grids.len() });
-                }
-            }
-            let text = self.render(r, row.text, row.images.len())?;
-            // The processor's expansion: the i-th placeholder becomes the i-th image's token count.
-            let mut expanded = String::with_capacity(text.len());
-            let mut pieces = text.split(IMAGE_TOKEN);
-            expanded.push_str(pieces.next().unwrap_or(""));
-            for (piece, &slot) in pieces.zip(row.images) {
-                let g = grids[slot];
-                if g.patches() % m2 != 0 {
-                    return Err(PromptError::Internal(format!("image grid {g:?} is not a multiple of {m2}")));
-                }
-                expanded.push_str(&IMAGE_TOKEN.repeat(g.merged_tokens(self.merge_size)));
-                expanded.push_str(piece);
-            }
-            let ids = self.tokenize(&expanded)?;
-            let want: usize = row.images.iter().map(|&s| grids[s].merged_tokens(self.merge_size)).sum();
-            let got = ids.iter().filter(|&&i| i == self.image_token_id).count();
-            if got != want {
-                return Err(PromptError::Internal(format!("prompt {r}: {got} image tokens after tokenization, {want} expected")));
-            }
-            if ids.len() <= drop {
-                return Err(PromptError::Template(format!(
-                    "a prompt is only {} tokens, not more than drop_tokens = {drop}",
-                    ids.len()
-                )));
-            }
-            if ids.len() - drop > self.settings.max_text_tokens {
-                return Err(PromptError::TooLong { row: r, tokens: ids.len() - drop, max: self.settings.max_text_tokens });
-            }
-            rows_ids.push(ids);
-        }
-
         let batch = rows.len();
-        let longest = rows_ids.iter().map(Vec::len).max().unwrap_or(0);
-        // Never past max_text_tokens (the engines' text profile), even when it is not a multiple.
-        let kept = ((longest - drop).div_ceil(bucket.max(1)) * bucket.max(1)).min(self.settings.max_text_tokens);
-        let seq = drop + kept;
+        let seq = drop + self.kept_len(ids, bucket)?;
         let n = batch * seq;
         let mut out = TextBatch {
             batch,
@@ -391,12 +396,12 @@ impl PromptEncoder {
             mm_token_type_ids: vec![0; n],
             position_ids: vec![0; 3 * n],
             image_embed_index: vec![-1; n],
-            lengths: rows_ids.iter().map(Vec::len).collect(),
+            lengths: ids.iter().map(|r| r.as_ref().len()).collect(),
             drop_tokens: drop,
         };
-        for (r, ids) in rows_ids.iter().enumerate() {
+        for (r, ids) in ids.iter().enumerate() {
             let base = r * seq;
-            for (i, &id) in ids.iter().enumerate() {
+            for (i, &id) in ids.as_ref().iter().enumerate() {
                 out.input_ids[base + i] = id as i64;
                 out.attention_mask[base + i] = 1;
                 out.mm_token_type_ids[base + i] = if id == self.image_token_id {
@@ -410,6 +415,18 @@ impl PromptEncoder {
             self.positions(r, &mut out, rows[r].images, grids, &offsets)?;
         }
         Ok(out)
+    }
+
+    /// The text length the transformer sees for rows of these token ids: the longest row after the
+    /// system prompt is dropped, rounded up to a multiple of `bucket`, never past `max_text_tokens`
+    /// (the engines' text profile), even when it is not a multiple.
+    pub fn kept_len(&self, ids: &[impl AsRef<[u32]>], bucket: usize) -> Result<usize, PromptError> {
+        let drop = self.settings.drop_tokens;
+        let longest = ids.iter().map(|r| r.as_ref().len()).max().unwrap_or(0);
+        if longest <= drop {
+            return Err(PromptError::Internal(format!("the longest row has {longest} tokens, drop_tokens is {drop}")));
+        }
+        Ok(((longest - drop).div_ceil(bucket.max(1)) * bucket.max(1)).min(self.settings.max_text_tokens))
     }
 
     /// `get_rope_index` for row `r` (valid tokens only) and its `image_embed_index`.
@@ -539,12 +556,12 @@ mod tests {
         .unwrap()
     }
 
-    fn vision() -> VisionSettings {
-        VisionSettings { image_token_id: 261, video_token_id: 262, ..VisionSettings::qwen_image_edit() }
+    fn vision() -> Vision {
+        Vision { image_token_id: 261, video_token_id: 262, ..Vision::qwen_image_edit() }
     }
 
-    fn v1(max: usize) -> PromptSettings {
-        PromptSettings {
+    fn v1(max: usize) -> Prompt {
+        Prompt {
             template: "ab<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>".into(),
             image_template: None,
             drop_tokens: 2,
@@ -552,8 +569,8 @@ mod tests {
         }
     }
 
-    fn plus() -> PromptSettings {
-        PromptSettings {
+    fn plus() -> Prompt {
+        Prompt {
             template: "ab{}<|im_end|>".into(),
             image_template: Some("P{}:<|vision_start|><|image_pad|><|vision_end|>".into()),
             drop_tokens: 2,
@@ -561,7 +578,7 @@ mod tests {
         }
     }
 
-    fn encoder(s: PromptSettings) -> PromptEncoder {
+    fn encoder(s: Prompt) -> PromptEncoder {
         PromptEncoder::from_bytes(&tokenizer_json(), s, &vision()).unwrap()
     }
 
@@ -581,11 +598,11 @@ mod tests {
 
     #[test]
     fn builtin_templates_render_like_the_reference() {
-        let e = PromptSettings::qwen_image_edit(512);
+        let e = Prompt::qwen_image_edit(512);
         let (t, _) = format_one(&e.template, "hi").unwrap();
         assert!(t.starts_with("<|im_start|>system\nDescribe the key features of the input image (color, shape,"));
         assert!(t.ends_with("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>hi<|im_end|>\n<|im_start|>assistant\n"));
-        let p = PromptSettings::qwen_image_edit_plus(512);
+        let p = Prompt::qwen_image_edit_plus(512);
         assert!(format_one(&p.template, "X").unwrap().0.ends_with("user\nX<|im_end|>\n<|im_start|>assistant\n"));
     }
 
@@ -696,9 +713,9 @@ mod tests {
 
     #[test]
     fn construction_checks_tokenizer_and_templates() {
-        let bad = PromptSettings { template: "no field".into(), ..v1(10) };
+        let bad = Prompt { template: "no field".into(), ..v1(10) };
         assert!(matches!(PromptEncoder::from_bytes(&tokenizer_json(), bad, &vision()), Err(PromptError::Template(_))));
-        let wrong_ids = VisionSettings::qwen_image_edit();
+        let wrong_ids = Vision::qwen_image_edit();
         let r = PromptEncoder::from_bytes(&tokenizer_json(), v1(10), &wrong_ids);
         assert!(matches!(r, Err(PromptError::TokenizerMismatch(_))));
         let r = PromptEncoder::from_bytes(b"{not json", v1(10), &vision());

@@ -10,7 +10,7 @@
 //! 5. the transformer receives `t / 1000` (float32), and `step` computes `dt = sigma_next - sigma`
 //!    and `sample + dt * velocity` in float32 (two roundings, no fused multiply-add).
 
-use serde::{Deserialize, Serialize};
+pub use crate::bundle::{SchedulerConfig, TimeShiftType};
 use thiserror::Error;
 
 /// Errors of the schedule construction and the Euler step.
@@ -31,42 +31,6 @@ pub enum ScheduleError {
     NonFinite { steps: usize, image_seq_len: u64, index: usize },
     #[error("step {step} is past the schedule's last step ({steps} steps)")]
     StepOutOfRange { step: usize, steps: usize },
-}
-
-/// How `mu` shifts the sigmas when `use_dynamic_shifting` is on.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TimeShiftType {
-    /// `e^mu / (e^mu + (1/t - 1))`.
-    #[default]
-    Exponential,
-    /// `mu / (mu + (1/t - 1))`.
-    Linear,
-}
-
-/// A `FlowMatchEulerDiscreteScheduler` config: the manifest's `scheduler.base` / `scheduler.lightning`,
-/// or a diffusers `scheduler_config.json`. Missing keys take the scheduler's defaults; unknown keys
-/// are ignored; options that change the schedule in ways the edit pipeline does not use are refused
-/// by [`SchedulerConfig::validate`].
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct SchedulerConfig {
-    pub base_image_seq_len: u64,
-    pub max_image_seq_len: u64,
-    pub base_shift: f64,
-    pub max_shift: f64,
-    /// `None` (JSON `null`) or 0: no terminal stretch.
-    pub shift_terminal: Option<f64>,
-    pub time_shift_type: TimeShiftType,
-    pub use_dynamic_shifting: bool,
-    pub num_train_timesteps: u32,
-    /// Static shift, used when `use_dynamic_shifting` is off.
-    pub shift: f64,
-    pub invert_sigmas: bool,
-    pub use_karras_sigmas: bool,
-    pub use_exponential_sigmas: bool,
-    pub use_beta_sigmas: bool,
-    pub stochastic_sampling: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -91,6 +55,8 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// The manifest's `scheduler.base` / `scheduler.lightning` (declared in `bundle`): the reference's
+/// configs, and the options this implementation refuses.
 impl SchedulerConfig {
     /// Qwen-Image(-Edit)'s `scheduler/scheduler_config.json`.
     pub fn qwen_image() -> SchedulerConfig {
@@ -287,7 +253,7 @@ mod tests {
         let c: SchedulerConfig = serde_json::from_str(json).unwrap();
         assert_eq!(c.shift_terminal, None);
         assert_eq!(c.time_shift_type, TimeShiftType::Linear);
-        let c: SchedulerConfig = serde_json::from_str(r#"{"use_karras_sigmas": true}"#).unwrap();
+        let c = SchedulerConfig { use_karras_sigmas: true, ..SchedulerConfig::default() };
         assert_eq!(c.validate(), Err(ScheduleError::Unsupported("use_karras_sigmas")));
         let c = SchedulerConfig { max_image_seq_len: 256, use_dynamic_shifting: true, ..SchedulerConfig::default() };
         assert!(matches!(c.validate(), Err(ScheduleError::Config(_))));

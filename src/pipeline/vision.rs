@@ -16,8 +16,8 @@
 //! The same image used by several prompt rows (true CFG) is given once; prompt rows refer to it by its
 //! position (slot) in the batch (see `prompt.rs`).
 
-use serde::{Deserialize, Serialize};
-
+use crate::bundle::Resample;
+pub use crate::bundle::{ProcessorBackend, Vision};
 use crate::imaging::{self, Filter, RgbImage};
 
 /// Errors of the vision preprocessing.
@@ -45,61 +45,18 @@ pub enum VisionError {
     Resize(String),
 }
 
-/// The manifest's `vision` section: Qwen2-VL image processor and vision tower settings.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct VisionSettings {
-    pub patch_size: usize,
-    pub temporal_patch_size: usize,
-    pub merge_size: usize,
-    pub min_pixels: u64,
-    pub max_pixels: u64,
-    /// Resampling filter of the processor's resize; only `bicubic` (the reference's) is supported.
-    #[serde(default = "default_resample")]
-    pub resample: String,
-    pub rescale_factor: f64,
-    pub image_mean: [f64; 3],
-    pub image_std: [f64; 3],
-    pub window_size: usize,
-    pub image_token_id: u32,
-    pub video_token_id: u32,
-    pub vision_start_token_id: u32,
-    /// Plus: pixel area of the VL copy of each image; `None` for v1 (the VAE-sized image is used).
-    #[serde(default)]
-    pub condition_area: Option<u64>,
-    /// Which implementation of the image processor the reference ran (see [`ProcessorBackend`]).
-    #[serde(default)]
-    pub processor_backend: ProcessorBackend,
-}
-
-/// The two implementations transformers 5 has of the Qwen2-VL image processor. They resize and
-/// normalise with different arithmetic, so their pixel values differ in the last bits.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum ProcessorBackend {
-    /// `Qwen2VLImageProcessor` (torchvision backend; what `Qwen2VLProcessor` loads whenever
-    /// torchvision is installed, which it requires): torch's uint8 antialiased bicubic resize, then
-    /// `(x - mean/rescale) / (std/rescale)` in f32.
-    #[default]
-    Torchvision,
-    /// `Qwen2VLImageProcessorPil`: Pillow bicubic, then `f32(x * rescale)` and `(x - mean) / std`.
-    Pil,
-}
-
-fn default_resample() -> String {
-    "bicubic".to_string()
-}
-
-impl VisionSettings {
+/// The manifest's `vision` section, as this module uses it (the type is declared in `bundle`).
+impl Vision {
     /// The settings of the real Qwen-Image-Edit models (`preprocessor_config.json`, vision config),
     /// with the Qwen2 tokenizer's token ids.
     pub fn qwen_image_edit() -> Self {
-        VisionSettings {
+        Vision {
             patch_size: 14,
             temporal_patch_size: 2,
             merge_size: 2,
             min_pixels: 56 * 56,
             max_pixels: 28 * 28 * 16384,
-            resample: default_resample(),
+            resample: Resample::Bicubic,
             rescale_factor: 1.0 / 255.0,
             image_mean: [0.48145466, 0.4578275, 0.40821073],
             image_std: [0.26862954, 0.26130258, 0.27577711],
@@ -143,8 +100,8 @@ impl VisionSettings {
                 self.image_mean, self.image_std
             ));
         }
-        if !self.resample.eq_ignore_ascii_case("bicubic") {
-            return bad(format!("resample `{}` is not supported (the reference uses `bicubic`)", self.resample));
+        if self.resample != Resample::Bicubic {
+            return bad(format!("resample `{:?}` is not supported (the reference uses `bicubic`)", self.resample));
         }
         Ok(())
     }
@@ -196,7 +153,7 @@ pub fn smart_resize(height: u64, width: u64, factor: u64, min_pixels: u64, max_p
 }
 
 /// Size `(width, height)` the processor resizes a `width`x`height` image to.
-pub fn target_size(width: u32, height: u32, settings: &VisionSettings) -> Result<(u32, u32), VisionError> {
+pub fn target_size(width: u32, height: u32, settings: &Vision) -> Result<(u32, u32), VisionError> {
     let (h, w) = smart_resize(height as u64, width as u64, settings.factor() as u64, settings.min_pixels, settings.max_pixels)?;
     let fit = |v: u64| u32::try_from(v).map_err(|_| VisionError::Settings(format!("resized side {v} overflows")));
     Ok((fit(w)?, fit(h)?))
@@ -233,7 +190,7 @@ pub struct VisionImage {
 /// Per channel, the processor's value of every u8, with the backend's dtypes and operation order:
 /// PIL: `f32(f64(v) * rescale_factor)`, then `(x - f32(mean)) / f32(std)` in f32; torchvision (fused
 /// rescale): `(f32(v) - f32(mean) * f32(1/rescale)) / (f32(std) * f32(1/rescale))` in f32.
-fn value_tables(s: &VisionSettings) -> [[f32; 256]; 3] {
+fn value_tables(s: &Vision) -> [[f32; 256]; 3] {
     let mut t = [[0f32; 256]; 3];
     for (c, table) in t.iter_mut().enumerate() {
         let mean = s.image_mean[c] as f32;
@@ -258,7 +215,7 @@ fn value_tables(s: &VisionSettings) -> [[f32; 256]; 3] {
 }
 
 /// The processor's resize of `image` to `width x height` for the configured backend.
-pub fn resize(image: &RgbImage, width: u32, height: u32, s: &VisionSettings) -> Result<RgbImage, VisionError> {
+pub fn resize(image: &RgbImage, width: u32, height: u32, s: &Vision) -> Result<RgbImage, VisionError> {
     let r = match s.processor_backend {
         ProcessorBackend::Torchvision => imaging::torch_resize::resize_bicubic_aa(image, width, height),
         ProcessorBackend::Pil => imaging::resize(image, width, height, Filter::Bicubic),
@@ -270,7 +227,7 @@ pub fn resize(image: &RgbImage, width: u32, height: u32, s: &VisionSettings) -> 
 /// processor's size (`target_size` of itself), exactly as `Qwen2VLImageProcessorPil` does after its
 /// resize. Rows are in merge-block order, each row `(channel, frame, y, x)`; the frame is duplicated
 /// `temporal_patch_size` times.
-pub fn patchify(rgb: &[u8], width: u32, height: u32, s: &VisionSettings) -> Result<VisionImage, VisionError> {
+pub fn patchify(rgb: &[u8], width: u32, height: u32, s: &Vision) -> Result<VisionImage, VisionError> {
     s.validate()?;
     let need = width as usize * height as usize * 3;
     if rgb.len() != need {
@@ -319,7 +276,7 @@ pub fn patchify(rgb: &[u8], width: u32, height: u32, s: &VisionSettings) -> Resu
 /// The whole processor for one RGB image: `smart_resize`, the backend's exact bicubic resize (skipped
 /// when the size is kept, as both backends do), then [`patchify`]. Bit-identical to the processor of
 /// the configured backend (torchvision or PIL).
-pub fn preprocess(image: &RgbImage, s: &VisionSettings) -> Result<VisionImage, VisionError> {
+pub fn preprocess(image: &RgbImage, s: &Vision) -> Result<VisionImage, VisionError> {
     s.validate()?;
     let (w, h) = image.dimensions();
     let (tw, th) = target_size(w, h, s)?;
@@ -437,7 +394,7 @@ pub struct VisionBatch {
 
 impl VisionBatch {
     /// Concatenates `images` (one per slot, in order) and computes the index tensors.
-    pub fn new(images: &[&VisionImage], s: &VisionSettings) -> Result<VisionBatch, VisionError> {
+    pub fn new(images: &[&VisionImage], s: &Vision) -> Result<VisionBatch, VisionError> {
         s.validate()?;
         if images.is_empty() {
             return Err(VisionError::NoImages);
@@ -463,7 +420,7 @@ impl VisionBatch {
     }
 
     /// The index tensors only (empty `pixel_values`), e.g. to fill pixels into staging memory.
-    pub fn from_grids(grids: &[ImageGrid], s: &VisionSettings) -> Result<VisionBatch, VisionError> {
+    pub fn from_grids(grids: &[ImageGrid], s: &Vision) -> Result<VisionBatch, VisionError> {
         s.validate()?;
         if grids.is_empty() {
             return Err(VisionError::NoImages);
@@ -509,8 +466,8 @@ impl VisionBatch {
 mod tests {
     use super::*;
 
-    fn settings() -> VisionSettings {
-        VisionSettings { max_pixels: 28 * 28 * 64, ..VisionSettings::qwen_image_edit() }
+    fn settings() -> Vision {
+        Vision { max_pixels: 28 * 28 * 64, ..Vision::qwen_image_edit() }
     }
 
     #[test]
@@ -591,7 +548,7 @@ mod tests {
         assert_eq!(batch.patches(), 48);
         assert_eq!(batch.pixel_values.len(), 48 * 1176);
         assert!(matches!(VisionBatch::new(&[], &s), Err(VisionError::NoImages)));
-        let bad = VisionSettings { window_size: 14, ..s };
+        let bad = Vision { window_size: 14, ..s };
         assert!(bad.validate().unwrap_err().to_string().contains("window_size"));
     }
 
@@ -602,9 +559,9 @@ mod tests {
             "image_mean":[0.48145466,0.4578275,0.40821073],"image_std":[0.26862954,0.26130258,0.27577711],
             "window_size":112,"image_token_id":151655,"video_token_id":151656,
             "vision_start_token_id":151652,"condition_area":null}"#;
-        let s: VisionSettings = serde_json::from_str(j).unwrap();
+        let s: Vision = serde_json::from_str(j).unwrap();
         // serde_json must parse Python's repr of 1/255 to the very same double.
         assert_eq!(s.rescale_factor.to_bits(), (1.0f64 / 255.0).to_bits());
-        assert_eq!(s, VisionSettings::qwen_image_edit());
+        assert_eq!(s, Vision::qwen_image_edit());
     }
 }

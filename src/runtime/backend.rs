@@ -89,7 +89,11 @@ impl GpuProbe {
 
 /// The `.plan` files of `components` under `dir` (`<file stem>.plan` beside each `.onnx`), or which are missing.
 pub fn plans_present(dir: &Path, onnx_files: &[String]) -> Result<Vec<PathBuf>, String> {
-    let plans: Vec<PathBuf> = onnx_files.iter().map(|f| dir.join(f).with_extension("plan")).collect();
+    plans_present_at(onnx_files.iter().map(|f| dir.join(f).with_extension("plan")).collect())
+}
+
+/// `plans`, if every one of them exists, or which are missing.
+pub fn plans_present_at(plans: Vec<PathBuf>) -> Result<Vec<PathBuf>, String> {
     let missing: Vec<String> = plans.iter().filter(|p| !p.is_file()).map(|p| p.display().to_string()).collect();
     if missing.is_empty() {
         Ok(plans)

@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod cuda;
+pub mod loader;
 pub mod nvrtc;
 pub mod ort;
 pub mod shim;

@@ -2,19 +2,16 @@
 //! gets `X-Process-Time` (milliseconds) and a log line, slow ones a warning.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use subtle::ConstantTimeEq;
 
-use super::error::ApiError;
-use super::schema::{self, EditResponse, Timings};
-use super::{input, AppState, Phase};
-use crate::imaging;
+use super::AppState;
 use crate::metrics::Metrics;
-use crate::pipeline::edit::EditRequest;
+use crate::service::{ApiError, Phase};
 
 pub type Body = Full<Bytes>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -47,7 +44,7 @@ where
         response.headers_mut().insert("x-process-time", v);
     }
     let status = response.status().as_u16();
-    if elapsed >= state.settings.slow_request && path != "/health" && path != "/metrics" {
+    if elapsed >= state.settings().slow_request && path != "/health" && path != "/metrics" {
         tracing::warn!(request_id = id, %method, path, status, ms, "slow request");
     } else if path == "/health" || path == "/metrics" {
         tracing::debug!(request_id = id, %method, path, status, ms, "request");
@@ -88,22 +85,22 @@ fn method_not_allowed(allow: &'static str) -> Response<Body> {
 }
 
 fn health(state: &AppState) -> Response<Body> {
-    let phase = state.phase();
-    let model = state.model.get();
-    let (code, status) = match &phase {
+    let st = state.service.status();
+    let (code, status) = match &st.phase {
         Phase::Ready => (StatusCode::OK, "ready"),
         Phase::Loading => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
         Phase::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
         Phase::Failed(_) => (StatusCode::SERVICE_UNAVAILABLE, "failed"),
     };
-    let s = &state.settings;
+    let s = state.settings();
+    let model = st.model.as_ref();
     let mut body = serde_json::json!({
         "status": status,
-        "gpu_available": model.map_or(state.gpu_available, |m| m.info.gpu_available),
-        "backend": model.map_or_else(|| format!("{:?}", s.backend).to_lowercase(), |m| m.info.backend.clone()),
-        "backend_reason": model.map_or_else(|| state.gpu_reason.clone(), |m| m.info.backend_reason.clone()),
-        "denoise_loop": model.map(|m| m.info.denoise_loop.clone()),
-        "queue_depth": state.batcher.depth(),
+        "gpu_available": st.gpu_available,
+        "backend": model.map_or_else(|| format!("{:?}", s.backend).to_lowercase(), |m| m.backend.clone()),
+        "backend_reason": st.backend_reason,
+        "denoise_loop": model.map(|m| m.denoise_loop.clone()),
+        "queue_depth": st.queue_depth,
         "max_queue": s.max_queue,
         "batch_size": s.batch_size,
         "batch_timeout_ms": s.batch_timeout.as_millis() as u64,
@@ -117,24 +114,24 @@ fn health(state: &AppState) -> Response<Body> {
         obj.insert(
             "model".into(),
             serde_json::json!({
-                "name": m.info.name,
-                "variant": m.info.variant,
-                "max_images": m.info.max_images,
-                "default_steps": m.info.default_steps,
-                "default_true_cfg_scale": m.info.default_true_cfg_scale,
-                "lightning_fused": m.info.lightning_fused,
-                "max_text_tokens": m.info.max_text_tokens,
+                "name": m.name,
+                "variant": m.variant,
+                "max_images": m.max_images,
+                "default_steps": m.default_steps,
+                "default_true_cfg_scale": m.default_true_cfg_scale,
+                "lightning_fused": m.lightning_fused,
+                "max_text_tokens": m.max_text_tokens,
             }),
         );
     }
-    if let (Phase::Failed(e), Some(obj)) = (&phase, body.as_object_mut()) {
+    if let (Phase::Failed(e), Some(obj)) = (&st.phase, body.as_object_mut()) {
         obj.insert("error".into(), e.clone().into());
     }
     json_response(code, body.to_string().into_bytes())
 }
 
 fn metrics(state: &AppState) -> Response<Body> {
-    let text = state.metrics.render(state.batcher.depth());
+    let text = state.service.metrics().render(state.service.queue_depth());
     let mut r = Response::new(Full::new(Bytes::from(text)));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     r
@@ -176,20 +173,8 @@ where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let outcome = Outcome { metrics: state.metrics.clone(), started, done: false };
-    let timeout = state.settings.request_timeout;
-    let result = match tokio::time::timeout(timeout, edit(state, req, started)).await {
-        Ok(r) => r,
-        Err(_) => Err(ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
-            format!(
-                "the request took longer than {:.0} s (REQUEST_TIMEOUT); retry later or with fewer steps",
-                timeout.as_secs_f64()
-            ),
-        )),
-    };
-    match result {
+    let outcome = Outcome { metrics: state.service.metrics().clone(), started, done: false };
+    match edit(state, req, started).await {
         Ok(r) => {
             outcome.finish(r.status(), None);
             r
@@ -247,105 +232,25 @@ where
     }
 }
 
+/// `POST /run`: auth, a queue place (503 at once when there is none), the body, then the service.
 async fn edit<B>(state: &Arc<AppState>, req: Request<B>, started: Instant) -> Result<Response<Body>, ApiError>
 where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     authorize(state, req.headers())?;
-    let model = match state.phase() {
-        Phase::Ready => state.model.get().ok_or_else(|| ApiError::internal("ready without a model"))?,
-        Phase::Loading => return Err(ApiError::not_ready("the model is still loading; retry shortly", Duration::from_secs(5))),
-        Phase::Draining => {
-            return Err(ApiError::not_ready("the server is shutting down; retry on another instance", Duration::from_secs(5)))
-        }
-        Phase::Failed(e) => return Err(ApiError::not_ready(format!("the model failed to load: {e}"), Duration::from_secs(30))),
-    };
-    let ticket = state.batcher.try_admit().ok_or_else(|| {
-        ApiError::overloaded(
-            format!(
-                "the queue is full ({} requests waiting, MAX_QUEUE); retry after the Retry-After seconds",
-                state.settings.max_queue
-            ),
-            state.batcher.retry_after(),
-        )
-    })?;
-
+    let ticket = state.service.admit()?;
     // The queue place is held while the body arrives: a client that trickles it is cut off.
-    let body_timeout = state.settings.body_read_timeout;
-    let body = tokio::time::timeout(body_timeout, read_body(req, state.settings.max_body_bytes)).await.map_err(|_| {
+    let body_timeout = state.settings().body_read_timeout;
+    let body = tokio::time::timeout(body_timeout, read_body(req, state.settings().max_body_bytes)).await.map_err(|_| {
         ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "body_timeout",
             format!("the request body did not arrive within {:.0} s (BODY_READ_TIMEOUT)", body_timeout.as_secs_f64()),
         )
     })??;
-    let limits = model.limits.clone();
-    let params = input::blocking(&state.cpu, move || schema::parse(&body, &limits, || u64::from(rand::random::<u32>()))).await?;
-    let schema::EditParams {
-        prompt,
-        negative_prompt,
-        images,
-        num_inference_steps,
-        true_cfg_scale,
-        seed,
-        width,
-        height,
-        output_format,
-    } = params;
-    let images = input::load_images(images, &state.fetcher, state.image_limits, &state.cpu).await?;
-    let request = EditRequest {
-        images,
-        prompt: prompt.clone(),
-        negative_prompt,
-        num_inference_steps,
-        true_cfg_scale,
-        seed,
-        width,
-        height,
-        lightning: state.settings.lightning,
-        noise: None,
-    };
-    let pre = model.preprocessor.clone();
-    let prepared = input::blocking(&state.cpu, move || pre.prepare(request).map_err(ApiError::from)).await?;
-    let preprocess = started.elapsed();
-
-    let key = prepared.key().clone();
-    let done = state
-        .batcher
-        .submit(ticket, key, prepared)
-        .await
-        .map_err(|_| ApiError::internal("the batcher stopped before this job ran; retry the request"))?
-        .map_err(ApiError::from)?;
-
-    let format = output_format;
-    let encode_start = Instant::now();
-    let out = done.output;
-    let (image, width, height) = (out.image, out.width, out.height);
-    let encoded = input::blocking(&state.cpu, move || Ok(input::encode_base64(&imaging::encode(&image, format)?))).await?;
-    let response = EditResponse {
-        image: encoded,
-        prompt,
-        num_inference_steps: out.steps,
-        lightning_enabled: out.lightning,
-        seed: out.seed,
-        width,
-        height,
-        true_cfg_scale,
-        output_format: schema::format_name(format),
-        timings: Timings {
-            preprocess_ms: ms(preprocess),
-            queue_ms: ms(done.queue_time),
-            compute_ms: ms(done.compute_time),
-            encode_ms: ms(encode_start.elapsed()),
-            batch_size: done.batch_size,
-        },
-    };
+    let response = state.service.edit(ticket, body, started).await?;
     Ok(json_response(StatusCode::OK, response.to_json()))
-}
-
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
 #[cfg(test)]
@@ -356,11 +261,11 @@ mod tests {
     /// An AppState whose model never finishes loading (no pipeline is involved in these tests).
     fn state(settings: Settings) -> (Arc<AppState>, std::sync::mpsc::Sender<()>) {
         let (hold, wait) = std::sync::mpsc::channel::<()>();
-        let state = super::super::test_state(settings, move || {
+        let service = crate::service::test_service(settings, move || {
             let _ = wait.recv();
             Err("test state: no model".to_string())
         });
-        (state, hold)
+        (Arc::new(AppState::new(service)), hold)
     }
 
     fn req(method: Method, path: &str, body: &str) -> Request<Full<Bytes>> {
@@ -388,14 +293,14 @@ mod tests {
         assert!(r.headers().contains_key(header::RETRY_AFTER));
         assert_eq!(json(r).await["error_type"], "not_ready");
 
-        st.set_phase(Phase::Draining);
+        crate::service::set_phase(&st.service, Phase::Draining);
         let r = handle(st.clone(), req(Method::GET, "/health", "")).await;
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(json(r).await["status"], "draining");
         let r = handle(st.clone(), req(Method::POST, "/runsync", "{}")).await;
         assert_eq!(json(r).await["error_type"], "not_ready");
 
-        st.set_phase(Phase::Failed("bundle missing".into()));
+        crate::service::set_phase(&st.service, Phase::Failed("bundle missing".into()));
         let v = json(handle(st.clone(), req(Method::GET, "/health", "")).await).await;
         assert_eq!((v["status"].as_str(), v["error"].as_str()), (Some("failed"), Some("bundle missing")));
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::StatusCode;
 
 use crate::imaging;
-use crate::pipeline::edit::EditError;
+use crate::pipeline::EditError;
 
 /// An error response. `error_type` values are part of the API (clients switch on them):
 ///

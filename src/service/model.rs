@@ -1,11 +1,11 @@
-//! The pipeline as the server sees it: opened on the engine worker thread, described for /health
-//! and request validation (`ModelInfo`), and run by the batcher (`PipelineRunner`).
+//! The model as the service sees it: opened on the engine worker thread (the pipeline never leaves
+//! it), described for /health and request validation (`ModelInfo`), and the batch runner it gives.
 
-use crate::batcher::Runner;
+use crate::batcher::Failure;
 use crate::config::Settings;
-use crate::pipeline::edit::{EditError, EditOutput, Pipeline, PipelineInfo, PipelineOptions, Prepared, Preprocessor};
+use crate::pipeline::{EditError, EditOutput, Pipeline, PipelineInfo, PipelineOptions, Prepared, Preprocessor};
 
-/// What the HTTP side needs to know about the loaded model.
+/// What the front ends need to know about the loaded model.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ModelInfo {
     /// The bundle directory as configured.
@@ -36,25 +36,23 @@ pub struct Loaded {
     pub preprocessor: Preprocessor,
 }
 
-/// The batcher's runner: the pipeline, owned by the engine worker thread.
-pub struct PipelineRunner(Pipeline);
+/// The batch runner: the pipeline, owned by the engine worker thread.
+pub type BatchFn = Box<dyn FnMut(Vec<Prepared>) -> Vec<Result<EditOutput, EditError>>>;
 
-impl Runner for PipelineRunner {
-    type Job = Prepared;
-    type Output = EditOutput;
-    fn run_batch(&mut self, jobs: Vec<Prepared>) -> Vec<Result<EditOutput, EditError>> {
-        self.0.run_batch(jobs)
+impl From<Failure> for EditError {
+    fn from(f: Failure) -> EditError {
+        EditError::Internal(f.to_string())
     }
 }
 
 /// Opens the bundle (call on the engine worker thread).
-pub fn open(settings: &Settings) -> Result<(PipelineRunner, Loaded), String> {
+pub fn open(settings: &Settings) -> Result<(BatchFn, Loaded), String> {
     let options = PipelineOptions { backend: settings.backend, ..PipelineOptions::default() };
-    let pipeline = Pipeline::open(&settings.bundle, &options)
+    let mut pipeline = Pipeline::open(&settings.bundle, &options)
         .map_err(|e| format!("cannot open the model bundle {}: {e}", settings.bundle.display()))?;
     let info = describe(pipeline.info(), settings);
     let preprocessor = pipeline.preprocessor();
-    Ok((PipelineRunner(pipeline), Loaded { info, preprocessor }))
+    Ok((Box::new(move |jobs| pipeline.run_batch(jobs)), Loaded { info, preprocessor }))
 }
 
 fn describe(info: &PipelineInfo, settings: &Settings) -> ModelInfo {

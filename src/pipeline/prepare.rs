@@ -1,0 +1,182 @@
+//! Preparing a job on any thread, before it is queued: sizes, resized images, VL patches, VAE input,
+//! tokens, schedule, RoPE tables and noise, each computed once; a bad request is refused here.
+
+use std::sync::Arc;
+
+use image::RgbImage;
+use ndarray::Array3;
+
+use super::job::{internal, invalid, BatchKey, EditError, EditRequest};
+use super::latents::{self, EditSizes};
+use super::model::{Model, PipelineInfo};
+use super::prompt::PromptRow;
+use super::rope::RopeTables;
+use super::schedule::Schedule;
+use super::vision::{self, Vision, VisionImage};
+use crate::imaging::{self, Filter};
+
+/// A request after all per-job CPU work. Everything the engine worker needs that depends only on
+/// this job is here; the batch only stacks it.
+pub struct Prepared {
+    pub(crate) key: BatchKey,
+    pub(crate) seed: u64,
+    pub(crate) true_cfg_scale: f32,
+    pub(crate) sizes: EditSizes,
+    /// Per input image: the VL processor's patches.
+    pub(crate) vl: Vec<VisionImage>,
+    /// Per input image: the VAE input, CHW in [-1, 1], at `sizes.vae[i]`.
+    pub(crate) vae: Vec<Vec<f32>>,
+    /// Token ids of the prompt row, then of the negative row when true CFG runs.
+    pub(crate) tokens: Vec<Vec<u32>>,
+    /// The job's schedule (equal for every job of a batch: same steps, size and schedule type).
+    pub(crate) schedule: Schedule,
+    /// RoPE tables for the key's sizes and text length (equal for every job of a batch).
+    pub(crate) rope: Arc<RopeTables>,
+    /// Packed initial noise [1, seq, 64].
+    pub(crate) noise: Array3<f32>,
+}
+
+impl Prepared {
+    pub fn key(&self) -> &BatchKey {
+        &self.key
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared").field("key", &self.key).field("seed", &self.seed).finish_non_exhaustive()
+    }
+}
+
+/// The CPU half: turns requests into prepared jobs. Cheap to clone; use from any thread.
+#[derive(Clone)]
+pub struct Preprocessor {
+    pub(crate) model: Arc<Model>,
+}
+
+impl Preprocessor {
+    pub fn info(&self) -> &PipelineInfo {
+        &self.model.info
+    }
+
+    /// Validates `req` and does its CPU work. Errors are the client's (`is_client_error`) unless
+    /// something inside the pipeline is broken.
+    pub fn prepare(&self, mut req: EditRequest) -> Result<Prepared, EditError> {
+        let m = &*self.model;
+        check_request(&req, &m.info)?;
+        let dims: Vec<(u32, u32)> = req.images.iter().map(|i| i.dimensions()).collect();
+        let sizes = latents::edit_sizes(&dims, (req.width, req.height), m.info.image_area, m.condition_area).map_err(invalid)?;
+        // The schedule must be valid for this request (e.g. 1 step with a terminal stretch is not).
+        let schedule = Schedule::new(m.scheduler(req.lightning), req.num_inference_steps as usize, sizes.image_seq_len())
+            .map_err(invalid)?;
+        // RoPE positions must fit the reference's table (checked before the images are resized).
+        m.rope.tables(&sizes.img_shapes, 1).map_err(invalid)?;
+        let (vl, vae) = resize_images(&req.images, &sizes, m)?;
+
+        let true_cfg = req.true_cfg_scale > 1.0 && req.negative_prompt.is_some();
+        // Tokenize now, once: a prompt that is too long (or holds reserved tokens) is refused before queueing.
+        let slots: Vec<usize> = (0..req.images.len()).collect();
+        let grids: Vec<_> = vl.iter().map(|v| v.grid).collect();
+        let mut rows = vec![PromptRow { text: &req.prompt, images: &slots }];
+        if true_cfg {
+            rows.push(PromptRow { text: req.negative_prompt.as_deref().unwrap_or(""), images: &slots });
+        }
+        let tokens =
+            rows.iter().enumerate().map(|(r, row)| m.prompt.tokenize_row(r, *row, &grids)).collect::<Result<Vec<_>, _>>()?;
+        let text_len = m.prompt.kept_len(&tokens, m.text_bucket)?;
+        let rope = Arc::new(m.rope.tables(&sizes.img_shapes, text_len).map_err(invalid)?);
+        let noise = initial_noise(req.noise.take(), req.seed, &sizes, m)?;
+        let key = BatchKey {
+            width: sizes.output.0,
+            height: sizes.output.1,
+            condition_sizes: sizes.vae.clone(),
+            steps: req.num_inference_steps,
+            true_cfg,
+            lightning: req.lightning,
+            text_len,
+        };
+        Ok(Prepared { key, seed: req.seed, true_cfg_scale: req.true_cfg_scale, sizes, vl, vae, tokens, schedule, rope, noise })
+    }
+}
+
+/// What can be refused from the request alone.
+fn check_request(req: &EditRequest, info: &PipelineInfo) -> Result<(), EditError> {
+    let n = req.images.len();
+    if n == 0 {
+        return Err(invalid("no input image"));
+    }
+    if n > info.max_images {
+        return Err(invalid(if info.max_images == 1 {
+            format!("this model ({}) edits one image per request, {n} were given", info.variant)
+        } else {
+            format!("at most {} input images per request, {n} were given", info.max_images)
+        }));
+    }
+    if req.num_inference_steps == 0 {
+        return Err(invalid("num_inference_steps must be at least 1"));
+    }
+    if !req.true_cfg_scale.is_finite() || req.true_cfg_scale < 0.0 {
+        return Err(invalid(format!("true_cfg_scale must be a finite number >= 0, got {}", req.true_cfg_scale)));
+    }
+    Ok(())
+}
+
+/// Per input image: the VL processor's patches and the VAE input (Lanczos, like the reference).
+fn resize_images(images: &[RgbImage], sizes: &EditSizes, m: &Model) -> Result<(Vec<VisionImage>, Vec<Vec<f32>>), EditError> {
+    let plus = m.condition_area.is_some();
+    let mut vl = Vec::with_capacity(images.len());
+    let mut vae = Vec::with_capacity(images.len());
+    for (i, image) in images.iter().enumerate() {
+        let (vw, vh) = sizes.vae[i];
+        let vae_img = lanczos(image, vw, vh)?;
+        let vl_img = if plus { lanczos(image, sizes.vl[i].0, sizes.vl[i].1)? } else { vae_img.clone() };
+        vl.push(vl_patches(&vl_img, &m.vision)?);
+        let mut chw = vec![0f32; 3 * vw as usize * vh as usize];
+        imaging::preprocess_into(&vae_img, &mut chw).map_err(internal)?;
+        vae.push(chw);
+    }
+    Ok((vl, vae))
+}
+
+/// The job's packed initial noise: the seed's (torch's CPU generator), or the request's own.
+fn initial_noise(given: Option<Array3<f32>>, seed: u64, sizes: &EditSizes, m: &Model) -> Result<Array3<f32>, EditError> {
+    let (lh, lw) = sizes.latent_size();
+    match given {
+        Some(noise) => {
+            let want = [1, (lh / 2) * (lw / 2), 4 * m.z_dim];
+            if noise.shape() != want {
+                return Err(invalid(format!(
+                    "initial latents have shape {:?}, this edit needs {want:?} (packed [1, seq, 64])",
+                    noise.shape()
+                )));
+            }
+            Ok(noise)
+        }
+        None => latents::initial_noise(seed, m.z_dim, lh, lw, m.kernels).map_err(internal),
+    }
+}
+
+/// The VL processor's resize: smart_resize to multiples of 28, then the reference's resampling.
+fn vl_patches(image: &RgbImage, s: &Vision) -> Result<VisionImage, EditError> {
+    let (w, h) = image.dimensions();
+    let (tw, th) = vision::target_size(w, h, s).map_err(invalid)?;
+    let resized;
+    let img = if (tw, th) == (w, h) {
+        image
+    } else {
+        resized = vision::resize(image, tw, th, s).map_err(internal)?;
+        &resized
+    };
+    vision::patchify(img.as_raw(), tw, th, s).map_err(internal)
+}
+
+fn lanczos(image: &RgbImage, w: u32, h: u32) -> Result<RgbImage, EditError> {
+    if image.dimensions() == (w, h) {
+        return Ok(image.clone());
+    }
+    imaging::resize(image, w, h, Filter::Lanczos).map_err(internal)
+}

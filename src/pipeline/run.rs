@@ -1,0 +1,400 @@
+//! Running a batch of prepared jobs on the engines (the engine worker's half), one function per
+//! stage: text encoder, VAE encoder, denoising loop (on the device when the engine has one), decoder.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use image::RgbImage;
+use ndarray::{s, Array2, Array3, Array4, ArrayD, Axis, Ix3, Ix4, IxDyn};
+
+use super::job::{internal, EditError, EditOutput};
+use super::latents;
+use super::model::{Engines, Model, PipelineInfo};
+use super::prepare::{Prepared, Preprocessor};
+use super::prompt::{self, PromptRow};
+use super::vision::{VisionBatch, VisionImage};
+use crate::imaging;
+use crate::runtime::step::{self, StepShape};
+use crate::runtime::{DenoiseLoop, Engine, Tensor};
+
+/// The engines of one bundle. Owned by one engine worker; `run_batch` runs batches of prepared jobs.
+pub struct Pipeline {
+    model: Arc<Model>,
+    engines: Engines,
+    last_stages: Option<StageTimes>,
+}
+
+/// Wall time of each stage of one batch (for benches and logs).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StageTimes {
+    pub batch: usize,
+    /// VL processor patches to prompt embeddings (text encoder).
+    pub text: Duration,
+    pub vae_encode: Duration,
+    /// Every transformer step with its Euler update.
+    pub denoise: Duration,
+    /// VAE decoder and conversion to pictures.
+    pub decode: Duration,
+}
+
+/// Intermediates of one batch, for parity tests and `edit --dump`: what the reference records.
+#[derive(Clone, Debug, Default)]
+pub struct Trace {
+    /// Text encoder rows (cond rows, then negative rows): token ids and mask [rows, seq].
+    pub input_ids: Option<ArrayD<i64>>,
+    pub attention_mask: Option<ArrayD<i64>>,
+    /// Per input image of every job: VL patches [patches, 1176].
+    pub pixel_values: Vec<ArrayD<f32>>,
+    /// Text hidden states after the drop, padded [rows, txt_seq, dim], and their mask.
+    pub prompt_embeds: Option<ArrayD<f32>>,
+    pub prompt_mask: Option<ArrayD<i64>>,
+    /// Packed, normalised condition latents [b, cond_seq, 64].
+    pub image_latents: Option<ArrayD<f32>>,
+    /// Initial packed noise [b, seq, 64].
+    pub noise: Option<ArrayD<f32>>,
+    pub sigmas: Vec<f32>,
+    /// Packed latents after each step.
+    pub latents: Vec<ArrayD<f32>>,
+    /// VAE decoder input (denormalised) and output float image.
+    pub decode_in: Option<ArrayD<f32>>,
+    pub decoded: Option<ArrayD<f32>>,
+}
+
+/// Prompt embeddings of a batch: [rows, txt_seq, dim] and the mask [rows, txt_seq] (1 = token).
+struct TextEmbeds {
+    embeds: Array3<f32>,
+    mask: Array2<i64>,
+}
+
+fn run_one(engine: &mut dyn Engine, inputs: &[(&str, Tensor)], output: &str) -> Result<ArrayD<f32>, EditError> {
+    let refs: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (*n, t)).collect();
+    let mut out = engine.run(&refs)?;
+    let t =
+        out.take(output).ok_or_else(|| EditError::Internal(format!("{} returned no `{output}` output", engine.component())))?;
+    t.into_f32().map_err(|e| EditError::Internal(format!("{}: {e}", engine.component())))
+}
+
+impl Pipeline {
+    pub(crate) fn new(model: Arc<Model>, engines: Engines) -> Pipeline {
+        Pipeline { model, engines, last_stages: None }
+    }
+
+    pub fn info(&self) -> &PipelineInfo {
+        &self.model.info
+    }
+
+    /// Stage times of the last batch that completed.
+    pub fn last_stages(&self) -> Option<StageTimes> {
+        self.last_stages
+    }
+
+    /// Replaces the transformer with `wrap(transformer)`: instrumentation, and the emulated device
+    /// loop of tests/device_loop.rs (which checks the GPU loop's program without a GPU).
+    pub fn wrap_transformer(self, wrap: impl FnOnce(Box<dyn Engine>) -> Box<dyn Engine>) -> Pipeline {
+        let Pipeline { model, mut engines, last_stages } = self;
+        engines.transformer = wrap(engines.transformer);
+        let mut model = (*model).clone();
+        model.info.denoise_loop = if engines.transformer.device_loop().is_some() { "device" } else { "host" };
+        Pipeline { model: Arc::new(model), engines, last_stages }
+    }
+
+    pub fn preprocessor(&self) -> Preprocessor {
+        Preprocessor { model: self.model.clone() }
+    }
+
+    /// Runs jobs that share one batch key as one batch and returns their results in order. An
+    /// engine failure fails every job of this batch (and nothing else).
+    pub fn run_batch(&mut self, jobs: Vec<Prepared>) -> Vec<Result<EditOutput, EditError>> {
+        let n = jobs.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let started = Instant::now();
+        match self.run_checked(&jobs, None) {
+            Ok(images) => {
+                tracing::debug!(batch = n, ms = started.elapsed().as_millis() as u64, "batch done");
+                jobs.iter()
+                    .zip(images)
+                    .map(|(j, image)| {
+                        Ok(EditOutput {
+                            width: image.width(),
+                            height: image.height(),
+                            image,
+                            seed: j.seed,
+                            steps: j.key.steps,
+                            true_cfg: j.key.true_cfg,
+                            lightning: j.key.lightning,
+                        })
+                    })
+                    .collect()
+            }
+            Err(e) => {
+                tracing::error!(batch = n, error = %e, "batch failed");
+                (0..n).map(|_| Err(e.replicate())).collect()
+            }
+        }
+    }
+
+    /// [`Pipeline::run_batch`] that also returns the batch's intermediates (whole batch or error).
+    pub fn run_batch_traced(&mut self, jobs: &[Prepared]) -> Result<(Vec<RgbImage>, Trace), EditError> {
+        let mut trace = Trace::default();
+        let images = self.run_checked(jobs, Some(&mut trace))?;
+        Ok((images, trace))
+    }
+
+    fn run_checked(&mut self, jobs: &[Prepared], mut trace: Option<&mut Trace>) -> Result<Vec<RgbImage>, EditError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(bad) = jobs.iter().position(|j| j.key != jobs[0].key) {
+            return Err(internal(format!("batch mixes incompatible jobs ({:?} vs {:?})", jobs[0].key, jobs[bad].key)));
+        }
+        let t0 = Instant::now();
+        let text = self.encode_text(jobs, trace.as_deref_mut())?;
+        let t1 = Instant::now();
+        let image_latents = self.encode_images(jobs, trace.as_deref_mut())?;
+        let t2 = Instant::now();
+        let x = self.denoise(jobs, text, &image_latents, trace.as_deref_mut())?;
+        let t3 = Instant::now();
+        let images = self.decode(jobs, x, trace)?;
+        let stages = StageTimes { batch: jobs.len(), text: t1 - t0, vae_encode: t2 - t1, denoise: t3 - t2, decode: t3.elapsed() };
+        tracing::debug!(?stages, "batch stages");
+        self.last_stages = Some(stages);
+        Ok(images)
+    }
+
+    /// Text encoder: the prompt rows of every job, then their negative rows; each job's images are
+    /// encoded once and shared by its rows. The rows were tokenized when the jobs were prepared.
+    fn encode_text(&mut self, jobs: &[Prepared], mut trace: Option<&mut Trace>) -> Result<TextEmbeds, EditError> {
+        let m = self.model.clone();
+        let mut vl_refs: Vec<&VisionImage> = Vec::new();
+        let mut slots: Vec<Vec<usize>> = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            let start = vl_refs.len();
+            vl_refs.extend(j.vl.iter());
+            slots.push((start..vl_refs.len()).collect());
+        }
+        let cfg = jobs[0].key.true_cfg;
+        let mut rows: Vec<PromptRow<'_>> = Vec::new();
+        let mut ids: Vec<&[u32]> = Vec::new();
+        for pass in 0..if cfg { 2 } else { 1 } {
+            for (j, s) in jobs.iter().zip(&slots) {
+                let tokens = j.tokens.get(pass).ok_or_else(|| internal("a true-CFG job without its negative row"))?;
+                rows.push(PromptRow { text: "", images: s });
+                ids.push(tokens);
+            }
+        }
+        let grids: Vec<_> = vl_refs.iter().map(|v| v.grid).collect();
+        let text = m.prompt.assemble(&rows, &ids, &grids, m.text_bucket)?;
+        if text.seq - text.drop_tokens != jobs[0].key.text_len {
+            return Err(internal(format!("batch text length {} != key's {}", text.seq - text.drop_tokens, jobs[0].key.text_len)));
+        }
+        if let Some(t) = trace.as_deref_mut() {
+            let dims = IxDyn(&[text.batch, text.seq]);
+            t.input_ids = Some(ArrayD::from_shape_vec(dims.clone(), text.input_ids.clone()).map_err(internal)?);
+            t.attention_mask = Some(ArrayD::from_shape_vec(dims, text.attention_mask.clone()).map_err(internal)?);
+            for v in &vl_refs {
+                let dim = v.pixel_values.len() / v.grid.patches().max(1);
+                let shape = IxDyn(&[v.grid.patches(), dim]);
+                t.pixel_values.push(ArrayD::from_shape_vec(shape, v.pixel_values.clone()).map_err(internal)?);
+            }
+        }
+        let vision = VisionBatch::new(&vl_refs, &m.vision).map_err(internal)?;
+        let inputs = prompt::text_encoder_inputs(&text, vision)?;
+        let hidden = run_one(self.engines.text_encoder.as_mut(), &inputs, "hidden_states")?;
+        let hidden = hidden.into_dimensionality::<Ix3>().map_err(internal)?;
+        let (embeds, mask) = text.prompt_embeds(hidden.view())?;
+        if let Some(t) = trace {
+            t.prompt_embeds = Some(embeds.clone().into_dyn());
+            t.prompt_mask = Some(mask.clone().into_dyn());
+        }
+        Ok(TextEmbeds { embeds, mask })
+    }
+
+    /// VAE encoder: the i-th condition image of every job has the same size (batch key), so each is
+    /// one batched run; returns the packed, normalised condition latents [b, cond_seq, 64].
+    fn encode_images(&mut self, jobs: &[Prepared], trace: Option<&mut Trace>) -> Result<Array3<f32>, EditError> {
+        let b = jobs.len();
+        let mut parts = Vec::new();
+        for (i, &(w, h)) in jobs[0].key.condition_sizes.iter().enumerate() {
+            let (w, h) = (w as usize, h as usize);
+            let mut data = Vec::with_capacity(b * 3 * w * h);
+            for j in jobs {
+                data.extend_from_slice(&j.vae[i]);
+            }
+            let image = Tensor::f32(&[b, 3, h, w], data);
+            let lat = run_one(self.engines.vae_encoder.as_mut(), &[("image", image)], "latent")?;
+            let mut lat = lat.into_dimensionality::<Ix4>().map_err(internal)?;
+            self.model.stats.normalize(lat.view_mut()).map_err(internal)?;
+            parts.push(latents::pack_latents(lat.view()).map_err(internal)?);
+        }
+        let views: Vec<_> = parts.iter().map(|c| c.view()).collect();
+        let image_latents = ndarray::concatenate(Axis(1), &views).map_err(internal)?;
+        if let Some(t) = trace {
+            t.image_latents = Some(image_latents.clone().into_dyn());
+        }
+        Ok(image_latents)
+    }
+
+    /// Denoising loop: each step runs the transformer, then runtime::step's CFG + Euler update (which
+    /// also rewrites the latent rows of hidden_states). An engine that keeps the loop on its device
+    /// (TensorRT) runs all of it there; otherwise it steps here. Traces need every step's latents, so
+    /// they always step here. Returns the final packed latents [b, seq, 64].
+    fn denoise(
+        &mut self,
+        jobs: &[Prepared],
+        text: TextEmbeds,
+        image_latents: &Array3<f32>,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Array3<f32>, EditError> {
+        let b = jobs.len();
+        let cfg = jobs[0].key.true_cfg;
+        let noise: Vec<_> = jobs.iter().map(|j| j.noise.view()).collect();
+        let mut x = ndarray::concatenate(Axis(0), &noise).map_err(internal)?; // [b, seq, 64], standard layout
+        let (seq, ch) = (x.shape()[1], x.shape()[2]);
+        let img_seq = seq + image_latents.shape()[1];
+        let schedule = &jobs[0].schedule;
+        if let Some(t) = trace.as_deref_mut() {
+            t.noise = Some(x.clone().into_dyn());
+            t.sigmas = schedule.sigmas.clone();
+        }
+        let shape = StepShape { batch: b, seq, img_seq, channels: ch, cfg };
+        let rows = shape.rows();
+        let mut hs = Array3::<f32>::zeros((rows, img_seq, ch));
+        for r in 0..rows {
+            let j = r % b; // with CFG, row b + j is job j's negative row
+            hs.slice_mut(s![r, ..seq, ..]).assign(&x.slice(s![j, .., ..]));
+            hs.slice_mut(s![r, seq.., ..]).assign(&image_latents.slice(s![j, .., ..]));
+        }
+        let steps = schedule.steps();
+        let timesteps = (0..steps).map(|i| schedule.model_timestep(i)).collect::<Result<Vec<f32>, _>>().map_err(internal)?;
+        let dts = (0..steps).map(|i| schedule.dt(i)).collect::<Result<Vec<f32>, _>>().map_err(internal)?;
+        let scales: Vec<f32> = jobs.iter().map(|j| j.true_cfg_scale).collect();
+        let scales = cfg.then_some(&scales[..]);
+        let fixed = self.transformer_inputs(jobs, text, rows, seq, img_seq);
+        let fixed: Vec<(&str, &Tensor)> = fixed.iter().map(|(n, t)| (*n, t)).collect();
+        let xs = x.as_slice_mut().ok_or_else(|| internal("latents not contiguous"))?;
+        let state = Tensor::F32(hs.into_dyn());
+        match (trace, self.engines.transformer.device_loop()) {
+            (None, Some(device)) => {
+                let job = DenoiseLoop {
+                    fixed: &fixed,
+                    state_input: "hidden_states",
+                    state: &state,
+                    time_input: "timestep",
+                    timesteps: &timesteps,
+                    output: "sample",
+                    latents: xs,
+                    shape,
+                    dts: &dts,
+                    scales,
+                };
+                let out = device.run_loop(&job)?;
+                if out.len() != xs.len() {
+                    return Err(internal(format!("the device loop returned {} latent values, expected {}", out.len(), xs.len())));
+                }
+                xs.copy_from_slice(&out);
+            }
+            (trace, _) => {
+                let host = HostLoop { fixed: &fixed, shape, timesteps: &timesteps, dts: &dts, scales };
+                host.run(self.engines.transformer.as_mut(), state, xs, trace)?;
+            }
+        }
+        Ok(x)
+    }
+
+    /// The transformer inputs that are the same at every step: text embeddings and mask, the RoPE
+    /// tables (computed when the jobs were prepared), and `modulate_index` for `zero_cond_t` models.
+    fn transformer_inputs(
+        &self,
+        jobs: &[Prepared],
+        text: TextEmbeds,
+        rows: usize,
+        seq: usize,
+        img_seq: usize,
+    ) -> Vec<(&'static str, Tensor)> {
+        let tables = &jobs[0].rope;
+        let mut fixed = vec![
+            ("encoder_hidden_states", Tensor::F32(text.embeds.into_dyn())),
+            ("encoder_hidden_states_mask", Tensor::I64(text.mask.into_dyn())),
+            ("img_cos", Tensor::F32(tables.img_cos.clone().into_dyn())),
+            ("img_sin", Tensor::F32(tables.img_sin.clone().into_dyn())),
+            ("txt_cos", Tensor::F32(tables.txt_cos.clone().into_dyn())),
+            ("txt_sin", Tensor::F32(tables.txt_sin.clone().into_dyn())),
+        ];
+        if self.model.info.zero_cond_t {
+            let mut m = Array2::<i64>::zeros((rows, img_seq));
+            m.slice_mut(s![.., seq..]).fill(1);
+            fixed.push(("modulate_index", Tensor::I64(m.into_dyn())));
+        }
+        fixed
+    }
+
+    /// VAE decoder, then the conversion of each job's image to 8-bit RGB.
+    fn decode(&mut self, jobs: &[Prepared], x: Array3<f32>, trace: Option<&mut Trace>) -> Result<Vec<RgbImage>, EditError> {
+        let b = jobs.len();
+        let sizes = &jobs[0].sizes;
+        let (lh, lw) = sizes.latent_size();
+        let mut lat: Array4<f32> = latents::unpack_latents(x.view(), lh, lw).map_err(internal)?;
+        self.model.stats.denormalize(lat.view_mut()).map_err(internal)?;
+        let decode_in = trace.as_ref().map(|_| lat.clone().into_dyn());
+        let decoded = run_one(self.engines.vae_decoder.as_mut(), &[("latent", Tensor::F32(lat.into_dyn()))], "image")?;
+        if let Some(t) = trace {
+            t.decode_in = decode_in;
+            t.decoded = Some(decoded.clone());
+        }
+        let (w, h) = sizes.output;
+        let want = IxDyn(&[b, 3, h as usize, w as usize]);
+        if decoded.raw_dim() != want {
+            return Err(internal(format!(
+                "vae_decoder returned {:?}, expected {:?}",
+                decoded.shape(),
+                [b, 3, h as usize, w as usize]
+            )));
+        }
+        let decoded = decoded.as_standard_layout();
+        let per = 3 * w as usize * h as usize;
+        let flat = decoded.as_slice().ok_or_else(|| internal("decoded image not contiguous"))?;
+        flat.chunks(per).map(|chw| imaging::postprocess(chw, w, h).map_err(internal)).collect()
+    }
+}
+
+/// The denoising loop on the host: per step the transformer, then the shared CFG + Euler step.
+struct HostLoop<'a> {
+    fixed: &'a [(&'a str, &'a Tensor)],
+    shape: StepShape,
+    timesteps: &'a [f32],
+    dts: &'a [f32],
+    scales: Option<&'a [f32]>,
+}
+
+impl HostLoop<'_> {
+    fn run(
+        &self,
+        transformer: &mut dyn Engine,
+        state: Tensor,
+        xs: &mut [f32],
+        mut trace: Option<&mut Trace>,
+    ) -> Result<(), EditError> {
+        let rows = self.shape.rows();
+        let mut hs = state;
+        for (&t, &dt) in self.timesteps.iter().zip(self.dts) {
+            let t = Tensor::f32(&[rows], vec![t; rows]);
+            let mut inputs = self.fixed.to_vec();
+            inputs.extend([("hidden_states", &hs), ("timestep", &t)]);
+            let velocity =
+                transformer.run(&inputs)?.take("sample").ok_or_else(|| internal("transformer returned no `sample`"))?;
+            let velocity = velocity.into_f32().map_err(internal)?;
+            let velocity = velocity.as_standard_layout();
+            let v = velocity.as_slice().ok_or_else(|| internal("velocity not contiguous"))?;
+            let Tensor::F32(h) = &mut hs else { return Err(internal("hidden states are not float32")) };
+            let h = h.as_slice_mut().ok_or_else(|| internal("hidden states not contiguous"))?;
+            step::cfg_euler(self.shape, v, xs, Some(h), self.scales, dt)?;
+            if let Some(t) = trace.as_deref_mut() {
+                let s = self.shape;
+                t.latents.push(ArrayD::from_shape_vec(IxDyn(&[s.batch, s.seq, s.channels]), xs.to_vec()).map_err(internal)?);
+            }
+        }
+        Ok(())
+    }
+}
