@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 from pathlib import Path
 
@@ -79,6 +81,17 @@ def _quiet() -> None:
         pass
 
 
+def _pin_cpu_capability(argv) -> None:
+    """The tiny set's reference vectors are made with torch's AVX2 kernels on every x86 host, so they
+    do not depend on the machine (on AVX-512 hosts torch's randn and RoPE frequencies differ in the last
+    bit); tests/parity.rs reproduces them with the same flavour. torch reads ATEN_CPU_CAPABILITY when
+    it starts, so the command re-runs itself with it set."""
+    if os.environ.get("ATEN_CPU_CAPABILITY") == "avx2" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    os.execve(sys.executable, [sys.executable, "-m", "export", *argv], env)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m export", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -107,6 +120,8 @@ def main(argv=None) -> int:
     c.set_defaults(fn=cmd_check)
 
     args = ap.parse_args(argv)
+    if args.cmd in ("tiny", "check"):
+        _pin_cpu_capability(sys.argv[1:] if argv is None else argv)
     _quiet()
     try:
         return args.fn(args)

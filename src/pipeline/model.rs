@@ -35,6 +35,9 @@ pub struct PipelineOptions {
     /// Text lengths are padded up to a multiple of this (0 = [`DEFAULT_TEXT_BUCKET`]): equal shapes
     /// make a job's numbers independent of its batch, and repeat TensorRT graph shapes.
     pub text_bucket: usize,
+    /// The torch CPU kernel flavour of the seeded noise and the RoPE tables; `None` = what torch
+    /// computes on this CPU ([`cpu_kernels`]). Set it to reproduce vectors made on another machine.
+    pub kernels: Option<CpuKernels>,
 }
 
 /// What a loaded pipeline is and accepts; shown by /health and used for request defaults.
@@ -126,7 +129,7 @@ impl Model {
         base.validate().map_err(|e| invalid(format!("scheduler.base: {e}")))?;
         lightning.validate().map_err(|e| invalid(format!("scheduler.lightning: {e}")))?;
         let stats = LatentStats::new(&m.vae.latents_mean, &m.vae.latents_std).map_err(|e| invalid(e.to_string()))?;
-        let kernels = cpu_kernels();
+        let kernels = options.kernels.unwrap_or_else(cpu_kernels);
         let t = &m.transformer;
         let rope = Rope::new(RopeSpec { theta: t.rope_theta, axes_dim: t.axes_dims_rope, table_len: t.rope_positions }, kernels)
             .map_err(|e| invalid(e.to_string()))?;
