@@ -6,15 +6,13 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::verify::{default_tolerance, shapes_of, verify, Verification};
+use super::verify::{Backends, Verification};
 use super::{exit, BuildArgs, Error};
-use crate::bundle::Bundle;
+use crate::bundle::{Bundle, Manifest};
 use crate::onnx::{self, Profile, ProfileSettings};
 use crate::runtime::shim::{
-    self, BuildProfile, BuildSettings, BuilderLibrary, CudaRuntime, CudaStatus, ProfileInput, TrtVersion,
+    self, BuildOutput, BuildProfile, BuildSettings, BuilderLibrary, CudaRuntime, CudaStatus, ProfileInput, TrtVersion,
 };
-use crate::runtime::tensorrt::{TrtOptions, TrtWorker};
-use crate::runtime::{self, Engine};
 
 /// The JSON report of one `build` run.
 #[derive(Clone, Debug, Serialize)]
@@ -126,12 +124,12 @@ fn record_path(plan: &Path) -> PathBuf {
 }
 
 /// One component of a build, planned (inspected, profiled, hashed) before any GPU work.
-struct Planned {
-    name: String,
-    onnx: PathBuf,
-    plan: PathBuf,
-    info: onnx::OnnxInfo,
-    profiles: Vec<Profile>,
+pub(super) struct Planned {
+    pub(super) name: String,
+    pub(super) onnx: PathBuf,
+    pub(super) plan: PathBuf,
+    pub(super) info: onnx::OnnxInfo,
+    pub(super) profiles: Vec<Profile>,
     hash: String,
 }
 
@@ -196,62 +194,19 @@ pub fn build(args: &BuildArgs, progress: &mut dyn FnMut(&str)) -> BuildReport {
 }
 
 fn build_into(args: &BuildArgs, report: &mut BuildReport, progress: &mut dyn FnMut(&str)) -> Result<(), Error> {
-    if let Some(l) = args.optimization_level {
-        if !(0..=5).contains(&l) {
-            return Err(Error::Usage(format!("--optimization-level must be 0..5, got {l}")));
-        }
-    }
+    check_flags(args)?;
     let bundle = Bundle::open(&args.bundle)?;
-    let manifest = bundle.manifest();
-    let mut settings = ProfileSettings::from_manifest(manifest);
-    if !args.batch_sizes.is_empty() {
-        settings.batch_sizes = args.batch_sizes.clone();
-    }
-    settings.cfg = !args.no_cfg;
-    let components: Vec<String> = if args.components.is_empty() {
-        manifest.components.keys().cloned().collect()
-    } else {
-        for c in &args.components {
-            bundle.component(c)?;
-        }
-        args.components.clone()
-    };
+    let settings = profile_settings(args, bundle.manifest());
+    let components = selected_components(args, &bundle)?;
     let timing_path = args.timing_cache.clone().unwrap_or_else(|| bundle.dir().join("tensorrt.timing.cache"));
     report.timing_cache = Some(timing_path.display().to_string());
 
     // Plan every component first: input errors surface before any GPU work.
     let mut planned = Vec::new();
     for name in &components {
-        let onnx_path = bundle.onnx_path(name)?;
-        progress(&format!("{name}: inspecting {}", onnx_path.display()));
-        let info = onnx::inspect(&onnx_path)?;
-        let profiles = onnx::derive_profiles(name, &info.inputs, &settings)?;
-        let mut external = bundle.external_data_paths(name)?;
-        for f in &info.external_data {
-            let p = onnx_path.parent().unwrap_or(Path::new(".")).join(f);
-            if !external.contains(&p) {
-                external.push(p);
-            }
-        }
-        let hash = content_hash(&onnx_path, &external)?;
-        let plan = bundle.plan_path(name)?;
-        report.components.push(ComponentReport {
-            component: name.clone(),
-            onnx: onnx_path.display().to_string(),
-            plan: plan.display().to_string(),
-            status: "planned".into(),
-            precision: info.precision.summary(),
-            onnx_sha256: hash.clone(),
-            cache_key: None,
-            profiles: profiles.clone(),
-            seconds: 0.0,
-            plan_bytes: None,
-            timing_cache_reused: None,
-            verification: None,
-            warnings: vec![],
-            error: None,
-        });
-        planned.push(Planned { name: name.clone(), onnx: onnx_path, plan, info, profiles, hash });
+        let p = plan_component(&bundle, name, &settings, progress)?;
+        report.components.push(p.report());
+        planned.push(p);
     }
     if args.dry_run {
         progress("dry run: nothing built");
@@ -262,124 +217,10 @@ fn build_into(args: &BuildArgs, report: &mut BuildReport, progress: &mut dyn FnM
     report.tensorrt = Some(gpu.version.to_string());
     report.device = Some(gpu.device.clone());
     progress(&format!("TensorRT {} ({}) on device {} (sm {})", gpu.version, gpu.builder.path(), gpu.ordinal, gpu.cc));
-    let mut worker: Option<TrtWorker> = None;
-    let mut ort: Option<runtime::ort::OrtBackend> = None;
+    let mut builds = Builds { args, bundle: &bundle, backends: Backends::new(args.device), gpu, timing_path };
     let mut first_error: Option<Error> = None;
-
-    for (i, p) in planned.iter().enumerate() {
-        let started = Instant::now();
-        let settings_ffi = BuildSettings {
-            workspace_bytes: args.workspace_mib.unwrap_or(0).saturating_mul(1 << 20),
-            optimization_level: args.optimization_level.unwrap_or(-1),
-        };
-        let key = cache_key(&KeyInput {
-            onnx_sha256: &p.hash,
-            tensorrt: gpu.version.to_string(),
-            compute_capability: gpu.cc.clone(),
-            profiles: &p.profiles,
-            workspace_bytes: settings_ffi.workspace_bytes,
-            optimization_level: settings_ffi.optimization_level,
-        });
-        report.components[i].cache_key = Some(key.clone());
-        let record_file = record_path(&p.plan);
-        let previous: Option<EngineRecord> = std::fs::read(&record_file).ok().and_then(|b| serde_json::from_slice(&b).ok());
-        let want_verify = !args.no_verify;
-        let up_to_date = !args.force
-            && p.plan.is_file()
-            && previous.as_ref().is_some_and(|r| r.cache_key == key && (!want_verify || r.verified == Some(true)));
-        if up_to_date {
-            progress(&format!("{}: up to date ({})", p.name, p.plan.display()));
-            report.components[i].status = "up_to_date".into();
-            continue;
-        }
-
-        let result = (|| -> Result<(), Error> {
-            progress(&format!("{}: building {} ({} precision)", p.name, p.plan.display(), p.info.precision.summary()));
-            let cache_in = std::fs::read(&timing_path).unwrap_or_default();
-            let tmp_plan = p.plan.with_extension("plan.tmp");
-            let onnx_str = p.onnx.to_str().ok_or_else(|| Error::Usage(format!("{} is not UTF-8", p.onnx.display())))?;
-            let tmp_str = tmp_plan.to_str().ok_or_else(|| Error::Usage(format!("{} is not UTF-8", tmp_plan.display())))?;
-            let profiles_ffi: Vec<BuildProfile> = p.profiles.iter().map(to_ffi_profile).collect();
-            let out = gpu
-                .builder
-                .build(&gpu.cuda, gpu.ordinal, onnx_str, tmp_str, &profiles_ffi, &settings_ffi, &cache_in)
-                .map_err(|e| Error::Build { component: p.name.clone(), reason: e.to_string() })?;
-            std::fs::rename(&tmp_plan, &p.plan).map_err(io_err(&p.plan))?;
-            if !out.timing_cache.is_empty() {
-                write_atomic(&timing_path, &out.timing_cache)?;
-            }
-            let r = &mut report.components[i];
-            r.plan_bytes = Some(out.plan_bytes);
-            r.timing_cache_reused = Some(out.timing_cache_reused);
-            r.warnings = out.warnings.clone();
-            r.status = "built".into();
-            progress(&format!("{}: built {} bytes in {:.1}s", p.name, out.plan_bytes, started.elapsed().as_secs_f64()));
-
-            let mut verified = None;
-            if want_verify {
-                progress(&format!("{}: comparing with ONNX Runtime on random inputs", p.name));
-                if worker.is_none() {
-                    let w = TrtWorker::open(TrtOptions { device: args.device, ..TrtOptions::default() })
-                        .map_err(|e| Error::Unavailable(e.to_string()))?;
-                    worker = Some(w);
-                }
-                if ort.is_none() {
-                    ort = Some(
-                        runtime::ort::OrtBackend::new(Default::default())
-                            .map_err(|e| Error::Unavailable(format!("ONNX Runtime (the reference): {e}")))?,
-                    );
-                }
-                let (Some(w), Some(o)) = (worker.as_ref(), ort.as_ref()) else {
-                    return Err(Error::Unavailable("verification backends missing".into()));
-                };
-                let component = bundle.component(&p.name)?;
-                let mut reference = o.load(&p.name, &p.onnx).map_err(|e| Error::Unavailable(format!("ONNX Runtime: {e}")))?;
-                let mut candidate = w.load(&p.name, &p.plan, Some((&component.inputs, &component.outputs))).map_err(|e| {
-                    Error::Build { component: p.name.clone(), reason: format!("the new engine does not load: {e}") }
-                })?;
-                let shapes = shapes_of(&p.profiles, reference.inputs(), args.verify_shapes);
-                let (da, dr) = default_tolerance(&p.info.precision.summary());
-                let v = verify(
-                    &mut reference,
-                    &mut candidate,
-                    &shapes,
-                    args.verify_shapes,
-                    args.seed,
-                    (args.atol.unwrap_or(da), args.rtol.unwrap_or(dr)),
-                )
-                .map_err(|e| Error::Verify { component: p.name.clone(), reason: format!("the engine failed to run: {e}") })?;
-                let passed = v.passed;
-                let summary: Vec<String> = v
-                    .outputs
-                    .iter()
-                    .map(|o| {
-                        format!("{} max abs {:.3e} max rel {:.3e} ({} mismatches)", o.name, o.max_abs, o.max_rel, o.mismatches)
-                    })
-                    .collect();
-                progress(&format!(
-                    "{}: {} ({})",
-                    p.name,
-                    if passed { "matches ONNX Runtime" } else { "DIFFERS from ONNX Runtime" },
-                    summary.join("; ")
-                ));
-                report.components[i].verification = Some(v);
-                verified = Some(passed);
-                if !passed {
-                    write_record(&record_file, &key, p, &gpu, verified)?;
-                    return Err(Error::Verify {
-                        component: p.name.clone(),
-                        reason: format!("the engine differs from ONNX Runtime beyond atol/rtol: {}", summary.join("; ")),
-                    });
-                }
-            }
-            write_record(&record_file, &key, p, &gpu, verified)
-        })();
-        let r = &mut report.components[i];
-        r.seconds = started.elapsed().as_secs_f64();
-        if let Err(e) = result {
-            progress(&format!("{}: {e}", p.name));
-            r.status = "failed".into();
-            r.error = Some(e.to_string());
+    for (p, r) in planned.iter().zip(&mut report.components) {
+        if let Err(e) = builds.component(p, r, progress) {
             if matches!(e, Error::Unavailable(_)) {
                 return Err(e); // nothing else can work either
             }
@@ -389,6 +230,202 @@ fn build_into(args: &BuildArgs, report: &mut BuildReport, progress: &mut dyn FnM
     match first_error {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Flags checked before anything is opened.
+fn check_flags(args: &BuildArgs) -> Result<(), Error> {
+    if let Some(l) = args.optimization_level {
+        if !(0..=5).contains(&l) {
+            return Err(Error::Usage(format!("--optimization-level must be 0..5, got {l}")));
+        }
+    }
+    Ok(())
+}
+
+/// The manifest's profile settings, with the batch sizes and CFG of the flags.
+fn profile_settings(args: &BuildArgs, manifest: &Manifest) -> ProfileSettings {
+    let mut settings = ProfileSettings::from_manifest(manifest);
+    if !args.batch_sizes.is_empty() {
+        settings.batch_sizes = args.batch_sizes.clone();
+    }
+    settings.cfg = !args.no_cfg;
+    settings
+}
+
+/// The components to build: those named by the flags (each must be in the bundle), else all of the manifest.
+fn selected_components(args: &BuildArgs, bundle: &Bundle) -> Result<Vec<String>, Error> {
+    if args.components.is_empty() {
+        return Ok(bundle.manifest().components.keys().cloned().collect());
+    }
+    for c in &args.components {
+        bundle.component(c)?;
+    }
+    Ok(args.components.clone())
+}
+
+/// Inspects, profiles and hashes one component: everything a build decides before any GPU work.
+fn plan_component(
+    bundle: &Bundle,
+    name: &str,
+    settings: &ProfileSettings,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Planned, Error> {
+    let onnx_path = bundle.onnx_path(name)?;
+    progress(&format!("{name}: inspecting {}", onnx_path.display()));
+    let info = onnx::inspect(&onnx_path)?;
+    let profiles = onnx::derive_profiles(name, &info.inputs, settings)?;
+    let mut external = bundle.external_data_paths(name)?;
+    for f in &info.external_data {
+        let p = onnx_path.parent().unwrap_or(Path::new(".")).join(f);
+        if !external.contains(&p) {
+            external.push(p);
+        }
+    }
+    let hash = content_hash(&onnx_path, &external)?;
+    let plan = bundle.plan_path(name)?;
+    Ok(Planned { name: name.to_string(), onnx: onnx_path, plan, info, profiles, hash })
+}
+
+impl Planned {
+    /// The component's report as planned, before any GPU work.
+    fn report(&self) -> ComponentReport {
+        ComponentReport {
+            component: self.name.clone(),
+            onnx: self.onnx.display().to_string(),
+            plan: self.plan.display().to_string(),
+            status: "planned".into(),
+            precision: self.info.precision.summary(),
+            onnx_sha256: self.hash.clone(),
+            cache_key: None,
+            profiles: self.profiles.clone(),
+            seconds: 0.0,
+            plan_bytes: None,
+            timing_cache_reused: None,
+            verification: None,
+            warnings: vec![],
+            error: None,
+        }
+    }
+}
+
+/// What the builds of every component share: the flags, the bundle, the GPU, the timing cache and the
+/// comparison backends (opened on first use).
+struct Builds<'a> {
+    args: &'a BuildArgs,
+    bundle: &'a Bundle,
+    // Field order = drop order: the comparison backends before the builder's libraries.
+    backends: Backends,
+    gpu: GpuEnv,
+    timing_path: PathBuf,
+}
+
+impl Builds<'_> {
+    fn settings(&self) -> BuildSettings {
+        BuildSettings {
+            workspace_bytes: self.args.workspace_mib.unwrap_or(0).saturating_mul(1 << 20),
+            optimization_level: self.args.optimization_level.unwrap_or(-1),
+        }
+    }
+
+    /// Builds one component unless its record says it is up to date; `r` tells how it went.
+    fn component(&mut self, p: &Planned, r: &mut ComponentReport, progress: &mut dyn FnMut(&str)) -> Result<(), Error> {
+        let started = Instant::now();
+        let settings = self.settings();
+        let key = cache_key(&KeyInput {
+            onnx_sha256: &p.hash,
+            tensorrt: self.gpu.version.to_string(),
+            compute_capability: self.gpu.cc.clone(),
+            profiles: &p.profiles,
+            workspace_bytes: settings.workspace_bytes,
+            optimization_level: settings.optimization_level,
+        });
+        r.cache_key = Some(key.clone());
+        if self.up_to_date(p, &key) {
+            progress(&format!("{}: up to date ({})", p.name, p.plan.display()));
+            r.status = "up_to_date".into();
+            return Ok(());
+        }
+        let result = self.build_and_verify(p, &key, started, r, progress);
+        r.seconds = started.elapsed().as_secs_f64();
+        if let Err(e) = &result {
+            progress(&format!("{}: {e}", p.name));
+            r.status = "failed".into();
+            r.error = Some(e.to_string());
+        }
+        result
+    }
+
+    /// Whether the plan exists and its record has the same content key (and passed verification, when asked).
+    fn up_to_date(&self, p: &Planned, key: &str) -> bool {
+        let previous: Option<EngineRecord> =
+            std::fs::read(record_path(&p.plan)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        !self.args.force
+            && p.plan.is_file()
+            && previous.as_ref().is_some_and(|r| r.cache_key == key && (self.args.no_verify || r.verified == Some(true)))
+    }
+
+    /// Compiles the engine, compares it with ONNX Runtime (unless `--no-verify`) and records the outcome beside the plan.
+    fn build_and_verify(
+        &mut self,
+        p: &Planned,
+        key: &str,
+        started: Instant,
+        r: &mut ComponentReport,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<(), Error> {
+        progress(&format!("{}: building {} ({} precision)", p.name, p.plan.display(), p.info.precision.summary()));
+        let out = self.compile(p)?;
+        r.plan_bytes = Some(out.plan_bytes);
+        r.timing_cache_reused = Some(out.timing_cache_reused);
+        r.warnings = out.warnings.clone();
+        r.status = "built".into();
+        progress(&format!("{}: built {} bytes in {:.1}s", p.name, out.plan_bytes, started.elapsed().as_secs_f64()));
+
+        let record_file = record_path(&p.plan);
+        let mut verified = None;
+        if !self.args.no_verify {
+            progress(&format!("{}: comparing with ONNX Runtime on random inputs", p.name));
+            let v = self.backends.check_engine(self.bundle, p, self.args)?;
+            let passed = v.passed;
+            let summary = v.summary();
+            progress(&format!(
+                "{}: {} ({})",
+                p.name,
+                if passed { "matches ONNX Runtime" } else { "DIFFERS from ONNX Runtime" },
+                summary
+            ));
+            r.verification = Some(v);
+            verified = Some(passed);
+            if !passed {
+                write_record(&record_file, key, p, &self.gpu, verified)?;
+                return Err(Error::Verify {
+                    component: p.name.clone(),
+                    reason: format!("the engine differs from ONNX Runtime beyond atol/rtol: {summary}"),
+                });
+            }
+        }
+        write_record(&record_file, key, p, &self.gpu, verified)
+    }
+
+    /// Runs the TensorRT builder on the component's ONNX graph into its plan (through a temporary file), then
+    /// saves the timing cache it updated.
+    fn compile(&self, p: &Planned) -> Result<BuildOutput, Error> {
+        let cache_in = std::fs::read(&self.timing_path).unwrap_or_default();
+        let tmp_plan = p.plan.with_extension("plan.tmp");
+        let onnx_str = p.onnx.to_str().ok_or_else(|| Error::Usage(format!("{} is not UTF-8", p.onnx.display())))?;
+        let tmp_str = tmp_plan.to_str().ok_or_else(|| Error::Usage(format!("{} is not UTF-8", tmp_plan.display())))?;
+        let profiles_ffi: Vec<BuildProfile> = p.profiles.iter().map(to_ffi_profile).collect();
+        let gpu = &self.gpu;
+        let out = gpu
+            .builder
+            .build(&gpu.cuda, gpu.ordinal, onnx_str, tmp_str, &profiles_ffi, &self.settings(), &cache_in)
+            .map_err(|e| Error::Build { component: p.name.clone(), reason: e.to_string() })?;
+        std::fs::rename(&tmp_plan, &p.plan).map_err(io_err(&p.plan))?;
+        if !out.timing_cache.is_empty() {
+            write_atomic(&self.timing_path, &out.timing_cache)?;
+        }
+        Ok(out)
     }
 }
 

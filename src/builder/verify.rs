@@ -4,8 +4,12 @@
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::VerifyShapes;
+use super::build::Planned;
+use super::{BuildArgs, Error, VerifyShapes};
+use crate::bundle::Bundle;
 use crate::onnx::Profile;
+use crate::runtime::ort::OrtBackend;
+use crate::runtime::tensorrt::{TrtOptions, TrtWorker};
 use crate::runtime::{self, DType, Dim, Engine, Tensor, TensorInfo};
 
 /// The engine-vs-ONNX-Runtime comparison (polygraphy style).
@@ -29,6 +33,18 @@ pub struct OutputError {
     pub mean_abs: f64,
     pub mismatches: usize,
     pub error: Option<String>,
+}
+
+impl Verification {
+    /// One line per output: its largest errors and how many elements are beyond tolerance.
+    pub(super) fn summary(&self) -> String {
+        let lines: Vec<String> = self
+            .outputs
+            .iter()
+            .map(|o| format!("{} max abs {:.3e} max rel {:.3e} ({} mismatches)", o.name, o.max_abs, o.max_rel, o.mismatches))
+            .collect();
+        lines.join("; ")
+    }
 }
 
 /// Default tolerances for a graph's precision (see `Precision::summary`).
@@ -175,7 +191,7 @@ pub fn verify(
 }
 
 /// The comparison shapes of `inputs` from the first profile.
-pub(super) fn shapes_of(profiles: &[Profile], inputs: &[TensorInfo], kind: VerifyShapes) -> Vec<Vec<usize>> {
+fn shapes_of(profiles: &[Profile], inputs: &[TensorInfo], kind: VerifyShapes) -> Vec<Vec<usize>> {
     inputs
         .iter()
         .map(|info| {
@@ -187,6 +203,60 @@ pub(super) fn shapes_of(profiles: &[Profile], inputs: &[TensorInfo], kind: Verif
             }
         })
         .collect()
+}
+
+/// The two sides of the comparison of freshly built engines: TensorRT on the build device and ONNX Runtime
+/// (the reference) on the CPU, opened for the first engine and kept for the next ones.
+pub(super) struct Backends {
+    device: usize,
+    ort: Option<OrtBackend>,
+    worker: Option<TrtWorker>,
+}
+
+impl Backends {
+    pub(super) fn new(device: usize) -> Backends {
+        Backends { device, ort: None, worker: None }
+    }
+
+    fn open(&mut self) -> Result<(&TrtWorker, &OrtBackend), Error> {
+        if self.worker.is_none() {
+            let w = TrtWorker::open(TrtOptions { device: self.device, ..TrtOptions::default() })
+                .map_err(|e| Error::Unavailable(e.to_string()))?;
+            self.worker = Some(w);
+        }
+        if self.ort.is_none() {
+            self.ort = Some(
+                OrtBackend::new(Default::default())
+                    .map_err(|e| Error::Unavailable(format!("ONNX Runtime (the reference): {e}")))?,
+            );
+        }
+        let (Some(w), Some(o)) = (self.worker.as_ref(), self.ort.as_ref()) else {
+            return Err(Error::Unavailable("verification backends missing".into()));
+        };
+        Ok((w, o))
+    }
+
+    /// Runs the new engine of `p` and its ONNX graph on the same random inputs (shapes, seed and tolerances
+    /// of `args`; the tolerances default by precision) and compares them.
+    pub(super) fn check_engine(&mut self, bundle: &Bundle, p: &Planned, args: &BuildArgs) -> Result<Verification, Error> {
+        let (w, o) = self.open()?;
+        let component = bundle.component(&p.name)?;
+        let mut reference = o.load(&p.name, &p.onnx).map_err(|e| Error::Unavailable(format!("ONNX Runtime: {e}")))?;
+        let mut candidate = w
+            .load(&p.name, &p.plan, Some((&component.inputs, &component.outputs)))
+            .map_err(|e| Error::Build { component: p.name.clone(), reason: format!("the new engine does not load: {e}") })?;
+        let shapes = shapes_of(&p.profiles, reference.inputs(), args.verify_shapes);
+        let (da, dr) = default_tolerance(&p.info.precision.summary());
+        verify(
+            &mut reference,
+            &mut candidate,
+            &shapes,
+            args.verify_shapes,
+            args.seed,
+            (args.atol.unwrap_or(da), args.rtol.unwrap_or(dr)),
+        )
+        .map_err(|e| Error::Verify { component: p.name.clone(), reason: format!("the engine failed to run: {e}") })
+    }
 }
 
 #[cfg(test)]
