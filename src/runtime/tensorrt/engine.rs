@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::plan::{
-    buffer_sizes, crop_tensor, engine_info, loop_program, order_inputs, plan_run, staged_inputs, GraphKey, LoopBuf, LoopOp,
+    buffer_sizes, crop_tensor, engine_io, loop_program, order_inputs, plan_run, staged_inputs, GraphKey, LoopBuf, LoopOp,
     LruCache, ProfileShapes, RunPlan,
 };
 use super::worker::TrtOptions;
@@ -65,83 +65,27 @@ impl TrtEngine {
         step_kernel: Option<Arc<StepKernel>>,
     ) -> Result<TrtEngine, Error> {
         let load_err = |reason: String| Error::Load { component: component.into(), path: String::new(), reason };
-        let io = engine.io_tensors();
-        for t in &io {
-            if !t.linear || !t.on_device || t.shape_tensor {
-                return Err(load_err(format!(
-                    "IO tensor `{}` is not a plain linear device tensor (vectorized format, host location or shape tensor)",
-                    t.name
-                )));
-            }
-        }
-        let (ci, co) = match contract {
-            Some((i, o)) => (Some(i), Some(o)),
-            None => (None, None),
-        };
-        let inputs: Vec<TensorInfo> =
-            io.iter().filter(|t| t.is_input).map(|t| engine_info(t, ci)).collect::<Result<_, _>>().map_err(load_err)?;
-        let outputs: Vec<TensorInfo> =
-            io.iter().filter(|t| !t.is_input).map(|t| engine_info(t, co)).collect::<Result<_, _>>().map_err(load_err)?;
-        let n_profiles = engine.num_profiles();
-        if n_profiles == 0 {
-            return Err(load_err("the engine has no optimization profile".into()));
-        }
-        let mut profiles = Vec::with_capacity(n_profiles);
-        for p in 0..n_profiles {
-            let mut shapes = ProfileShapes { min: vec![], max: vec![] };
-            for t in &inputs {
-                let r = engine.profile(&t.name, p).map_err(|e| load_err(e.to_string()))?;
-                let conv = |v: &[i64]| -> Result<Vec<usize>, Error> {
-                    v.iter()
-                        .map(|&d| {
-                            usize::try_from(d).map_err(|_| load_err(format!("profile {p} of `{}` has a negative dim", t.name)))
-                        })
-                        .collect()
-                };
-                shapes.min.push(conv(&r.min)?);
-                shapes.max.push(conv(&r.max)?);
-            }
-            profiles.push(shapes);
-        }
+        let (inputs, outputs) = engine_io(&engine.io_tensors(), contract).map_err(load_err)?;
+        let profiles = read_profiles(&engine, &inputs).map_err(load_err)?;
 
         device.bind()?;
-        let stream = device.stream_handle();
-        let act_bytes = engine.device_memory_size();
-        let activation = device.alloc(act_bytes)?;
+        let activation = device.alloc(engine.device_memory_size())?;
         // One base context per profile; set to the profile's largest inputs it tells the largest outputs.
-        let mut base = Vec::with_capacity(n_profiles);
-        let mut in_max: Vec<Vec<Vec<usize>>> = Vec::new();
-        let mut out_max: Vec<Vec<Vec<usize>>> = Vec::new();
-        for (p, shapes) in profiles.iter().enumerate() {
-            let mut ctx = engine
-                .create_context(p, stream, activation.ptr() as usize, act_bytes.max(1))
-                .map_err(|e| load_err(e.to_string()))?;
-            for (t, s) in inputs.iter().zip(&shapes.max) {
-                ctx.set_input_shape(&t.name, s).map_err(|e| load_err(e.to_string()))?;
-            }
-            let outs = outputs
-                .iter()
-                .map(|t| ctx.tensor_shape(&t.name))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| load_err(e.to_string()))?;
-            in_max.push(shapes.max.clone());
-            out_max.push(outs);
-            base.push(Some(ctx));
-        }
+        let (mut base, out_max) =
+            base_contexts(&engine, &device, &activation, &profiles, (&inputs, &outputs)).map_err(load_err)?;
+        let in_max: Vec<Shapes> = profiles.iter().map(|p| p.max.clone()).collect();
         let in_sizes = buffer_sizes(&inputs.iter().map(|t| t.dtype).collect::<Vec<_>>(), &in_max).map_err(load_err)?;
         let out_sizes = buffer_sizes(&outputs.iter().map(|t| t.dtype).collect::<Vec<_>>(), &out_max).map_err(load_err)?;
-        let in_bufs =
-            in_sizes.iter().map(|&b| Ok((device.alloc(b)?, device.pinned(b, false)?))).collect::<Result<Vec<_>, Error>>()?;
-        let out_bufs =
-            out_sizes.iter().map(|&b| Ok((device.alloc(b)?, device.pinned(b, true)?))).collect::<Result<Vec<_>, Error>>()?;
+        let in_bufs = io_buffers(&device, &in_sizes, false)?;
+        let out_bufs = io_buffers(&device, &out_sizes, true)?;
         // Addresses never change: set them once on every base context.
         for ctx in base.iter_mut().flatten() {
             bind_addresses(ctx, &inputs, &outputs, &in_bufs, &out_bufs).map_err(|e| load_err(e.to_string()))?;
         }
         tracing::info!(
             component,
-            profiles = n_profiles,
-            activation_bytes = act_bytes,
+            profiles = profiles.len(),
+            activation_bytes = activation.bytes(),
             io_bytes = in_sizes.iter().chain(&out_sizes).sum::<usize>(),
             "TensorRT engine loaded"
         );
@@ -326,6 +270,63 @@ impl DeviceLoop for TrtEngine {
             }
         }
     }
+}
+
+/// Min and max shapes of every input in each optimization profile of `engine`.
+fn read_profiles(engine: &EngineHandle, inputs: &[TensorInfo]) -> Result<Vec<ProfileShapes>, String> {
+    let n_profiles = engine.num_profiles();
+    if n_profiles == 0 {
+        return Err("the engine has no optimization profile".into());
+    }
+    let mut profiles = Vec::with_capacity(n_profiles);
+    for p in 0..n_profiles {
+        let mut shapes = ProfileShapes { min: vec![], max: vec![] };
+        for t in inputs {
+            let r = engine.profile(&t.name, p).map_err(|e| e.to_string())?;
+            let conv = |v: &[i64]| -> Result<Vec<usize>, String> {
+                v.iter()
+                    .map(|&d| usize::try_from(d).map_err(|_| format!("profile {p} of `{}` has a negative dim", t.name)))
+                    .collect()
+            };
+            shapes.min.push(conv(&r.min)?);
+            shapes.max.push(conv(&r.max)?);
+        }
+        profiles.push(shapes);
+    }
+    Ok(profiles)
+}
+
+/// One shape per tensor, in the engine's order.
+type Shapes = Vec<Vec<usize>>;
+
+/// One context per profile on the worker's stream and `activation` memory, set to the profile's largest
+/// inputs; with the output shapes those give (the largest outputs, which size the output buffers).
+fn base_contexts(
+    engine: &EngineHandle,
+    device: &Device,
+    activation: &DeviceBuffer,
+    profiles: &[ProfileShapes],
+    (inputs, outputs): (&[TensorInfo], &[TensorInfo]),
+) -> Result<(Vec<Option<ContextHandle>>, Vec<Shapes>), String> {
+    let stream = device.stream_handle();
+    let mut base = Vec::with_capacity(profiles.len());
+    let mut out_max = Vec::with_capacity(profiles.len());
+    for (p, shapes) in profiles.iter().enumerate() {
+        let mut ctx =
+            engine.create_context(p, stream, activation.ptr() as usize, activation.bytes().max(1)).map_err(|e| e.to_string())?;
+        for (t, s) in inputs.iter().zip(&shapes.max) {
+            ctx.set_input_shape(&t.name, s).map_err(|e| e.to_string())?;
+        }
+        let outs = outputs.iter().map(|t| ctx.tensor_shape(&t.name)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+        out_max.push(outs);
+        base.push(Some(ctx));
+    }
+    Ok((base, out_max))
+}
+
+/// A device buffer of each size with its pinned staging (`download`: read by the host, else written by it).
+fn io_buffers(device: &Device, sizes: &[usize], download: bool) -> Result<Vec<(DeviceBuffer, PinnedBuffer)>, Error> {
+    sizes.iter().map(|&b| Ok((device.alloc(b)?, device.pinned(b, download)?))).collect()
 }
 
 fn bind_addresses(

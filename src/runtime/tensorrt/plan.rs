@@ -443,7 +443,7 @@ fn parse_dtype(s: &str) -> Option<DType> {
 
 /// TensorInfo of an engine tensor: dtype from the engine; dynamic dims named after the contract
 /// (when it has the tensor with the same rank), else `d<axis>`.
-pub(super) fn engine_info(io: &shim::IoTensor, contract: Option<&[TensorInfo]>) -> Result<TensorInfo, String> {
+fn engine_info(io: &shim::IoTensor, contract: Option<&[TensorInfo]>) -> Result<TensorInfo, String> {
     let dtype = parse_dtype(&io.dtype)
         .ok_or_else(|| format!("`{}` has element type {} which the seam does not carry", io.name, io.dtype))?;
     let named = contract.and_then(|c| c.iter().find(|t| t.name == io.name && t.shape.len() == io.shape.len()));
@@ -460,6 +460,29 @@ pub(super) fn engine_info(io: &shim::IoTensor, contract: Option<&[TensorInfo]>) 
         })
         .collect();
     Ok(TensorInfo { name: io.name.clone(), dtype, shape })
+}
+
+/// The engine's inputs and outputs as the seam declares them (see [`engine_info`]; `contract`: the manifest's
+/// inputs and outputs). Every IO tensor must be a plain linear device tensor.
+pub(super) fn engine_io(
+    io: &[shim::IoTensor],
+    contract: Option<(&[TensorInfo], &[TensorInfo])>,
+) -> Result<(Vec<TensorInfo>, Vec<TensorInfo>), String> {
+    for t in io {
+        if !t.linear || !t.on_device || t.shape_tensor {
+            return Err(format!(
+                "IO tensor `{}` is not a plain linear device tensor (vectorized format, host location or shape tensor)",
+                t.name
+            ));
+        }
+    }
+    let (ci, co) = match contract {
+        Some((i, o)) => (Some(i), Some(o)),
+        None => (None, None),
+    };
+    let inputs = io.iter().filter(|t| t.is_input).map(|t| engine_info(t, ci)).collect::<Result<_, _>>()?;
+    let outputs = io.iter().filter(|t| !t.is_input).map(|t| engine_info(t, co)).collect::<Result<_, _>>()?;
+    Ok((inputs, outputs))
 }
 
 #[cfg(test)]
