@@ -342,14 +342,13 @@ fn smart_resize(height: u64, width: u64, factor: u64, min_pixels: u64, max_pixel
     crate::pipeline::vision::smart_resize(height, width, factor, min_pixels, max_pixels).map_err(|e| e.to_string())
 }
 
-/// Sizes every dynamic dim of the bundle can take for one component.
-pub fn dim_ranges(component: &str, s: &ProfileSettings) -> Result<BTreeMap<String, DimRange>, Error> {
-    let err = |reason: String| Error::Profile { component: component.to_string(), reason };
+/// Rejects settings no profile can be derived from; else the pixels per packed token side (16).
+fn check_settings(s: &ProfileSettings) -> Result<usize, String> {
     if s.batch_sizes.is_empty() || s.batch_sizes.contains(&0) {
-        return Err(err(format!("profiles.batch_sizes must be positive, got {:?}", s.batch_sizes)));
+        return Err(format!("profiles.batch_sizes must be positive, got {:?}", s.batch_sizes));
     }
     if s.resolutions.is_empty() {
-        return Err(err("profiles.resolutions is empty".into()));
+        return Err("profiles.resolutions is empty".into());
     }
     if s.max_text_tokens == 0
         || s.max_images == 0
@@ -358,25 +357,31 @@ pub fn dim_ranges(component: &str, s: &ProfileSettings) -> Result<BTreeMap<Strin
         || s.vision_patch == 0
         || s.vision_merge == 0
     {
-        return Err(err("max_text_tokens, max_images and the patch/scale factors must be positive".into()));
+        return Err("max_text_tokens, max_images and the patch/scale factors must be positive".into());
     }
     let cell = s.vae_scale * s.latent_patch; // pixels per packed token side (16)
     for &[w, h] in &s.resolutions {
         if w == 0 || h == 0 || w as usize % cell != 0 || h as usize % cell != 0 {
-            return Err(err(format!("resolution {w}x{h} is not a positive multiple of {cell}")));
+            return Err(format!("resolution {w}x{h} is not a positive multiple of {cell}"));
         }
     }
+    Ok(cell)
+}
 
-    struct Geometry {
-        target_tokens: usize,
-        cond: (usize, usize), // (w, h) pixels of the VAE condition image
-        cond_tokens: usize,
-        latent: (usize, usize), // (lw, lh) of the output
-        vl_tokens: usize,       // merged vision tokens of one image
-        vl_patches: usize,
-    }
-    let factor = (s.vision_patch * s.vision_merge) as u64;
-    let geometry = |&[w, h]: &[u32; 2]| -> Result<Geometry, Error> {
+/// The sizes one output resolution gives the graphs.
+struct Geometry {
+    target_tokens: usize,
+    cond: (usize, usize), // (w, h) pixels of the VAE condition image
+    cond_tokens: usize,
+    latent: (usize, usize), // (lw, lh) of the output
+    vl_tokens: usize,       // merged vision tokens of one image
+    vl_patches: usize,
+}
+
+impl Geometry {
+    /// The geometry of a `w`x`h` output (`cell`: pixels per packed token side, from [`check_settings`]).
+    fn of(&[w, h]: &[u32; 2], s: &ProfileSettings, cell: usize) -> Result<Geometry, String> {
+        let factor = (s.vision_patch * s.vision_merge) as u64;
         let ratio = w as f64 / h as f64;
         let (cw, ch) = calculate_dimensions(s.vae_image_area, ratio);
         let (lw, lh) = (w as usize / s.vae_scale, h as usize / s.vae_scale);
@@ -386,7 +391,7 @@ pub fn dim_ranges(component: &str, s: &ProfileSettings) -> Result<BTreeMap<Strin
             _ => (cw, ch),
         };
         let (rh, rw) = smart_resize(vh as u64, vw as u64, factor, s.vision_min_pixels, s.vision_max_pixels)
-            .map_err(|e| err(format!("vision size of a {w}x{h} output: {e}")))?;
+            .map_err(|e| format!("vision size of a {w}x{h} output: {e}"))?;
         let patches = (rh / s.vision_patch as u64) as usize * (rw / s.vision_patch as u64) as usize;
         Ok(Geometry {
             target_tokens: (lh / s.latent_patch) * (lw / s.latent_patch),
@@ -396,8 +401,14 @@ pub fn dim_ranges(component: &str, s: &ProfileSettings) -> Result<BTreeMap<Strin
             vl_tokens: patches / (s.vision_merge * s.vision_merge),
             vl_patches: patches,
         })
-    };
-    let geo: Vec<Geometry> = s.resolutions.iter().map(geometry).collect::<Result<_, _>>()?;
+    }
+}
+
+/// Sizes every dynamic dim of the bundle can take for one component.
+pub fn dim_ranges(component: &str, s: &ProfileSettings) -> Result<BTreeMap<String, DimRange>, Error> {
+    let err = |reason: String| Error::Profile { component: component.to_string(), reason };
+    let cell = check_settings(s).map_err(err)?;
+    let geo: Vec<Geometry> = s.resolutions.iter().map(|r| Geometry::of(r, s, cell)).collect::<Result<_, _>>().map_err(err)?;
     // The resolution tuned for: the one whose area is closest to the VAE image area (the default output).
     let opt_i = s
         .resolutions

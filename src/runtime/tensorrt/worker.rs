@@ -1,0 +1,131 @@
+//! A worker's TensorRT environment: loads CUDA, TensorRT and NVRTC, opens the device and its stream, and
+//! deserializes `.plan` files into [`TrtEngine`]s.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::engine::TrtEngine;
+use crate::runtime::cuda::{Device, StepKernel};
+use crate::runtime::nvrtc::{self, Nvrtc};
+use crate::runtime::shim::{self, CudaRuntime, CudaStatus, TrtLibrary, TrtVersion};
+use crate::runtime::{Error, TensorInfo};
+
+const BACKEND: &str = "TensorRT";
+
+/// Settings of the TensorRT backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrtOptions {
+    /// CUDA device ordinal of this worker.
+    pub device: usize,
+    /// CUDA graphs kept per engine (least recently used evicted); 0 runs plain enqueues.
+    pub graph_cache: usize,
+    /// Symbolic dims padded up to a bucket so that graph shapes repeat (text lengths).
+    pub bucketed_dims: Vec<String>,
+}
+
+impl Default for TrtOptions {
+    fn default() -> TrtOptions {
+        TrtOptions { device: 0, graph_cache: 32, bucketed_dims: vec!["seq".into(), "txt_seq".into()] }
+    }
+}
+
+fn unavailable(reason: impl Into<String>) -> Error {
+    Error::Unavailable { backend: BACKEND.into(), reason: reason.into() }
+}
+
+fn missing(library: &str, e: shim::ShimError) -> Error {
+    Error::LibraryMissing { library: library.into(), reason: e.to_string() }
+}
+
+/// A worker's TensorRT environment: the libraries, the TensorRT runtime and the worker's device/stream.
+pub struct TrtWorker {
+    runtime: shim::Runtime,
+    trt: TrtLibrary,
+    cuda: CudaRuntime,
+    device: Arc<Device>,
+    options: TrtOptions,
+    /// The denoising step kernel; without it (no NVRTC) transformers step on the host.
+    step_kernel: Option<Arc<StepKernel>>,
+}
+
+impl TrtWorker {
+    /// Loads CUDA and TensorRT and opens the device. Each missing piece is a clean error that names it:
+    /// no shim, no libcudart, no driver, no device, no libnvinfer (checked in that order).
+    pub fn open(options: TrtOptions) -> Result<TrtWorker, Error> {
+        if !shim::COMPILED {
+            return Err(missing("TensorRT shim", shim::ShimError::NotCompiled));
+        }
+        let cuda = CudaRuntime::load(&shim::cudart_candidates()).map_err(|e| missing("CUDA runtime (libcudart)", e))?;
+        match cuda.status() {
+            CudaStatus::Ready { devices, .. } if (options.device as u32) < devices => {}
+            CudaStatus::Ready { devices, .. } => {
+                return Err(unavailable(format!("CUDA device {} does not exist ({devices} visible)", options.device)))
+            }
+            CudaStatus::NoDriver { reason } | CudaStatus::NoDevice { reason } | CudaStatus::Error { reason } => {
+                return Err(unavailable(reason))
+            }
+        }
+        let trt = TrtLibrary::load(&shim::nvinfer_candidates()).map_err(|e| missing("TensorRT (libnvinfer)", e))?;
+        let device = Arc::new(Device::open(options.device)?);
+        let ordinal = i32::try_from(options.device).map_err(|_| unavailable("device ordinal out of range"))?;
+        let runtime = shim::Runtime::new(&trt, &cuda, ordinal).map_err(|e| unavailable(e.to_string()))?;
+        let step_kernel = match Nvrtc::load(&nvrtc::candidates()).and_then(|n| device.load_step_kernel(&n)) {
+            Ok(k) => {
+                tracing::info!(compute_capability = ?k.compute_capability(), "denoising loop runs on the device");
+                Some(Arc::new(k))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no step kernel: the denoising loop steps on the host (install NVRTC, libnvrtc.so, to keep it on the device)");
+                None
+            }
+        };
+        Ok(TrtWorker { runtime, trt, cuda, device, options, step_kernel })
+    }
+
+    pub fn tensorrt_version(&self) -> Option<TrtVersion> {
+        self.trt.version()
+    }
+
+    pub fn libraries(&self) -> (String, String) {
+        (self.trt.path(), self.cuda.path())
+    }
+
+    pub fn device(&self) -> &Arc<Device> {
+        &self.device
+    }
+
+    /// Loads the engine at `plan`. `contract` (the manifest's inputs and outputs) names the dynamic
+    /// dims, which the text buckets need; without it no dim is bucketed.
+    pub fn load(
+        &self,
+        component: &str,
+        plan: &Path,
+        contract: Option<(&[TensorInfo], &[TensorInfo])>,
+    ) -> Result<TrtEngine, Error> {
+        let load_err = |reason: String| Error::Load { component: component.into(), path: plan.display().to_string(), reason };
+        let bytes = std::fs::read(plan).map_err(|e| load_err(format!("cannot read the engine: {e}")))?;
+        let engine = self.runtime.deserialize(&bytes).map_err(|e| load_err(e.to_string()))?;
+        drop(bytes);
+        let engine = TrtEngine::new(component, engine, self.device.clone(), contract, &self.options, self.step_kernel.clone());
+        engine.map_err(|e| match e {
+            Error::Load { .. } => e,
+            other => load_err(other.to_string()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opening_a_worker_here_names_what_is_missing() {
+        // No GPU on this machine or in CI: opening must fail cleanly, naming the missing piece.
+        let e = match TrtWorker::open(TrtOptions::default()) {
+            Ok(_) => return, // a GPU host with TensorRT: covered by scripts/gpu-smoke.sh
+            Err(e) => e.to_string(),
+        };
+        let named = ["shim", "libcudart", "driver", "device", "libnvinfer", "libcuda"].iter().any(|w| e.contains(w));
+        assert!(named, "{e}");
+    }
+}
