@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::verify::{Backends, Verification};
-use super::{exit, BuildArgs, Error};
+use super::{exit, BuildArgs, Error, Planned};
 use crate::bundle::{Bundle, Manifest};
 use crate::onnx::{self, Profile, ProfileSettings};
 use crate::runtime::shim::{
@@ -121,16 +121,6 @@ fn record_path(plan: &Path) -> PathBuf {
     let mut s = plan.as_os_str().to_owned();
     s.push(".json");
     PathBuf::from(s)
-}
-
-/// One component of a build, planned (inspected, profiled, hashed) before any GPU work.
-pub(super) struct Planned {
-    pub(super) name: String,
-    pub(super) onnx: PathBuf,
-    pub(super) plan: PathBuf,
-    pub(super) info: onnx::OnnxInfo,
-    pub(super) profiles: Vec<Profile>,
-    hash: String,
 }
 
 /// The GPU side of a build, opened once: builder + parser, CUDA, the device.

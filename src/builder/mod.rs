@@ -14,6 +14,16 @@ pub use build::{build, cache_key, content_hash, BuildReport, ComponentReport, De
 pub use inspect::{inspect, Inspection};
 pub use verify::{compare, default_tolerance, random_inputs, verify, OutputError, Verification};
 
+/// One component of a build, planned (inspected, profiled, hashed) before any GPU work.
+pub(super) struct Planned {
+    pub(super) name: String,
+    pub(super) onnx: PathBuf,
+    pub(super) plan: PathBuf,
+    pub(super) info: onnx::OnnxInfo,
+    pub(super) profiles: Vec<onnx::Profile>,
+    pub(super) hash: String,
+}
+
 /// Exit codes of `build` and `inspect` (documented in docs/tensorrt.md).
 pub mod exit {
     /// Every engine built or already up to date (and verified when asked); `--dry-run` planned.

@@ -4,8 +4,7 @@
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::build::Planned;
-use super::{BuildArgs, Error, VerifyShapes};
+use super::{BuildArgs, Error, Planned, VerifyShapes};
 use crate::bundle::Bundle;
 use crate::onnx::Profile;
 use crate::runtime::ort::OrtBackend;

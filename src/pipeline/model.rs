@@ -2,14 +2,12 @@
 //! preprocessor and the engine worker, what the pipeline reports about itself, and its options.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde::Serialize;
 
 use super::latents::LatentStats;
 use super::prompt::PromptEncoder;
 use super::rope::{Rope, RopeSpec};
-use super::run::Pipeline;
 use super::schedule::SchedulerConfig;
 use super::torch_cpu::CpuKernels;
 use super::vision::Vision;
@@ -185,52 +183,51 @@ pub(crate) struct Engines {
     pub vae_decoder: Box<dyn Engine>,
 }
 
-impl Pipeline {
-    /// Opens the bundle in `dir`, chooses the backend (auto: TensorRT when it can run here, else ONNX
-    /// Runtime) and loads the four engines, checking each against the manifest's IO contract.
-    pub fn open(dir: &Path, options: &PipelineOptions) -> Result<Pipeline, LoadError> {
-        let bundle = if options.verify_hashes { Bundle::open_verified(dir)? } else { Bundle::open(dir)? };
-        let files = bundle::COMPONENTS
-            .iter()
-            .map(|c| {
-                let contract = bundle.component(c)?;
-                Ok(EngineFiles {
-                    component: c.to_string(),
-                    onnx: bundle.onnx_path(c)?,
-                    plan: bundle.plan_path(c)?,
-                    inputs: contract.inputs.clone(),
-                    outputs: contract.outputs.clone(),
-                })
+/// Opens the bundle in `dir`: chooses the backend (auto: TensorRT when it can run here, else ONNX
+/// Runtime), builds the CPU-side model, and loads the four engines, checking each against the
+/// manifest's IO contract.
+pub(crate) fn open(dir: &Path, options: &PipelineOptions) -> Result<(Model, Engines), LoadError> {
+    let bundle = if options.verify_hashes { Bundle::open_verified(dir)? } else { Bundle::open(dir)? };
+    let files = bundle::COMPONENTS
+        .iter()
+        .map(|c| {
+            let contract = bundle.component(c)?;
+            Ok(EngineFiles {
+                component: c.to_string(),
+                onnx: bundle.onnx_path(c)?,
+                plan: bundle.plan_path(c)?,
+                inputs: contract.inputs.clone(),
+                outputs: contract.outputs.clone(),
             })
-            .collect::<Result<Vec<_>, bundle::Error>>()?;
-        let choice = loader::choose(&files, options.backend)?;
-        let mut model = Model::new(&bundle, &choice, options)?;
-        let load = LoadOptions { backend: options.backend, ort: options.ort.clone(), trt: options.trt.clone() };
-        let opened = loader::open(&files, &choice, &load)?;
-        for e in &opened {
-            bundle.check_engine(e.as_ref())?;
-        }
-        let mut engines: Vec<Option<Box<dyn Engine>>> = opened.into_iter().map(Some).collect();
-        let mut take = |name: &str| -> Box<dyn Engine> {
-            let i = bundle::COMPONENTS.iter().position(|c| *c == name).expect("a bundle component");
-            engines[i].take().expect("each component is taken once")
-        };
-        let mut engines = Engines {
-            text_encoder: take("text_encoder"),
-            transformer: take("transformer"),
-            vae_encoder: take("vae_encoder"),
-            vae_decoder: take("vae_decoder"),
-        };
-        if engines.transformer.device_loop().is_some() {
-            model.info.denoise_loop = "device";
-        }
-        tracing::info!(
-            bundle = %model.info.bundle,
-            backend = %choice.backend,
-            reason = %choice.reason,
-            denoise_loop = model.info.denoise_loop,
-            "pipeline loaded"
-        );
-        Ok(Pipeline::new(Arc::new(model), engines))
+        })
+        .collect::<Result<Vec<_>, bundle::Error>>()?;
+    let choice = loader::choose(&files, options.backend)?;
+    let mut model = Model::new(&bundle, &choice, options)?;
+    let load = LoadOptions { backend: options.backend, ort: options.ort.clone(), trt: options.trt.clone() };
+    let opened = loader::open(&files, &choice, &load)?;
+    for e in &opened {
+        bundle.check_engine(e.as_ref())?;
     }
+    let mut engines: Vec<Option<Box<dyn Engine>>> = opened.into_iter().map(Some).collect();
+    let mut take = |name: &str| -> Box<dyn Engine> {
+        let i = bundle::COMPONENTS.iter().position(|c| *c == name).expect("a bundle component");
+        engines[i].take().expect("each component is taken once")
+    };
+    let mut engines = Engines {
+        text_encoder: take("text_encoder"),
+        transformer: take("transformer"),
+        vae_encoder: take("vae_encoder"),
+        vae_decoder: take("vae_decoder"),
+    };
+    if engines.transformer.device_loop().is_some() {
+        model.info.denoise_loop = "device";
+    }
+    tracing::info!(
+        bundle = %model.info.bundle,
+        backend = %choice.backend,
+        reason = %choice.reason,
+        denoise_loop = model.info.denoise_loop,
+        "pipeline loaded"
+    );
+    Ok((model, engines))
 }

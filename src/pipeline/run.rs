@@ -1,6 +1,7 @@
 //! Running a batch of prepared jobs on the engines (the engine worker's half), one function per
 //! stage: text encoder, VAE encoder, denoising loop (on the device when the engine has one), decoder.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,7 @@ use ndarray::{s, Array2, Array3, Array4, ArrayD, Axis, Ix3, Ix4, IxDyn};
 
 use super::job::{internal, EditError, EditOutput};
 use super::latents;
-use super::model::{Engines, Model, PipelineInfo};
+use super::model::{self, Engines, LoadError, Model, PipelineInfo, PipelineOptions};
 use super::prepare::{Prepared, Preprocessor};
 use super::prompt::{self, PromptRow};
 use super::vision::{VisionBatch, VisionImage};
@@ -75,8 +76,11 @@ fn run_one(engine: &mut dyn Engine, inputs: &[(&str, Tensor)], output: &str) -> 
 }
 
 impl Pipeline {
-    pub(crate) fn new(model: Arc<Model>, engines: Engines) -> Pipeline {
-        Pipeline { model, engines, last_stages: None }
+    /// Opens the bundle in `dir`, chooses the backend (auto: TensorRT when it can run here, else ONNX
+    /// Runtime) and loads the four engines, checking each against the manifest's IO contract.
+    pub fn open(dir: &Path, options: &PipelineOptions) -> Result<Pipeline, LoadError> {
+        let (model, engines) = model::open(dir, options)?;
+        Ok(Pipeline { model: Arc::new(model), engines, last_stages: None })
     }
 
     pub fn info(&self) -> &PipelineInfo {

@@ -4,11 +4,11 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use super::plan::TrtOptions;
 use super::plan::{
     buffer_sizes, crop_tensor, engine_io, loop_program, order_inputs, plan_run, staged_inputs, GraphKey, LoopBuf, LoopOp,
     LruCache, ProfileShapes, RunPlan,
 };
-use super::worker::TrtOptions;
 use crate::runtime::cuda::{Device, DeviceBuffer, PinnedBuffer, StepKernel};
 use crate::runtime::shim::{self, ContextHandle, EngineHandle, GraphHandle};
 use crate::runtime::{DType, DenoiseLoop, DeviceLoop, Dim, Engine, Error, Outputs, Tensor, TensorInfo};

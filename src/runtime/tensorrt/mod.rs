@@ -8,6 +8,6 @@ mod worker;
 pub use engine::{TrtEngine, TrtStats};
 pub use plan::{
     bucket_len, bucket_series, buffer_sizes, crop_tensor, loop_program, order_inputs, pad_tensor, pad_value, plan_run,
-    staged_inputs, GraphKey, LoopBuf, LoopOp, LruCache, ProfileShapes, RunPlan,
+    staged_inputs, GraphKey, LoopBuf, LoopOp, LruCache, ProfileShapes, RunPlan, TrtOptions,
 };
-pub use worker::{TrtOptions, TrtWorker};
+pub use worker::TrtWorker;

@@ -485,6 +485,23 @@ pub(super) fn engine_io(
     Ok((inputs, outputs))
 }
 
+/// Settings of the TensorRT backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrtOptions {
+    /// CUDA device ordinal of this worker.
+    pub device: usize,
+    /// CUDA graphs kept per engine (least recently used evicted); 0 runs plain enqueues.
+    pub graph_cache: usize,
+    /// Symbolic dims padded up to a bucket so that graph shapes repeat (text lengths).
+    pub bucketed_dims: Vec<String>,
+}
+
+impl Default for TrtOptions {
+    fn default() -> TrtOptions {
+        TrtOptions { device: 0, graph_cache: 32, bucketed_dims: vec!["seq".into(), "txt_seq".into()] }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

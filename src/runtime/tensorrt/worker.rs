@@ -5,29 +5,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::engine::TrtEngine;
+use super::plan::TrtOptions;
 use crate::runtime::cuda::{Device, StepKernel};
 use crate::runtime::nvrtc::{self, Nvrtc};
 use crate::runtime::shim::{self, CudaRuntime, CudaStatus, TrtLibrary, TrtVersion};
 use crate::runtime::{Error, TensorInfo};
 
 const BACKEND: &str = "TensorRT";
-
-/// Settings of the TensorRT backend.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TrtOptions {
-    /// CUDA device ordinal of this worker.
-    pub device: usize,
-    /// CUDA graphs kept per engine (least recently used evicted); 0 runs plain enqueues.
-    pub graph_cache: usize,
-    /// Symbolic dims padded up to a bucket so that graph shapes repeat (text lengths).
-    pub bucketed_dims: Vec<String>,
-}
-
-impl Default for TrtOptions {
-    fn default() -> TrtOptions {
-        TrtOptions { device: 0, graph_cache: 32, bucketed_dims: vec!["seq".into(), "txt_seq".into()] }
-    }
-}
 
 fn unavailable(reason: impl Into<String>) -> Error {
     Error::Unavailable { backend: BACKEND.into(), reason: reason.into() }
