@@ -5,9 +5,11 @@
 #                 export tests, tiny-set regeneration check
 #   make check  - the inner loop: lint and the Rust unit tests only (a few minutes)
 #   make bench  - every bench; rewrites the README's performance tables (scripts/bench.sh)
+#   make memory-check - issue 21's check: a 1 MP bundle, eight concurrent requests under BATCH_SIZE=4,
+#                 peak RSS under MEMORY_LIMIT (5-10 minutes; not part of make test)
 SHELL := /bin/bash
 .ONESHELL:
-.PHONY: serve test check lint bench setup setup-runtime setup-check
+.PHONY: serve test check lint bench memory-check setup setup-runtime setup-check
 
 setup-runtime:
 	scripts/setup.sh runtime
@@ -46,3 +48,8 @@ test: setup
 
 bench:
 	scripts/bench.sh
+
+memory-check: setup
+	set -euo pipefail
+	source .deps/env
+	cargo test --release --test memory_check -- --ignored --nocapture

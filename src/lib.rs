@@ -13,3 +13,4 @@ pub mod pipeline;
 pub mod runtime;
 pub mod server;
 pub mod service;
+pub mod sysmem;

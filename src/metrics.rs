@@ -12,7 +12,13 @@
 //! | `qwen_edit_queue_size` | gauge | jobs admitted and not yet running |
 //! | `qwen_edit_jobs_cancelled_total` | counter | queued jobs dropped because the client went away |
 //! | `qwen_edit_batch_failures_total` | counter | jobs that failed inside a batch |
-//! | `qwen_edit_ready` | gauge | 1 when serving, 0 while loading or draining |
+//! | `qwen_edit_ready` | gauge | 1 when serving, 0 while loading, draining or stalled |
+//! | `qwen_edit_batches_stopped_total` | counter | running batches stopped because nobody waited for them |
+//! | `qwen_edit_batch_retries_total` | counter | failed batches whose jobs were run again one by one |
+//! | `qwen_edit_cpu_tasks_running`, `qwen_edit_cpu_tasks_peak` | gauges | CPU tasks (parse, decode, prepare, encode) running now / most at once |
+//! | `qwen_edit_cpu_tasks_skipped_total` | counter | CPU tasks not started because their request was gone |
+//! | `qwen_edit_request_memory_bytes`, `qwen_edit_request_memory_peak_bytes` | gauges | REQUEST_MEMORY reserved now / most at once |
+//! | `qwen_edit_connections` | gauge | open HTTP connections |
 
 use std::time::Duration;
 
@@ -41,6 +47,8 @@ pub struct Metrics {
     cancelled: Counter,
     batch_failures: Counter,
     ready: Gauge,
+    stopped: Counter,
+    retried: Counter,
 }
 
 static META: Metadata<'static> = Metadata::new("qwen_edit", Level::INFO, None);
@@ -66,7 +74,15 @@ impl Metrics {
         describe("qwen_edit_queue_size", "Jobs admitted and not yet running");
         describe("qwen_edit_jobs_cancelled_total", "Queued jobs dropped before compute because the client went away");
         describe("qwen_edit_batch_failures_total", "Jobs that failed inside a batch (engine or pipeline error)");
-        describe("qwen_edit_ready", "1 while serving, 0 while loading or draining");
+        describe("qwen_edit_ready", "1 while serving, 0 while loading, draining or stalled");
+        describe("qwen_edit_batches_stopped_total", "Running batches stopped because nobody waited for their results");
+        describe("qwen_edit_batch_retries_total", "Failed batches whose jobs were run again one by one");
+        describe("qwen_edit_cpu_tasks_running", "CPU tasks (parse, decode, prepare, encode) running now");
+        describe("qwen_edit_cpu_tasks_peak", "Most CPU tasks that ever ran at once");
+        describe("qwen_edit_cpu_tasks_skipped_total", "CPU tasks not started because their request was gone");
+        describe("qwen_edit_request_memory_bytes", "Memory reserved by requests in flight (REQUEST_MEMORY)");
+        describe("qwen_edit_request_memory_peak_bytes", "Most memory requests in flight ever reserved at once");
+        describe("qwen_edit_connections", "Open HTTP connections");
         let counter = |name: &'static str| recorder.register_counter(&Key::from_name(name), &META);
         let histogram = |name: &'static str| recorder.register_histogram(&Key::from_name(name), &META);
         let gauge = |name: &'static str| recorder.register_gauge(&Key::from_name(name), &META);
@@ -90,6 +106,8 @@ impl Metrics {
             cancelled: counter("qwen_edit_jobs_cancelled_total"),
             batch_failures: counter("qwen_edit_batch_failures_total"),
             ready: gauge("qwen_edit_ready"),
+            stopped: counter("qwen_edit_batches_stopped_total"),
+            retried: counter("qwen_edit_batch_retries_total"),
             recorder,
             handle,
         }
@@ -119,6 +137,11 @@ impl Metrics {
         self.handle.render()
     }
 
+    /// Sets a plain gauge (values read when /metrics is scraped: CPU tasks, memory, connections).
+    pub fn gauge(&self, name: &'static str, value: f64) {
+        self.recorder.register_gauge(&Key::from_name(name), &META).set(value);
+    }
+
     /// Drains histogram samples into their buckets; call every few seconds so memory stays flat
     /// when nobody scrapes.
     pub fn upkeep(&self) {
@@ -139,6 +162,12 @@ impl Observer for Metrics {
     }
     fn cancelled(&self, n: usize) {
         self.cancelled.increment(n as u64);
+    }
+    fn batch_stopped(&self, _size: usize) {
+        self.stopped.increment(1);
+    }
+    fn batch_retried(&self, _size: usize) {
+        self.retried.increment(1);
     }
 }
 
@@ -166,7 +195,13 @@ mod tests {
         m.cancelled(2);
         m.set_ready(true);
         m.set_info(&[("bundle", "tiny".into())]);
+        m.batch_stopped(2);
+        m.batch_retried(3);
+        m.gauge("qwen_edit_cpu_tasks_peak", 2.0);
         let t = m.render(7);
+        assert_eq!(sample(&t, "qwen_edit_batches_stopped_total"), Some(1.0), "{t}");
+        assert_eq!(sample(&t, "qwen_edit_batch_retries_total"), Some(1.0));
+        assert_eq!(sample(&t, "qwen_edit_cpu_tasks_peak"), Some(2.0));
         assert_eq!(sample(&t, "qwen_edit_requests_total{outcome=\"success\"}"), Some(1.0), "{t}");
         assert_eq!(sample(&t, "qwen_edit_requests_total{outcome=\"overloaded\"}"), Some(1.0));
         assert_eq!(sample(&t, "qwen_edit_requests_total{outcome=\"timeout\"}"), Some(0.0));

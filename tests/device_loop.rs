@@ -42,6 +42,8 @@ struct Counters {
     executes: usize,
     steps: usize,
     downloads: usize,
+    /// Checkpoints the program asked at (a loop that can be stopped), by step.
+    checkpoints: Vec<usize>,
     dts: Vec<f32>,
     /// The time input each execute saw (first row).
     times: Vec<f32>,
@@ -145,6 +147,13 @@ impl DeviceLoop for EmulatedDevice {
                     c.downloads += 1;
                     result = Some(bytemuck::pod_collect_to_vec(&mem[&src].bytes()[..bytes]));
                 }
+                LoopOp::Checkpoint { step } => {
+                    // The device would synchronize its stream here; the emulator runs in order already.
+                    c.checkpoints.push(step);
+                    if job.proceed.is_some_and(|go_on| !go_on(step)) {
+                        return Err(Error::Cancelled { step });
+                    }
+                }
             }
         }
         Ok(result.expect("the program downloads the latents"))
@@ -208,6 +217,7 @@ fn same_as_cpu(bundle: &str, requests: Vec<EditRequest>) -> Counters {
     let c = counters.lock().unwrap().clone();
     assert_eq!((c.loops, c.executes, c.steps, c.downloads), (1, steps, steps, 1), "{c:?}");
     assert_eq!(c.copies, steps - 1, "one time-row copy per step after the first");
+    assert_eq!(c.checkpoints, (1..steps).collect::<Vec<_>>(), "asked before every step after the first");
     assert!(c.dts.iter().all(|&d| d < 0.0), "sigmas decrease: {:?}", c.dts);
     assert!(c.times.windows(2).all(|w| w[1] < w[0]), "each step sees its own, decreasing time: {:?}", c.times);
     c
@@ -276,6 +286,34 @@ fn a_failing_device_loop_fails_only_its_batch() {
     assert_eq!(trace.latents.len(), 2);
 }
 
+/// A batch nobody waits for stops at the device loop's next checkpoint: the steps already launched
+/// finish (the device waits for them), no later step is launched, and the jobs are cancelled.
+#[test]
+fn a_device_loop_stops_at_its_next_checkpoint() {
+    use qwen_edit::pipeline::{Checkpoint, EditError};
+    let counters = Arc::new(Mutex::new(Counters::default()));
+    let c2 = counters.clone();
+    let mut dev = open("tiny").wrap_transformer(move |t| Box::new(EmulatedDevice::new(t, c2)));
+    let pre = dev.preprocessor();
+    let job = pre.prepare(request(vec![picture(64, 64, 6)], "x", None, 6, 4)).unwrap();
+    let asked = Mutex::new(Vec::new());
+    let control = |at: Checkpoint| {
+        asked.lock().unwrap().push(at);
+        !matches!(at, Checkpoint::Step(k) if k >= 3)
+    };
+    let r = dev.run_batch_with(&[&job], &control).pop().unwrap();
+    assert!(matches!(r, Err(EditError::Cancelled)), "{r:?}");
+    let c = counters.lock().unwrap().clone();
+    assert_eq!((c.executes, c.steps, c.downloads), (3, 3, 0), "steps 0..3 ran, nothing after: {c:?}");
+    assert_eq!(c.checkpoints, vec![1, 2, 3]);
+    let asked = asked.into_inner().unwrap();
+    assert_eq!(&asked[..3], &[Checkpoint::TextEncoder, Checkpoint::VaeEncoder, Checkpoint::Step(0)]);
+    assert!(!asked.contains(&Checkpoint::VaeDecoder), "the decoder never ran: {asked:?}");
+    // The same pipeline runs the next batch to the end.
+    let job = pre.prepare(request(vec![picture(64, 64, 6)], "x", None, 2, 4)).unwrap();
+    assert!(dev.run_batch(vec![job]).pop().unwrap().is_ok());
+}
+
 #[test]
 fn loop_description_is_checked() {
     let shape = StepShape { batch: 1, seq: 4, img_seq: 6, channels: 64, cfg: false };
@@ -292,6 +330,7 @@ fn loop_description_is_checked() {
         shape,
         dts: &[-0.5, -0.5],
         scales: None,
+        proceed: None,
     };
     assert!(ok.validate().is_ok());
     assert!(DenoiseLoop { dts: &[-0.5], ..ok }.validate().is_err(), "a dt per step");

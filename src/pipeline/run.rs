@@ -61,6 +61,22 @@ pub struct Trace {
     pub decoded: Option<ArrayD<f32>>,
 }
 
+/// Where a running batch asks its caller whether to go on (see [`Pipeline::run_batch_with`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// Before the text encoder (the first stage).
+    TextEncoder,
+    /// Before the VAE encoder.
+    VaeEncoder,
+    /// Before denoising step `k` (0-based). On a device loop, steps after the first are asked from
+    /// inside the loop, after the previous step finished on the device.
+    Step(usize),
+    /// Before the VAE decoder.
+    VaeDecoder,
+    /// After the decoder: the batch is complete (the answer is ignored).
+    Done,
+}
+
 /// Prompt embeddings of a batch: [rows, txt_seq, dim] and the mask [rows, txt_seq] (1 = token).
 struct TextEmbeds {
     embeds: Array3<f32>,
@@ -109,12 +125,25 @@ impl Pipeline {
     /// Runs jobs that share one batch key as one batch and returns their results in order. An
     /// engine failure fails every job of this batch (and nothing else).
     pub fn run_batch(&mut self, jobs: Vec<Prepared>) -> Vec<Result<EditOutput, EditError>> {
+        let refs: Vec<&Prepared> = jobs.iter().collect();
+        self.run_batch_with(&refs, &|_| true)
+    }
+
+    /// [`Pipeline::run_batch`] under `control`, which is asked at every [`Checkpoint`] (before each
+    /// stage and each denoising step) whether to go on: `false` stops the batch there and every job
+    /// gets [`EditError::Cancelled`]. The caller decides why (its clients left, their deadline
+    /// passed); an observer that always says `true` can measure the stages (`pipeline::memory`).
+    pub fn run_batch_with(
+        &mut self,
+        jobs: &[&Prepared],
+        control: &dyn Fn(Checkpoint) -> bool,
+    ) -> Vec<Result<EditOutput, EditError>> {
         let n = jobs.len();
         if n == 0 {
             return Vec::new();
         }
         let started = Instant::now();
-        match self.run_checked(&jobs, None) {
+        match self.run_checked(jobs, None, control) {
             Ok(images) => {
                 tracing::debug!(batch = n, ms = started.elapsed().as_millis() as u64, "batch done");
                 jobs.iter()
@@ -132,6 +161,10 @@ impl Pipeline {
                     })
                     .collect()
             }
+            Err(EditError::Cancelled) => {
+                tracing::info!(batch = n, ms = started.elapsed().as_millis() as u64, "batch stopped: nobody waits for it");
+                (0..n).map(|_| Err(EditError::Cancelled)).collect()
+            }
             Err(e) => {
                 tracing::error!(batch = n, error = %e, "batch failed");
                 (0..n).map(|_| Err(e.replicate())).collect()
@@ -142,25 +175,36 @@ impl Pipeline {
     /// [`Pipeline::run_batch`] that also returns the batch's intermediates (whole batch or error).
     pub fn run_batch_traced(&mut self, jobs: &[Prepared]) -> Result<(Vec<RgbImage>, Trace), EditError> {
         let mut trace = Trace::default();
-        let images = self.run_checked(jobs, Some(&mut trace))?;
+        let refs: Vec<&Prepared> = jobs.iter().collect();
+        let images = self.run_checked(&refs, Some(&mut trace), &|_| true)?;
         Ok((images, trace))
     }
 
-    fn run_checked(&mut self, jobs: &[Prepared], mut trace: Option<&mut Trace>) -> Result<Vec<RgbImage>, EditError> {
+    fn run_checked(
+        &mut self,
+        jobs: &[&Prepared],
+        mut trace: Option<&mut Trace>,
+        control: &dyn Fn(Checkpoint) -> bool,
+    ) -> Result<Vec<RgbImage>, EditError> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
         if let Some(bad) = jobs.iter().position(|j| j.key != jobs[0].key) {
             return Err(internal(format!("batch mixes incompatible jobs ({:?} vs {:?})", jobs[0].key, jobs[bad].key)));
         }
+        let at = |c: Checkpoint| if control(c) { Ok(()) } else { Err(EditError::Cancelled) };
         let t0 = Instant::now();
+        at(Checkpoint::TextEncoder)?;
         let text = self.encode_text(jobs, trace.as_deref_mut())?;
         let t1 = Instant::now();
+        at(Checkpoint::VaeEncoder)?;
         let image_latents = self.encode_images(jobs, trace.as_deref_mut())?;
         let t2 = Instant::now();
-        let x = self.denoise(jobs, text, &image_latents, trace.as_deref_mut())?;
+        let x = self.denoise(jobs, text, &image_latents, trace.as_deref_mut(), control)?;
         let t3 = Instant::now();
+        at(Checkpoint::VaeDecoder)?;
         let images = self.decode(jobs, x, trace)?;
+        control(Checkpoint::Done);
         let stages = StageTimes { batch: jobs.len(), text: t1 - t0, vae_encode: t2 - t1, denoise: t3 - t2, decode: t3.elapsed() };
         tracing::debug!(?stages, "batch stages");
         self.last_stages = Some(stages);
@@ -169,7 +213,7 @@ impl Pipeline {
 
     /// Text encoder: the prompt rows of every job, then their negative rows; each job's images are
     /// encoded once and shared by its rows. The rows were tokenized when the jobs were prepared.
-    fn encode_text(&mut self, jobs: &[Prepared], mut trace: Option<&mut Trace>) -> Result<TextEmbeds, EditError> {
+    fn encode_text(&mut self, jobs: &[&Prepared], mut trace: Option<&mut Trace>) -> Result<TextEmbeds, EditError> {
         let m = self.model.clone();
         let mut vl_refs: Vec<&VisionImage> = Vec::new();
         let mut slots: Vec<Vec<usize>> = Vec::with_capacity(jobs.len());
@@ -217,7 +261,7 @@ impl Pipeline {
 
     /// VAE encoder: the i-th condition image of every job has the same size (batch key), so each is
     /// one batched run; returns the packed, normalised condition latents [b, cond_seq, 64].
-    fn encode_images(&mut self, jobs: &[Prepared], trace: Option<&mut Trace>) -> Result<Array3<f32>, EditError> {
+    fn encode_images(&mut self, jobs: &[&Prepared], trace: Option<&mut Trace>) -> Result<Array3<f32>, EditError> {
         let b = jobs.len();
         let mut parts = Vec::new();
         for (i, &(w, h)) in jobs[0].key.condition_sizes.iter().enumerate() {
@@ -246,10 +290,11 @@ impl Pipeline {
     /// they always step here. Returns the final packed latents [b, seq, 64].
     fn denoise(
         &mut self,
-        jobs: &[Prepared],
+        jobs: &[&Prepared],
         text: TextEmbeds,
         image_latents: &Array3<f32>,
         mut trace: Option<&mut Trace>,
+        control: &dyn Fn(Checkpoint) -> bool,
     ) -> Result<Array3<f32>, EditError> {
         let b = jobs.len();
         let cfg = jobs[0].key.true_cfg;
@@ -279,8 +324,12 @@ impl Pipeline {
         let fixed: Vec<(&str, &Tensor)> = fixed.iter().map(|(n, t)| (*n, t)).collect();
         let xs = x.as_slice_mut().ok_or_else(|| internal("latents not contiguous"))?;
         let state = Tensor::F32(hs.into_dyn());
+        let proceed = |k: usize| control(Checkpoint::Step(k));
         match (trace, self.engines.transformer.device_loop()) {
             (None, Some(device)) => {
+                if !proceed(0) {
+                    return Err(EditError::Cancelled);
+                }
                 let job = DenoiseLoop {
                     fixed: &fixed,
                     state_input: "hidden_states",
@@ -292,6 +341,7 @@ impl Pipeline {
                     shape,
                     dts: &dts,
                     scales,
+                    proceed: Some(&proceed),
                 };
                 let out = device.run_loop(&job)?;
                 if out.len() != xs.len() {
@@ -300,7 +350,7 @@ impl Pipeline {
                 xs.copy_from_slice(&out);
             }
             (trace, _) => {
-                let host = HostLoop { fixed: &fixed, shape, timesteps: &timesteps, dts: &dts, scales };
+                let host = HostLoop { fixed: &fixed, shape, timesteps: &timesteps, dts: &dts, scales, proceed: &proceed };
                 host.run(self.engines.transformer.as_mut(), state, xs, trace)?;
             }
         }
@@ -311,7 +361,7 @@ impl Pipeline {
     /// tables (computed when the jobs were prepared), and `modulate_index` for `zero_cond_t` models.
     fn transformer_inputs(
         &self,
-        jobs: &[Prepared],
+        jobs: &[&Prepared],
         text: TextEmbeds,
         rows: usize,
         seq: usize,
@@ -335,7 +385,7 @@ impl Pipeline {
     }
 
     /// VAE decoder, then the conversion of each job's image to 8-bit RGB.
-    fn decode(&mut self, jobs: &[Prepared], x: Array3<f32>, trace: Option<&mut Trace>) -> Result<Vec<RgbImage>, EditError> {
+    fn decode(&mut self, jobs: &[&Prepared], x: Array3<f32>, trace: Option<&mut Trace>) -> Result<Vec<RgbImage>, EditError> {
         let b = jobs.len();
         let sizes = &jobs[0].sizes;
         let (lh, lw) = sizes.latent_size();
@@ -370,6 +420,8 @@ struct HostLoop<'a> {
     timesteps: &'a [f32],
     dts: &'a [f32],
     scales: Option<&'a [f32]>,
+    /// Asked before each step (its index); `false` stops the loop.
+    proceed: &'a dyn Fn(usize) -> bool,
 }
 
 impl HostLoop<'_> {
@@ -382,7 +434,10 @@ impl HostLoop<'_> {
     ) -> Result<(), EditError> {
         let rows = self.shape.rows();
         let mut hs = state;
-        for (&t, &dt) in self.timesteps.iter().zip(self.dts) {
+        for (k, (&t, &dt)) in self.timesteps.iter().zip(self.dts).enumerate() {
+            if !(self.proceed)(k) {
+                return Err(EditError::Cancelled);
+            }
             let t = Tensor::f32(&[rows], vec![t; rows]);
             let mut inputs = self.fixed.to_vec();
             inputs.extend([("hidden_states", &hs), ("timestep", &t)]);

@@ -2,16 +2,17 @@
 //! gets `X-Process-Time` (milliseconds) and a log line, slow ones a warning.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use subtle::ConstantTimeEq;
 
 use super::AppState;
+use crate::config::{Settings, BODY_RATE_GRACE};
 use crate::metrics::Metrics;
-use crate::service::{ApiError, Phase};
+use crate::service::{Admission, ApiError, Phase};
 
 pub type Body = Full<Bytes>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -87,6 +88,7 @@ fn method_not_allowed(allow: &'static str) -> Response<Body> {
 fn health(state: &AppState) -> Response<Body> {
     let st = state.service.status();
     let (code, status) = match &st.phase {
+        Phase::Ready if st.stall.is_some() => (StatusCode::SERVICE_UNAVAILABLE, "stalled"),
         Phase::Ready => (StatusCode::OK, "ready"),
         Phase::Loading => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
         Phase::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
@@ -109,7 +111,15 @@ fn health(state: &AppState) -> Response<Body> {
         "precision": s.precision,
         "uptime_seconds": state.started.elapsed().as_secs_f64(),
         "version": env!("CARGO_PKG_VERSION"),
+        "memory": st.memory,
+        "connections": state.connections(),
     });
+    if let (Some(s), Some(obj)) = (st.stall, body.as_object_mut()) {
+        obj.insert(
+            "stall".into(),
+            serde_json::json!({"jobs": s.jobs, "running_seconds": s.running.as_secs_f64(), "expected_seconds": s.expected.as_secs_f64()}),
+        );
+    }
     if let (Some(m), Some(obj)) = (model, body.as_object_mut()) {
         obj.insert(
             "model".into(),
@@ -131,7 +141,16 @@ fn health(state: &AppState) -> Response<Body> {
 }
 
 fn metrics(state: &AppState) -> Response<Body> {
-    let text = state.service.metrics().render(state.service.queue_depth());
+    let m = state.service.metrics();
+    let (running, peak, skipped) = state.service.cpu_counts();
+    let memory = state.service.status().memory;
+    m.gauge("qwen_edit_cpu_tasks_running", running as f64);
+    m.gauge("qwen_edit_cpu_tasks_peak", peak as f64);
+    m.gauge("qwen_edit_cpu_tasks_skipped_total", skipped as f64);
+    m.gauge("qwen_edit_request_memory_bytes", memory.request_bytes_in_use as f64);
+    m.gauge("qwen_edit_request_memory_peak_bytes", state.service.request_memory_peak() as f64);
+    m.gauge("qwen_edit_connections", state.connections() as f64);
+    let text = m.render(state.service.queue_depth());
     let mut r = Response::new(Full::new(Bytes::from(text)));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     r
@@ -212,12 +231,45 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// Reads the body up to `max` bytes (413 beyond; a declared Content-Length over it is refused unread).
-pub async fn read_body<B>(req: Request<B>, max: usize) -> Result<Bytes, ApiError>
+/// How a request body must arrive.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyLimits {
+    /// `MAX_BODY_BYTES`.
+    pub max: usize,
+    /// `BODY_READ_TIMEOUT`: the whole body, however fast.
+    pub timeout: Duration,
+    /// `BODY_MIN_RATE` (bytes per second) after `grace`.
+    pub min_rate: u64,
+    pub grace: Duration,
+}
+
+impl BodyLimits {
+    pub fn of(s: &Settings) -> BodyLimits {
+        BodyLimits { max: s.max_body_bytes, timeout: s.body_read_timeout, min_rate: s.body_min_rate, grace: BODY_RATE_GRACE }
+    }
+
+    /// When `received` bytes, begun at `start`, must have become more: after the grace, the body
+    /// must keep up with `min_rate`; never later than the whole body's timeout.
+    fn deadline(&self, start: Instant, received: usize) -> (Instant, bool) {
+        let earned = Duration::from_secs_f64(received as f64 / self.min_rate.max(1) as f64);
+        let by_rate = self.grace.saturating_add(earned);
+        if by_rate < self.timeout {
+            (start + by_rate, true)
+        } else {
+            (start + self.timeout, false)
+        }
+    }
+}
+
+/// Reads the body up to `limits.max` bytes (413 beyond; a declared Content-Length over it is
+/// refused unread), counting it against the request's memory as it arrives, and cuts it off with
+/// 408 `body_timeout` when it arrives slower than `BODY_MIN_RATE` or not within `BODY_READ_TIMEOUT`.
+pub async fn read_body<B>(req: Request<B>, limits: BodyLimits, admission: Option<&Admission>) -> Result<Bytes, ApiError>
 where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
+    let max = limits.max;
     let too_large =
         || ApiError::too_large(format!("the request body is larger than {max} bytes (MAX_BODY_BYTES); send a smaller image"));
     let declared =
@@ -225,38 +277,62 @@ where
     if declared.is_some_and(|n| n > max as u64) {
         return Err(too_large());
     }
-    match Limited::new(req.into_body(), max).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(ApiError::invalid_json(format!("could not read the request body: {e}"))),
+    let start = Instant::now();
+    let mut body = Box::pin(req.into_body());
+    let mut buf: Vec<u8> = Vec::with_capacity(declared.map_or(64 << 10, |n| n as usize));
+    if let Some(a) = admission {
+        a.receiving(buf.capacity())?;
     }
+    loop {
+        let (deadline, by_rate) = limits.deadline(start, buf.len());
+        let frame = match tokio::time::timeout_at(deadline.into(), body.frame()).await {
+            Ok(None) => break,
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(e))) => return Err(ApiError::invalid_json(format!("could not read the request body: {}", e.into()))),
+            Err(_) => {
+                let message = if by_rate {
+                    format!(
+                        "the request body arrived slower than {} bytes/s (BODY_MIN_RATE; {} bytes in {:.1} s)",
+                        limits.min_rate,
+                        buf.len(),
+                        start.elapsed().as_secs_f64()
+                    )
+                } else {
+                    format!("the request body did not arrive within {:.0} s (BODY_READ_TIMEOUT)", limits.timeout.as_secs_f64())
+                };
+                return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", message));
+            }
+        };
+        if let Some(data) = frame.data_ref() {
+            if buf.len() + data.len() > max {
+                return Err(too_large());
+            }
+            if let Some(a) = admission {
+                a.receiving((buf.len() + data.len()).max(buf.capacity()))?;
+            }
+            buf.extend_from_slice(data);
+        }
+    }
+    Ok(Bytes::from(buf))
 }
 
-/// `POST /run`: auth, a queue place (503 at once when there is none), the body, then the service.
+/// `POST /run`: auth, admission (503 at once when there is no room), the body, then the service.
 async fn edit<B>(state: &Arc<AppState>, req: Request<B>, started: Instant) -> Result<Response<Body>, ApiError>
 where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     authorize(state, req.headers())?;
-    let ticket = state.service.admit()?;
-    // The queue place is held while the body arrives: a client that trickles it is cut off.
-    let body_timeout = state.settings().body_read_timeout;
-    let body = tokio::time::timeout(body_timeout, read_body(req, state.settings().max_body_bytes)).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "body_timeout",
-            format!("the request body did not arrive within {:.0} s (BODY_READ_TIMEOUT)", body_timeout.as_secs_f64()),
-        )
-    })??;
-    let response = state.service.edit(ticket, body, started).await?;
+    let admission = state.service.admit()?;
+    let body = read_body(req, BodyLimits::of(state.settings()), Some(&admission)).await?;
+    let response = state.service.edit(admission, body, started).await?;
     Ok(json_response(StatusCode::OK, response.to_json()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Settings;
+    use std::future::Future;
 
     /// An AppState whose model never finishes loading (no pipeline is involved in these tests).
     fn state(settings: Settings) -> (Arc<AppState>, std::sync::mpsc::Sender<()>) {
@@ -352,15 +428,64 @@ mod tests {
         );
     }
 
+    fn limits(max: usize) -> BodyLimits {
+        BodyLimits { max, timeout: Duration::from_secs(60), min_rate: 1000, grace: Duration::from_millis(200) }
+    }
+
     #[tokio::test]
     async fn body_limit() {
-        let ok = read_body(req(Method::POST, "/run", "12345"), 5).await.unwrap();
+        let ok = read_body(req(Method::POST, "/run", "12345"), limits(5), None).await.unwrap();
         assert_eq!(&ok[..], b"12345");
-        let e = read_body(req(Method::POST, "/run", "123456"), 5).await.unwrap_err();
+        let e = read_body(req(Method::POST, "/run", "123456"), limits(5), None).await.unwrap_err();
         assert_eq!((e.status.as_u16(), e.error_type), (413, "payload_too_large"));
         let mut r = req(Method::POST, "/run", "1");
         r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from_static("999999999"));
-        let e = read_body(r, 5).await.unwrap_err();
+        let e = read_body(r, limits(5), None).await.unwrap_err();
         assert_eq!(e.status.as_u16(), 413);
+    }
+
+    #[test]
+    fn the_body_deadline_follows_the_minimum_rate_up_to_the_timeout() {
+        let l = BodyLimits { max: 1 << 20, timeout: Duration::from_secs(60), min_rate: 1000, grace: Duration::from_secs(5) };
+        let t0 = Instant::now();
+        assert_eq!(l.deadline(t0, 0), (t0 + Duration::from_secs(5), true), "the grace");
+        assert_eq!(l.deadline(t0, 10_000), (t0 + Duration::from_secs(15), true), "10 KB earn 10 s at 1 KB/s");
+        assert_eq!(l.deadline(t0, 1_000_000), (t0 + Duration::from_secs(60), false), "never past BODY_READ_TIMEOUT");
+    }
+
+    /// A body that sends one byte every `every` (a trickling client).
+    struct Trickle {
+        every: Duration,
+        sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+        left: usize,
+    }
+    impl hyper::body::Body for Trickle {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+            if self.left == 0 {
+                return std::task::Poll::Ready(None);
+            }
+            std::task::ready!(self.sleep.as_mut().poll(cx));
+            let next = tokio::time::Instant::now() + self.every;
+            self.sleep.as_mut().reset(next);
+            self.left -= 1;
+            std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(b"x")))))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_trickling_body_is_cut_off_by_the_minimum_rate() {
+        let every = Duration::from_millis(50);
+        let body = Trickle { every, sleep: Box::pin(tokio::time::sleep(every)), left: 1000 };
+        let r = Request::builder().method(Method::POST).uri("/run").body(body).unwrap();
+        let t = Instant::now();
+        let e = read_body(r, limits(1 << 20), None).await.unwrap_err();
+        assert_eq!((e.status.as_u16(), e.error_type), (408, "body_timeout"));
+        assert!(e.message.contains("BODY_MIN_RATE"), "{}", e.message);
+        assert!(t.elapsed() < Duration::from_secs(2), "cut off after the grace: {:?}", t.elapsed());
     }
 }

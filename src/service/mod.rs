@@ -1,34 +1,62 @@
 //! The one edit service under every front end (HTTP routes, the RunPod worker, ...): a request's
 //! `{"input": {...}}` to the response object or an [`ApiError`], through the same steps for all.
 //!
-//! Steps: admission (`admit`: loading / draining / a full queue answer 503 at once), parsing and
-//! validation (`schema`), image loading (`images`: base64, data URIs, SSRF-guarded `image_url`
-//! fetches), preparation (the pipeline's `Preprocessor`, on the blocking pool), submission to the
-//! batcher (the engine worker runs the batch), encoding of the result. The service knows JSON,
-//! images and jobs; it knows no HTTP transport and no tensors.
+//! # The front-end contract
+//!
+//! ```text
+//! let admission = service.admit()?;          // cheap, before the body: 503 at once when not ready,
+//!                                            // the queue is full, MAX_BODY_READERS bodies are being
+//!                                            // read, or REQUEST_MEMORY is full
+//! admission.receiving(bytes_so_far)?;        // optional, while a streamed body arrives: counts it
+//!                                            // against REQUEST_MEMORY (503/413 when it cannot)
+//! let response = service.edit(admission, body, started).await?;
+//! ```
+//!
+//! The [`Admission`] holds a body-reading slot (released when `edit` starts) and the request's
+//! memory reservation (released when the request ends). A queue place is taken only by a received,
+//! decoded and prepared job, inside `edit`. Dropping the `edit` future (client gone, a front end's
+//! cancel, a worker's job stop) cancels the request: its blocking work not yet started is skipped,
+//! work that runs finishes its step and goes no further, its queued job is removed, a batch whose
+//! every job is gone stops at its next stage or denoising step, and its CPU permits, queue place and
+//! memory are released as the pieces finish. `edit` enforces `REQUEST_TIMEOUT` (504) itself, with
+//! the same effect on the work.
+//!
+//! Steps inside `edit`: parsing and validation (`schema`; arrays capped while parsed), the images'
+//! bytes (`images`: base64, SSRF-guarded `image_url` fetches) with their headers probed, the memory
+//! admission (the job's batch memory against the batch budget: 413 `over_memory_limit` when even
+//! one such job cannot run; its pixels, prepared tensors and result against REQUEST_MEMORY: 503),
+//! decoding, preparation (the pipeline's `Preprocessor`), a queue place (503 when `MAX_QUEUE` jobs
+//! wait), the batch, and the encoding of the result. CPU work runs on the [`work::CpuPool`] (one
+//! task per core). The service knows JSON, images and jobs; it knows no HTTP transport and no tensors.
 
 pub mod error;
 pub mod fetch;
 pub mod images;
 pub mod model;
+pub mod plan;
 pub mod schema;
+pub mod work;
 
+mod edit;
+
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::Bytes;
-use http::StatusCode;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::batcher::{BatchPolicy, Batcher, Finished, Ticket};
+use crate::batcher::{BatchPolicy, Batcher, Finished, Stall, Watchdog};
 use crate::config::Settings;
 use crate::imaging;
 use crate::metrics::Metrics;
-use crate::pipeline::{BatchKey, EditError, EditOutput, EditRequest, Prepared, Preprocessor};
+use crate::pipeline::{BatchKey, EditError, EditOutput, Preprocessor};
+use crate::sysmem::{self, human};
 pub use error::ApiError;
 use fetch::{FetchPolicy, Fetcher};
 pub use model::ModelInfo;
-use schema::{EditParams, EditResponse, Timings};
+use plan::{MemoryPlan, ResolutionFit};
+pub use schema::EditResponse;
+use work::{CpuPool, MemoryBudget, Reservation};
 
 /// Where the service is in its life.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,22 +80,46 @@ struct LoadedModel {
     info: ModelInfo,
     preprocessor: Preprocessor,
     limits: schema::Limits,
+    plan: MemoryPlan,
+    fits: Vec<ResolutionFit>,
+}
+
+/// A request's admission: a body-reading slot and its memory reservation (see the module docs).
+#[derive(Debug)]
+pub struct Admission {
+    body_slot: OwnedSemaphorePermit,
+    memory: Reservation,
+}
+
+/// The smallest reservation of a new request (JSON, bookkeeping).
+const MIN_REQUEST_BYTES: u64 = 64 << 10;
+
+impl Admission {
+    /// Counts `bytes` of a body being received against REQUEST_MEMORY (call with the total so far,
+    /// as chunks arrive). Fails with 503 `overloaded` when there is no room, 413 when a body that
+    /// large can never fit.
+    pub fn receiving(&self, bytes: usize) -> Result<(), ApiError> {
+        self.memory.at_least(bytes as u64 + MIN_REQUEST_BYTES).map_err(|r| r.to_api("this request's body"))
+    }
 }
 
 /// The edit service: the batcher and its engine worker, the loaded model, and what every request
-/// shares (image fetcher, CPU permits, limits). Cheap to share (`Arc`).
+/// shares (image fetcher, CPU pool, body slots, memory budget, limits). Cheap to share (`Arc`).
 pub struct EditService {
     settings: Settings,
     phase: watch::Sender<Phase>,
     model: OnceLock<LoadedModel>,
-    batcher: Batcher<BatchKey, Prepared, EditOutput, EditError>,
+    batcher: Batcher<BatchKey, model::Job, EditOutput, EditError>,
     metrics: Arc<Metrics>,
     fetcher: Fetcher,
-    /// Bounds concurrent CPU work (JSON parse, base64, decode, prepare, encode) to the core count.
-    cpu: Semaphore,
+    pool: Arc<CpuPool>,
+    body_slots: Arc<Semaphore>,
+    budget: Arc<MemoryBudget>,
+    memory_limit: u64,
     image_limits: imaging::Limits,
     gpu_available: bool,
     gpu_reason: String,
+    stalled: AtomicBool,
 }
 
 /// What /health shows of the service.
@@ -79,12 +131,28 @@ pub struct Status {
     /// Why the backend is what it is (before the model loads: what the GPU probe found).
     pub backend_reason: String,
     pub queue_depth: usize,
+    /// The running batch, when the watchdog finds it far over its expected time.
+    pub stall: Option<Stall>,
+    pub memory: MemoryStatus,
+}
+
+/// The memory part of /health.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MemoryStatus {
+    pub limit_bytes: u64,
+    pub request_budget_bytes: u64,
+    pub request_bytes_in_use: u64,
+    pub resident_bytes: Option<u64>,
+    /// Present once the model is loaded.
+    pub plan: Option<MemoryPlan>,
+    /// Per output size of the bundle: one job's batch memory and the largest batch that fits.
+    pub resolutions: Vec<ResolutionFit>,
 }
 
 impl EditService {
-    /// Starts the engine worker, which opens the bundle in the background (`phase` is `Loading`
-    /// until it is `Ready` or `Failed`), and the batcher. `Finished` completes after [`EditService::close`]
-    /// once every queued job has run.
+    /// Starts the engine worker, which opens the bundle and probes its memory in the background
+    /// (`phase` is `Loading` until it is `Ready` or `Failed`), and the batcher. `Finished` completes
+    /// after [`EditService::close`] once every queued job has run.
     pub async fn start(settings: Settings, metrics: Arc<Metrics>) -> Result<(Arc<EditService>, Finished), StartError> {
         let probe = tokio::task::spawn_blocking(crate::runtime::backend::GpuProbe::detect)
             .await
@@ -94,38 +162,11 @@ impl EditService {
             Err(why) => (false, format!("loading the model; no GPU backend: {why}")),
         };
         metrics.set_ready(false);
-        let policy =
-            BatchPolicy { batch_size: settings.batch_size, batch_timeout: settings.batch_timeout, max_queue: settings.max_queue };
         let open_settings = settings.clone();
-        let (batcher, loaded, finished) =
-            Batcher::start(policy, metrics.clone(), move || model::open(&open_settings)).map_err(StartError::Worker)?;
-        let fetcher = Fetcher::new(FetchPolicy {
-            private: settings.private_urls.clone(),
-            max_bytes: settings.url_max_bytes,
-            total_timeout: settings.url_timeout,
-            connect_timeout: settings.url_connect_timeout,
-            retries: settings.url_retries,
-            ..FetchPolicy::default()
-        })
-        .map_err(StartError::Setup)?;
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let image_limits = imaging::Limits {
-            max_width: settings.max_image_side,
-            max_height: settings.max_image_side,
-            max_pixels: settings.max_image_pixels,
-        };
-        let service = Arc::new(EditService {
-            phase: watch::channel(Phase::Loading).0,
-            model: OnceLock::new(),
-            batcher,
-            metrics,
-            fetcher,
-            cpu: Semaphore::new(cores),
-            image_limits,
-            gpu_available,
-            gpu_reason,
-            settings,
-        });
+        let (batcher, loaded, finished) = Batcher::start(policy(&settings), metrics.clone(), move || model::open(&open_settings))
+            .map_err(StartError::Worker)?;
+        let fetcher = Fetcher::new(fetch_policy(&settings)).map_err(StartError::Setup)?;
+        let service = Arc::new(EditService::new(settings, metrics, batcher, fetcher, gpu_available, gpu_reason));
         let s = service.clone();
         tokio::spawn(async move {
             match loaded.await {
@@ -134,7 +175,51 @@ impl EditService {
                 Err(_) => s.model_failed("the engine worker ended while loading the model".into()),
             }
         });
+        let watched = Arc::downgrade(&service);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                match watched.upgrade() {
+                    Some(s) => s.watch_stall(),
+                    None => return,
+                }
+            }
+        });
         Ok((service, finished))
+    }
+
+    fn new(
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        batcher: Batcher<BatchKey, model::Job, EditOutput, EditError>,
+        fetcher: Fetcher,
+        gpu_available: bool,
+        gpu_reason: String,
+    ) -> EditService {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let memory_limit = settings.memory_limit.or_else(sysmem::default_limit).unwrap_or(u64::MAX / 4);
+        let requests = settings.request_memory.unwrap_or(memory_limit / 4);
+        EditService {
+            phase: watch::channel(Phase::Loading).0,
+            model: OnceLock::new(),
+            batcher,
+            metrics,
+            fetcher,
+            pool: Arc::new(CpuPool::new(cores)),
+            body_slots: Arc::new(Semaphore::new(settings.max_body_readers)),
+            budget: MemoryBudget::new(requests),
+            memory_limit,
+            image_limits: imaging::Limits {
+                max_width: settings.max_image_side,
+                max_height: settings.max_image_side,
+                max_pixels: settings.max_image_pixels,
+            },
+            gpu_available,
+            gpu_reason,
+            stalled: AtomicBool::new(false),
+            settings,
+        }
     }
 
     fn model_loaded(&self, l: model::Loaded) {
@@ -145,7 +230,32 @@ impl EditService {
             max_images: info.max_images,
             max_prompt_chars: self.settings.max_prompt_chars,
             max_output_side: self.settings.max_output_side,
+            max_steps: self.settings.max_steps,
         };
+        let estimator = l.memory.map_err(|e| tracing::warn!("no memory model, batches are capped by BATCH_SIZE only: {e}")).ok();
+        let resident = sysmem::rss().unwrap_or(0);
+        let plan = MemoryPlan::new(self.memory_limit, resident, self.budget.limit(), self.settings.batch_size, estimator);
+        let fits = plan.resolutions(&l.preprocessor, &l.resolutions, self.settings.lightning);
+        tracing::info!("memory: {}", plan.describe());
+        for f in &fits {
+            tracing::info!(
+                width = f.width,
+                height = f.height,
+                job = %human(f.job_bytes),
+                max_batch = f.max_batch,
+                max_batch_true_cfg = f.max_batch_true_cfg,
+                "largest batch that fits"
+            );
+        }
+        if plan.estimator.is_some() && fits.iter().all(|f| f.max_batch == 0) {
+            let need = fits.iter().map(|f| f.job_bytes).min().unwrap_or(0);
+            return self.model_failed(format!(
+                "not even one edit fits in memory: {}; one edit at the bundle's sizes needs {} (raise MEMORY_LIMIT or lower REQUEST_MEMORY)",
+                plan.describe(),
+                human(need)
+            ));
+        }
+        self.batcher.set_sizing(Arc::new(plan.clone()));
         self.metrics.set_info(&[
             ("bundle", info.bundle.clone()),
             ("variant", info.variant.clone()),
@@ -157,7 +267,14 @@ impl EditService {
                 "USE_LIGHTNING_LORA is on but the bundle has no Lightning LoRA fused: the Lightning schedule runs with the base weights"
             );
         }
-        let _ = self.model.set(LoadedModel { info, preprocessor: l.preprocessor, limits });
+        if info.default_steps > self.settings.max_steps {
+            tracing::warn!(
+                default_steps = info.default_steps,
+                max_steps = self.settings.max_steps,
+                "the default steps are above MAX_STEPS: requests must give num_inference_steps"
+            );
+        }
+        let _ = self.model.set(LoadedModel { info, preprocessor: l.preprocessor, limits, plan, fits });
         if self.phase() == Phase::Loading {
             self.phase.send_replace(Phase::Ready);
             self.metrics.set_ready(true);
@@ -167,6 +284,28 @@ impl EditService {
     fn model_failed(&self, e: String) {
         tracing::error!("{e}");
         self.phase.send_replace(Phase::Failed(e));
+    }
+
+    /// The watchdog's tick: logs when the running batch turns stalled and when it recovers.
+    fn watch_stall(&self) {
+        let stall = self.batcher.stall();
+        let was = self.stalled.swap(stall.is_some(), Ordering::Relaxed);
+        match (was, stall) {
+            (false, Some(s)) => {
+                tracing::error!(
+                    jobs = s.jobs,
+                    running_s = s.running.as_secs_f64(),
+                    expected_s = s.expected.as_secs_f64(),
+                    "a batch runs far longer than the recent speed predicts (WATCHDOG_FACTOR): the engine may be hung; /health says stalled"
+                );
+                self.metrics.set_ready(false);
+            }
+            (true, None) => {
+                tracing::info!("the stalled batch ended; /health is back to its phase");
+                self.metrics.set_ready(self.phase() == Phase::Ready);
+            }
+            _ => {}
+        }
     }
 
     pub fn settings(&self) -> &Settings {
@@ -209,7 +348,7 @@ impl EditService {
         self.batcher.close();
     }
 
-    /// Jobs admitted and not yet running.
+    /// Jobs queued and not yet running.
     pub fn queue_depth(&self) -> usize {
         self.batcher.depth()
     }
@@ -218,31 +357,68 @@ impl EditService {
         self.model.get().map(|m| &m.info)
     }
 
+    /// CPU tasks running, the most ever at once, and tasks skipped because their request was gone.
+    pub fn cpu_counts(&self) -> (usize, usize, u64) {
+        self.pool.counts()
+    }
+
+    /// The most memory requests in flight ever reserved at once.
+    pub fn request_memory_peak(&self) -> u64 {
+        self.budget.used().1
+    }
+
     pub fn status(&self) -> Status {
         let model = self.model().cloned();
+        let loaded = self.model.get();
+        let (in_use, _) = self.budget.used();
         Status {
             phase: self.phase(),
             gpu_available: model.as_ref().map_or(self.gpu_available, |m| m.gpu_available),
             backend_reason: model.as_ref().map_or_else(|| self.gpu_reason.clone(), |m| m.backend_reason.clone()),
             model,
             queue_depth: self.batcher.depth(),
+            stall: self.batcher.stall(),
+            memory: MemoryStatus {
+                limit_bytes: self.memory_limit,
+                request_budget_bytes: self.budget.limit(),
+                request_bytes_in_use: in_use,
+                resident_bytes: sysmem::rss(),
+                plan: loaded.map(|m| m.plan.clone()),
+                resolutions: loaded.map(|m| m.fits.clone()).unwrap_or_default(),
+            },
         }
     }
 
-    /// A queue place for a new request, or why there is none: the model is loading, the service is
-    /// draining or failed (503 `not_ready`), or `MAX_QUEUE` jobs wait (503 `overloaded`). Answered at
-    /// once, before the request's body is read.
-    pub fn admit(&self) -> Result<Ticket, ApiError> {
+    /// Admission of a new request, answered at once and before its body is read: the model is
+    /// loading, the service is draining or failed (503 `not_ready`), or `MAX_QUEUE` jobs wait,
+    /// `MAX_BODY_READERS` bodies are being received, or REQUEST_MEMORY is full (503 `overloaded`).
+    pub fn admit(&self) -> Result<Admission, ApiError> {
         self.loaded()?;
-        self.batcher.try_admit().ok_or_else(|| {
+        if !self.batcher.has_room() {
+            return Err(self.queue_full());
+        }
+        let body_slot = self.body_slots.clone().try_acquire_owned().map_err(|_| {
             ApiError::overloaded(
                 format!(
-                    "the queue is full ({} requests waiting, MAX_QUEUE); retry after the Retry-After seconds",
-                    self.settings.max_queue
+                    "{} request bodies are being received (MAX_BODY_READERS); retry after the Retry-After seconds",
+                    self.settings.max_body_readers
                 ),
-                self.batcher.retry_after(),
+                Duration::from_secs(2),
             )
-        })
+        })?;
+        let memory = Reservation::new(&self.budget);
+        memory.at_least(MIN_REQUEST_BYTES).map_err(|r| r.to_api("a new request"))?;
+        Ok(Admission { body_slot, memory })
+    }
+
+    fn queue_full(&self) -> ApiError {
+        ApiError::overloaded(
+            format!(
+                "the queue is full ({} jobs waiting, MAX_QUEUE); retry after the Retry-After seconds",
+                self.settings.max_queue
+            ),
+            self.batcher.retry_after(),
+        )
     }
 
     fn loaded(&self) -> Result<&LoadedModel, ApiError> {
@@ -255,105 +431,27 @@ impl EditService {
             Phase::Failed(e) => Err(ApiError::not_ready(format!("the model failed to load: {e}"), Duration::from_secs(30))),
         }
     }
+}
 
-    /// One edit from its request body `{"input": {...}}` (keys beside `input`, like RunPod's `id`,
-    /// are ignored), holding the queue place `ticket`. Fails with 504 `timeout` when `REQUEST_TIMEOUT`
-    /// has passed since `started`.
-    pub async fn edit(&self, ticket: Ticket, body: Bytes, started: Instant) -> Result<EditResponse, ApiError> {
-        let timeout = self.settings.request_timeout;
-        match tokio::time::timeout_at((started + timeout).into(), self.edit_untimed(ticket, body, started)).await {
-            Ok(r) => r,
-            Err(_) => Err(ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout",
-                format!(
-                    "the request took longer than {:.0} s (REQUEST_TIMEOUT); retry later or with fewer steps",
-                    timeout.as_secs_f64()
-                ),
-            )),
-        }
-    }
-
-    async fn edit_untimed(&self, ticket: Ticket, body: Bytes, started: Instant) -> Result<EditResponse, ApiError> {
-        let model = self.loaded()?;
-        let limits = model.limits.clone();
-        let params =
-            images::blocking(&self.cpu, move || schema::parse(&body, &limits, || u64::from(rand::random::<u32>()))).await?;
-        self.run(ticket, model, params, started).await
-    }
-
-    /// Loads the images of `params`, prepares the job, runs it in a batch and encodes the result.
-    async fn run(
-        &self,
-        ticket: Ticket,
-        model: &LoadedModel,
-        params: EditParams,
-        started: Instant,
-    ) -> Result<EditResponse, ApiError> {
-        let EditParams {
-            prompt,
-            negative_prompt,
-            images,
-            num_inference_steps,
-            true_cfg_scale,
-            seed,
-            width,
-            height,
-            output_format,
-        } = params;
-        let images = images::load_images(images, &self.fetcher, self.image_limits, &self.cpu).await?;
-        let request = EditRequest {
-            images,
-            prompt: prompt.clone(),
-            negative_prompt,
-            num_inference_steps,
-            true_cfg_scale,
-            seed,
-            width,
-            height,
-            lightning: self.settings.lightning,
-            noise: None,
-        };
-        let pre = model.preprocessor.clone();
-        let prepared = images::blocking(&self.cpu, move || pre.prepare(request).map_err(ApiError::from)).await?;
-        let preprocess = started.elapsed();
-
-        let key = prepared.key().clone();
-        let done = self
-            .batcher
-            .submit(ticket, key, prepared)
-            .await
-            .map_err(|_| ApiError::internal("the batcher stopped before this job ran; retry the request"))?
-            .map_err(ApiError::from)?;
-
-        let encode_start = Instant::now();
-        let out = done.output;
-        let (image, width, height) = (out.image, out.width, out.height);
-        let encoded =
-            images::blocking(&self.cpu, move || Ok(images::encode_base64(&imaging::encode(&image, output_format)?))).await?;
-        Ok(EditResponse {
-            image: encoded,
-            prompt,
-            num_inference_steps: out.steps,
-            lightning_enabled: out.lightning,
-            seed: out.seed,
-            width,
-            height,
-            true_cfg_scale,
-            output_format: schema::format_name(output_format),
-            timings: Timings {
-                preprocess_ms: ms(preprocess),
-                queue_ms: ms(done.queue_time),
-                compute_ms: ms(done.compute_time),
-                encode_ms: ms(encode_start.elapsed()),
-                batch_size: done.batch_size,
-            },
-        })
+fn policy(settings: &Settings) -> BatchPolicy {
+    BatchPolicy {
+        batch_size: settings.batch_size,
+        batch_timeout: settings.batch_timeout,
+        max_queue: settings.max_queue,
+        watchdog: Watchdog { factor: settings.watchdog_factor, ..Watchdog::default() },
     }
 }
 
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
+fn fetch_policy(settings: &Settings) -> FetchPolicy {
+    FetchPolicy {
+        private: settings.private_urls.clone(),
+        max_bytes: settings.url_max_bytes,
+        total_timeout: settings.url_timeout,
+        connect_timeout: settings.url_connect_timeout,
+        retries: settings.url_retries,
+        allowed_ports: settings.url_allowed_ports.clone(),
+        ..FetchPolicy::default()
+    }
 }
 
 /// A service whose model is opened by `open` on the engine worker thread, as in production (for
@@ -364,21 +462,9 @@ pub(crate) fn test_service(
     open: impl FnOnce() -> Result<(model::BatchFn, model::Loaded), String> + Send + 'static,
 ) -> Arc<EditService> {
     let metrics = Arc::new(Metrics::new(settings.batch_size));
-    let policy =
-        BatchPolicy { batch_size: settings.batch_size, batch_timeout: settings.batch_timeout, max_queue: settings.max_queue };
-    let (batcher, _loaded, _finished) = Batcher::start(policy, metrics.clone(), open).expect("worker thread");
-    Arc::new(EditService {
-        phase: watch::channel(Phase::Loading).0,
-        model: OnceLock::new(),
-        batcher,
-        metrics,
-        fetcher: Fetcher::new(FetchPolicy::default()).expect("tls"),
-        cpu: Semaphore::new(2),
-        image_limits: imaging::Limits::default(),
-        gpu_available: false,
-        gpu_reason: "test".into(),
-        settings,
-    })
+    let (batcher, _loaded, _finished) = Batcher::start(policy(&settings), metrics.clone(), open).expect("worker thread");
+    let fetcher = Fetcher::new(FetchPolicy::default()).expect("tls");
+    Arc::new(EditService::new(settings, metrics, batcher, fetcher, false, "test".into()))
 }
 
 /// Sets the phase (route unit tests walk a service through its phases).

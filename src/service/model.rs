@@ -1,9 +1,11 @@
 //! The model as the service sees it: opened on the engine worker thread (the pipeline never leaves
-//! it), described for /health and request validation (`ModelInfo`), and the batch runner it gives.
+//! it), its memory probed there (`pipeline::memory`), described for /health and request validation
+//! (`ModelInfo`), and the batch runner it gives.
 
+use super::work::Reservation;
 use crate::batcher::Failure;
 use crate::config::Settings;
-use crate::pipeline::{EditError, EditOutput, Pipeline, PipelineInfo, PipelineOptions, Prepared, Preprocessor};
+use crate::pipeline::{EditError, EditOutput, MemoryModel, Pipeline, PipelineInfo, PipelineOptions, Prepared, Preprocessor};
 
 /// What the front ends need to know about the loaded model.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -34,14 +36,29 @@ pub struct ModelInfo {
 pub struct Loaded {
     pub info: ModelInfo,
     pub preprocessor: Preprocessor,
+    /// The output sizes the bundle names (its profiles), for the memory report.
+    pub resolutions: Vec<(u32, u32)>,
+    /// The measured memory model, or why there is none.
+    pub memory: Result<MemoryModel, String>,
 }
 
-/// The batch runner: the pipeline, owned by the engine worker thread.
-pub type BatchFn = Box<dyn FnMut(Vec<Prepared>) -> Vec<Result<EditOutput, EditError>>>;
+/// A queued job: the prepared job and its request's memory, counted until the job is done even
+/// when the request has gone.
+pub struct Job {
+    pub prepared: Prepared,
+    pub memory: Option<Reservation>,
+}
+
+/// The batch runner: the pipeline, owned by the engine worker thread; `proceed` says whether
+/// anyone still waits for the batch (asked at every stage and step).
+pub type BatchFn = Box<dyn FnMut(&[Job], &dyn Fn() -> bool) -> Vec<Result<EditOutput, EditError>>>;
 
 impl From<Failure> for EditError {
     fn from(f: Failure) -> EditError {
-        EditError::Internal(f.to_string())
+        match f {
+            Failure::TooLarge => EditError::Invalid(f.to_string()),
+            f => EditError::Internal(f.to_string()),
+        }
     }
 }
 
@@ -52,7 +69,17 @@ pub fn open(settings: &Settings) -> Result<(BatchFn, Loaded), String> {
         .map_err(|e| format!("cannot open the model bundle {}: {e}", settings.bundle.display()))?;
     let info = describe(pipeline.info(), settings);
     let preprocessor = pipeline.preprocessor();
-    Ok((Box::new(move |jobs| pipeline.run_batch(jobs)), Loaded { info, preprocessor }))
+    let memory = MemoryModel::probe(&mut pipeline);
+    let mut resolutions = pipeline.info().resolutions.clone();
+    if resolutions.is_empty() {
+        let side = ((pipeline.info().image_area as f64).sqrt() as u32) / 16 * 16;
+        resolutions.push((side, side));
+    }
+    let run: BatchFn = Box::new(move |jobs: &[Job], proceed: &dyn Fn() -> bool| {
+        let refs: Vec<&Prepared> = jobs.iter().map(|j| &j.prepared).collect();
+        pipeline.run_batch_with(&refs, &|_| proceed())
+    });
+    Ok((run, Loaded { info, preprocessor, resolutions, memory }))
 }
 
 fn describe(info: &PipelineInfo, settings: &Settings) -> ModelInfo {

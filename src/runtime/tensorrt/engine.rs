@@ -200,8 +200,15 @@ impl TrtEngine {
         .ok_or_else(|| self.run_err(format!("the loop addresses {b:?}, which does not exist")))
     }
 
-    /// Executes a loop program on the stream; one synchronisation, at the end.
-    fn run_ops(&mut self, plan: &RunPlan, ops: Vec<LoopOp>, kernel: &StepKernel) -> Result<Vec<u8>, Error> {
+    /// Executes a loop program on the stream; one synchronisation at the end, and one at each
+    /// checkpoint (a loop that can be stopped: the host waits for the step, then asks `proceed`).
+    fn run_ops(
+        &mut self,
+        plan: &RunPlan,
+        ops: Vec<LoopOp>,
+        kernel: &StepKernel,
+        proceed: Option<&dyn Fn(usize) -> bool>,
+    ) -> Result<Vec<u8>, Error> {
         let mut out_shapes: Option<Vec<Vec<usize>>> = None;
         let mut result = None;
         for op in ops {
@@ -245,6 +252,12 @@ impl TrtEngine {
                     self.device.download(dev, bytes, pinned)?;
                     result = Some((src, bytes));
                 }
+                LoopOp::Checkpoint { step } => {
+                    self.device.synchronize()?;
+                    if proceed.is_some_and(|go_on| !go_on(step)) {
+                        return Err(Error::Cancelled { step });
+                    }
+                }
             }
         }
         self.device.synchronize()?;
@@ -259,7 +272,7 @@ impl DeviceLoop for TrtEngine {
         let kernel = self.step_kernel.clone().ok_or_else(|| self.run_err("no step kernel on this worker (NVRTC missing)"))?;
         let (plan, ops) = loop_program(&self.component, &self.inputs, &self.outputs, &self.profiles, &self.bucketed, job)?;
         self.device.bind()?;
-        match self.run_ops(&plan, ops, &kernel) {
+        match self.run_ops(&plan, ops, &kernel, job.proceed) {
             Ok(bytes) => {
                 self.stats.device_loops += 1;
                 Ok(bytemuck::pod_collect_to_vec(&bytes))
