@@ -74,7 +74,7 @@ impl Preprocessor {
         let schedule = Schedule::new(m.scheduler(req.lightning), req.num_inference_steps as usize, sizes.image_seq_len())
             .map_err(invalid)?;
         // RoPE positions must fit the reference's table (checked before the images are resized).
-        m.rope.tables(&sizes.img_shapes, 1).map_err(invalid)?;
+        m.rope.check(&sizes.img_shapes, 1).map_err(invalid)?;
         let (vl, vae) = resize_images(&req.images, &sizes, m)?;
 
         let true_cfg = req.true_cfg_scale > 1.0 && req.negative_prompt.is_some();
