@@ -7,6 +7,7 @@ pub mod bundle;
 pub mod config;
 pub mod editor;
 pub mod imaging;
+pub mod lifecycle;
 pub mod metrics;
 pub mod onnx;
 pub mod pipeline;

@@ -27,7 +27,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // `serve` sets up its own logging; the one-shot commands log only when RUST_LOG asks them to.
     if !matches!(cli.command, Command::Serve(_)) && std::env::var_os("RUST_LOG").is_some() {
-        qwen_edit::server::init_logging(qwen_edit::config::LogFormat::Text);
+        qwen_edit::lifecycle::init_logging(qwen_edit::config::LogFormat::Text);
     }
     ExitCode::from(match cli.command {
         Command::Serve(args) => qwen_edit::server::main_serve(&args),
