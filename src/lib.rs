@@ -14,3 +14,4 @@ pub mod pipeline;
 pub mod runtime;
 pub mod server;
 pub mod service;
+pub mod worker;
