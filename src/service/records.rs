@@ -399,9 +399,8 @@ impl Records {
     }
 
     pub(super) fn health(&self) -> StoreHealth {
-        let in_queue = self.jobs.values().filter(|r| r.status == JobStatus::InQueue).count();
         StoreHealth {
-            in_queue,
+            in_queue: self.queue.len(),
             in_progress: self.running,
             records: self.jobs.len(),
             bytes: self.bytes,
