@@ -122,16 +122,15 @@ impl Pipeline {
     /// Replaces engine `component` with `wrap(engine)` (the emulated device of tests/device_loop.rs); the
     /// preprocessor taken after this stages pixels where the new engines read them.
     pub fn wrap_engine(self, component: &str, wrap: impl FnOnce(Box<dyn Engine>) -> Box<dyn Engine>) -> Pipeline {
-        let Pipeline { model, mut engines, last_stages } = self;
-        let e = &mut engines;
-        let slot = match component {
-            "text_encoder" => &mut e.text_encoder,
-            "vae_encoder" => &mut e.vae_encoder,
-            "vae_decoder" => &mut e.vae_decoder,
-            _ => &mut e.transformer,
-        };
-        let old = std::mem::replace(slot, Box::new(Taken));
-        *slot = wrap(old);
+        let Pipeline { model, engines, last_stages } = self;
+        let Engines { mut text_encoder, mut transformer, mut vae_encoder, mut vae_decoder, counters } = engines;
+        match component {
+            "text_encoder" => text_encoder = wrap(text_encoder),
+            "vae_encoder" => vae_encoder = wrap(vae_encoder),
+            "vae_decoder" => vae_decoder = wrap(vae_decoder),
+            _ => transformer = wrap(transformer),
+        }
+        let mut engines = Engines { text_encoder, transformer, vae_encoder, vae_decoder, counters };
         let mut model = (*model).clone();
         model.attach(&mut engines, model.staging.rows_per_block());
         Pipeline { model: Arc::new(model), engines, last_stages }
@@ -435,23 +434,5 @@ impl HostLoop<'_> {
             }
         }
         Ok(())
-    }
-}
-
-/// Stands in for an engine while it is being replaced (never run).
-struct Taken;
-
-impl Engine for Taken {
-    fn component(&self) -> &str {
-        "replaced"
-    }
-    fn inputs(&self) -> &[crate::runtime::TensorInfo] {
-        &[]
-    }
-    fn outputs(&self) -> &[crate::runtime::TensorInfo] {
-        &[]
-    }
-    fn run(&mut self, _: &[(&str, &Tensor)]) -> Result<crate::runtime::Outputs, crate::runtime::Error> {
-        Err(crate::runtime::Error::Run { component: "replaced".into(), reason: "an engine being replaced ran".into() })
     }
 }

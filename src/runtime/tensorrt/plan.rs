@@ -725,6 +725,45 @@ mod tests {
     }
 
     #[test]
+    fn gathers_follow_the_padding_of_both_sides() {
+        let rc = |src, dst, elems| RowCopy { src, dst, elems };
+        // Source [2, 3, 2] kept padded to [2, 4, 2]; destination unpadded: rows move, tokens stay contiguous.
+        let src = (&[2, 3, 2][..], &[2, 4, 2][..]);
+        let same = (&[2, 3, 2][..], &[2, 3, 2][..]);
+        assert_eq!(remap_copy(rc(6, 0, 6), src, same), [rc(8, 0, 6)]);
+        // A copy across the row boundary splits where the padding is.
+        assert_eq!(remap_copy(rc(4, 4, 4), src, same), [rc(4, 4, 2), rc(8, 6, 2)]);
+        // Both sides padded differently: [2, 2, 2] into [2, 3, 2] (text bucket of the transformer).
+        let dst = (&[2, 2, 2][..], &[2, 3, 2][..]);
+        assert_eq!(remap_copy(rc(2, 2, 4), src, dst), [rc(2, 2, 2), rc(4, 6, 2)]);
+        // No padding: the copy as it is.
+        assert_eq!(remap_copy(rc(1, 2, 5), same, same), [rc(1, 2, 5)]);
+    }
+
+    #[test]
+    fn a_run_keeps_one_output_on_the_device_and_downloads_the_rest() {
+        let inputs = [info("x", vec![dynamic("batch"), Dim::Fixed(2)])];
+        let outputs = [info("a", vec![dynamic("batch"), Dim::Fixed(2)]), info("b", vec![dynamic("batch")])];
+        let profiles = vec![ProfileShapes { min: vec![vec![1, 2]], max: vec![vec![8, 2]] }];
+        let x = Tensor::f32(&[1, 2], vec![1.0, 2.0]);
+        let io = (&inputs[..], &outputs[..]);
+        let (_, ops) = run_program("c", io, &profiles, &[], &[("x", Input::Host(&x))], Some("a")).unwrap();
+        assert_eq!(ops[1..], [LoopOp::Execute, LoopOp::KeepOutput(0), LoopOp::DownloadOutput(1)]);
+        assert!(run_program("c", io, &profiles, &[], &[("x", Input::Host(&x))], Some("z")).is_err());
+        // A gather from a kept output on the host (another backend's) goes up through the host.
+        let host = Kept {
+            dtype: DType::F32,
+            shape: vec![1, 4],
+            layout: vec![1, 4],
+            place: Place::Host(std::sync::Arc::new(Tensor::f32(&[1, 4], vec![5.0, 6.0, 7.0, 8.0]))),
+        };
+        let copies = [RowCopy { src: 2, dst: 0, elems: 2 }];
+        let g = Input::Gather { shape: &[1, 2], src: &host, copies: &copies };
+        let (_, ops) = run_program("c", io, &profiles, &[], &[("x", g)], None).unwrap();
+        assert_eq!(ops[0], LoopOp::Upload { dst: LoopBuf::Input(0), bytes: bytemuck::cast_slice(&[7.0f32, 8.0]).to_vec() });
+    }
+
+    #[test]
     fn outputs_are_checked_against_their_buffers() {
         let outs = [info("sample", vec![dynamic("batch"), Dim::Fixed(4)])];
         assert!(check_outputs_fit(&outs, &[vec![2, 4]], &[32]).is_ok());
