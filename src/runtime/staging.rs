@@ -19,6 +19,11 @@ use super::{DType, Error, Tensor};
 
 /// Blocks start at a multiple of this (TensorRT's and DMA's alignment).
 pub const ROW_ALIGN: usize = 256;
+/// Pinned memory a pool holds at most by default; blocks beyond it come from the heap (the driver then copies
+/// them through its own buffer: counted as host copies). The queue bounds the rows in flight, this the RAM
+/// that cannot be paged out.
+pub const PINNED_BUDGET: usize = 1 << 30;
+
 /// Rows inside a block start at multiples of this: rows whose size is a multiple of it (every pixel tensor
 /// of the models) follow each other without a gap, so adjacent rows upload in one copy.
 pub const ROW_STRIDE: usize = 16;
@@ -87,6 +92,8 @@ struct PoolState {
     open: HashMap<usize, usize>,
     /// Blocks with every row free, by row size, for reuse.
     idle: HashMap<usize, Vec<usize>>,
+    /// Bytes of the blocks that came from the allocator (not the heap fallback).
+    allocated: usize,
 }
 
 /// Rows of staging memory for preprocessed inputs (see the module docs).
@@ -94,6 +101,7 @@ pub struct StagingPool {
     alloc: Arc<dyn StagingAlloc>,
     rows_per_block: usize,
     max_idle: usize,
+    budget: usize,
     counters: Arc<RunCounters>,
     state: Mutex<PoolState>,
     me: Weak<StagingPool>,
@@ -108,10 +116,21 @@ impl fmt::Debug for StagingPool {
 impl StagingPool {
     /// A pool of blocks of `rows_per_block` rows (the batch size) from `alloc`, counting host copies in `counters`.
     pub fn new(alloc: Arc<dyn StagingAlloc>, rows_per_block: usize, counters: Arc<RunCounters>) -> Arc<StagingPool> {
+        Self::with_budget(alloc, rows_per_block, counters, PINNED_BUDGET)
+    }
+
+    /// [`StagingPool::new`] that takes at most `budget` bytes from `alloc` (the rest from the heap).
+    pub fn with_budget(
+        alloc: Arc<dyn StagingAlloc>,
+        rows_per_block: usize,
+        counters: Arc<RunCounters>,
+        budget: usize,
+    ) -> Arc<StagingPool> {
         Arc::new_cyclic(|me| StagingPool {
             alloc,
             rows_per_block: rows_per_block.max(1),
             max_idle: 4,
+            budget,
             counters,
             state: Mutex::new(PoolState::default()),
             me: me.clone(),
@@ -156,11 +175,22 @@ impl StagingPool {
     fn new_block(&self, st: &mut PoolState, row_bytes: usize) -> Result<usize, Error> {
         let stride = row_bytes.max(1).div_ceil(ROW_STRIDE) * ROW_STRIDE;
         let bytes = stride * self.rows_per_block;
-        // Out of pinned memory: plain memory still works (the driver then copies it through its own buffer).
-        let block = self.alloc.alloc(bytes).or_else(|e| {
-            tracing::warn!(error = %e, bytes, "pinned staging memory unavailable; using heap memory");
-            HeapAlloc.alloc(bytes)
-        })?;
+        // Over the budget or out of pinned memory: plain memory still works (the driver copies it through its
+        // own buffer).
+        let block = if st.allocated + bytes > self.budget {
+            HeapAlloc.alloc(bytes)?
+        } else {
+            match self.alloc.alloc(bytes) {
+                Ok(b) => {
+                    st.allocated += bytes;
+                    b
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, bytes, "pinned staging memory unavailable; using heap memory");
+                    HeapAlloc.alloc(bytes)?
+                }
+            }
+        };
         let slot = Slot { block: Arc::new(block), row_bytes, stride, taken: vec![false; self.rows_per_block] };
         match st.slots.iter().position(Option::is_none) {
             Some(i) => {
@@ -188,8 +218,10 @@ impl StagingPool {
         let idle = st.idle.entry(row_bytes).or_default();
         if idle.len() < self.max_idle {
             idle.push(block_id);
-        } else {
-            st.slots[block_id] = None; // freed
+        } else if let Some(freed) = st.slots[block_id].take() {
+            if freed.block.pinned() {
+                st.allocated -= freed.stride * self.rows_per_block;
+            }
         }
     }
 
@@ -468,13 +500,13 @@ mod tests {
     #[test]
     fn consecutive_jobs_fill_one_block_per_batch_and_upload_in_one_copy() {
         let (p, counters) = pool(4);
-        let mut rows: Vec<StagedRow> = (0..4).map(|_| p.row(DType::F16, 100).unwrap()).collect();
+        let mut rows: Vec<StagedRow> = (0..4).map(|_| p.row(DType::F16, 104).unwrap()).collect();
         for (k, r) in rows.iter_mut().enumerate() {
             fill(r, k as f32);
         }
         assert_eq!(p.blocks(), 1, "four rows, one block");
         let refs: Vec<&StagedRow> = rows.iter().collect();
-        // 100 f16 values = 200 bytes, a multiple of the 16-byte stride: the four rows are one run, one copy.
+        // 104 f16 values = 208 bytes, a multiple of the 16-byte stride: the four rows are one run, one copy.
         assert_eq!(upload_runs(&refs), vec![(0, 4)]);
         let odd: Vec<StagedRow> = (0..2).map(|_| p.row(DType::F16, 3).unwrap()).collect();
         let o: Vec<&StagedRow> = odd.iter().collect();
@@ -486,8 +518,8 @@ mod tests {
         let mixed = [&wide[1], &wide[0]];
         assert_eq!(upload_runs(&mixed), vec![(0, 1), (1, 1)]);
         // The stacked tensor is the rows in order; building it on the host is a counted copy per row.
-        let t = rows_to_tensor(&refs, &[4, 100]).unwrap().into_f32().unwrap();
-        assert_eq!((t[[0, 0]], t[[3, 99]]), (0.0, 3.0));
+        let t = rows_to_tensor(&refs, &[4, 104]).unwrap().into_f32().unwrap();
+        assert_eq!((t[[0, 0]], t[[3, 103]]), (0.0, 3.0));
         assert_eq!(counters.snapshot().staged_host_copies, 4);
     }
 
@@ -514,6 +546,27 @@ mod tests {
         assert_eq!(e2.position().0, 0);
         let mut shared = e2.clone();
         assert!(shared.write().is_err(), "a shared row is not written");
+    }
+
+    #[test]
+    fn pinned_memory_is_bounded_and_the_rest_comes_from_the_heap() {
+        struct Pinned;
+        impl StagingAlloc for Pinned {
+            fn alloc(&self, bytes: usize) -> Result<Block, Error> {
+                let b = HeapAlloc.alloc(bytes)?;
+                // SAFETY: the same memory, owned by the heap block kept inside (a "pinned" stand-in for the test).
+                Ok(unsafe { Block::new(b.ptr, b.len, true, Box::new(b)) })
+            }
+        }
+        let counters = Arc::new(RunCounters::default());
+        // Blocks of 2 rows of 64 bytes = 128 bytes; a budget of 256 bytes holds two.
+        let p = StagingPool::with_budget(Arc::new(Pinned), 2, counters.clone(), 256);
+        let rows: Vec<StagedRow> = (0..6).map(|_| p.row(DType::F32, 16).unwrap()).collect();
+        let pinned: Vec<bool> = rows.iter().map(StagedRow::pinned).collect();
+        assert_eq!(pinned, [true, true, true, true, false, false]);
+        // A row that is not pinned reaches a device through the driver's buffer: a counted host copy.
+        rows[4].count_driver_copy();
+        assert_eq!(counters.snapshot().staged_host_copies, 1);
     }
 
     #[test]
