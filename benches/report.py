@@ -161,7 +161,7 @@ def update(readme: Path, found: dict[str, str | None]) -> list[str]:
         pattern = re.compile(rf"(<!-- bench:{re.escape(name)} -->\n).*?(<!-- /bench:{re.escape(name)} -->)", re.S)
         if not pattern.search(text):
             continue
-        text = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text)
+        text = pattern.sub(lambda m, table=table: m.group(1) + table + "\n" + m.group(2), text)
         done.append(name)
     readme.write_text(text)
     return done

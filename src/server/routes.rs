@@ -74,6 +74,7 @@ fn health(state: &AppState) -> Response<Body> {
         "backend": model.map_or_else(|| format!("{:?}", s.backend).to_lowercase(), |m| m.backend.clone()),
         "backend_reason": st.backend_reason,
         "denoise_loop": model.map(|m| m.denoise_loop.clone()),
+        "engine": state.service.metrics().engine_counters(),
         "queue_depth": st.queue_depth,
         "max_queue": s.max_queue,
         "batch_size": s.batch_size,
@@ -242,6 +243,7 @@ mod tests {
         assert_eq!(v["status"], "loading");
         assert_eq!(v["queue_depth"], 0);
         assert!(v["gpu_available"].is_boolean() && v["backend"].is_string() && v["backend_reason"].is_string(), "{v}");
+        assert!(v["engine"].is_null(), "no engine counters before a model loads: {v}");
 
         let r = handle(st.clone(), req(Method::POST, "/run", "{}")).await;
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);

@@ -137,6 +137,7 @@ impl EditService {
     }
 
     fn model_loaded(&self, l: model::Loaded) {
+        self.metrics.set_engine_counters(l.counters);
         let info = l.info;
         let limits = schema::Limits {
             default_steps: info.default_steps,
