@@ -200,8 +200,11 @@ class VerificationError(RuntimeError):
 def run_ort(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     import onnxruntime as ort
 
+    from .fp8 import ort_session_options
+
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    ort_session_options(path, opts)
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
 
