@@ -420,8 +420,14 @@ def quantize(pipe, variant: Variant, dtype, paths: dict, areas: Areas, precision
         raise UsageError(f"unknown precision {precision!r}; choose dtype or fp8")
     from . import fp8
 
+    ex = fp8.Exporter(
+        size_of=calculate_dimensions,
+        random_inputs=lambda shapes, batch, txt: _transformer_inputs(pipe, shapes, batch, txt, dtype, 1),
+        tolerance=TOLERANCE.get(dtype),
+        log=log,
+    )
     r = fp8.quantize_transformer(
-        pipe, variant, areas, paths["transformer"], dtype, fp8_settings or fp8.CalibrationSettings(), log
+        pipe, variant, areas, paths["transformer"], dtype, fp8_settings or fp8.CalibrationSettings(), ex
     )
     return {"transformer": r.manifest}, r.report, r.rows
 

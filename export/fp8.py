@@ -30,6 +30,7 @@ import math
 import re
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,9 +43,6 @@ from onnx import TensorProto, helper
 FP8_MAX = 448.0
 OPSET = 21  # FP8 Q/DQ: 19+; 21 keeps ORT's optimizer from moving a Reshape (no fp8 kernel) between Q and DQ
 FORMAT = "float8e4m3fn"
-# Session option ONNX Runtime needs for FP8 Q/DQ graphs: its QDQ selector would fuse DequantizeLinear ->
-# MatMul into MatMulIntegerToFloat, which has no float8 kernel (session creation fails).
-ORT_DISABLED_OPTIMIZERS = "QDQSelectorActionTransformer"
 
 # Linear layers of every transformer block computed in FP8 (name after `transformer_blocks.<i>.`).
 FP8_LAYERS = {
@@ -214,17 +212,16 @@ class CalibrationSettings:
     keep: tuple[str, ...] = ()
 
 
-def calibration_cases(variant, area: int, settings: CalibrationSettings, held_out: bool = False):
+def calibration_cases(variant, area: int, settings: CalibrationSettings, size_of, held_out: bool = False):
     """Deterministic calibration runs at the bundle's working area, cycling through the profile aspect
-    ratios: photo-like pictures (export.reference.make_image), edit prompts, true CFG. `held_out`: one
-    more run with other pictures, prompt and seed, for the per-layer error report."""
-    from .bundle import calculate_dimensions
-
+    ratios: photo-like pictures (export.reference.make_image), edit prompts, true CFG. `size_of(area,
+    ratio)`: the pipeline's output size, (width, height). `held_out`: one more run with other pictures,
+    prompt and seed, for the per-layer error report."""
     first, count = (settings.cases, 1) if held_out else (0, settings.cases)
     out = []
     for i in range(first, first + count):
         rw, rh = CALIBRATION_RATIOS[i % len(CALIBRATION_RATIOS)]
-        size = calculate_dimensions(area, rw / rh)
+        size = size_of(area, rw / rh)
         n_images = 1 + (i % 2) if variant.plus else 1
         images = [(size, 100 + 7 * i + j) for j in range(n_images)]
         out.append(CalibrationCase(images, PROMPTS[i % len(PROMPTS)], 1000 + i, settings.steps))
@@ -537,20 +534,6 @@ def quantize_graph(model: onnx.ModelProto, transformer, layers: list[Layer], ama
     return model, {t.layer: t.node.name for t in targets}
 
 
-def carries_fp8(path: Path) -> bool:
-    """Whether the ONNX file holds float8 tensors (its weights are not read)."""
-    model = onnx.load(str(path), load_external_data=False)
-    fp8 = {TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2, TensorProto.FLOAT8E5M2FNUZ}
-    return any(t.data_type in fp8 for t in model.graph.initializer)
-
-
-def ort_session_options(path: Path, opts) -> None:
-    """Adds what ONNX Runtime needs to run `path` when it is an FP8 Q/DQ graph (a per-graph decision:
-    other graphs keep every optimizer)."""
-    if carries_fp8(path):
-        opts.add_session_config_entry("optimization.disable_specified_optimizers", ORT_DISABLED_OPTIMIZERS)
-
-
 # ----------------------------------------------------------------------------------------------
 # The whole step, for the exporter
 # ----------------------------------------------------------------------------------------------
@@ -678,17 +661,30 @@ def verify(path: Path, pipe, layers, amax, dtype, cases, floor: float = FAKE_QUA
     return rows
 
 
-def quantize_transformer(pipe, variant, areas, path: Path, dtype, settings: CalibrationSettings, log) -> Result:
+@dataclass
+class Exporter:
+    """What the bundle exporter (export/bundle.py, which calls this module) lends the FP8 step."""
+
+    size_of: Callable[[int, float], tuple[int, int]]  # (pixel area, aspect ratio) -> output (width, height)
+    random_inputs: Callable  # (image shapes, batch, text length) -> (graph inputs in order, transformer kwargs)
+    tolerance: float | None  # the float export's tolerance for the dtype; None: not run on CPU (bfloat16)
+    log: Callable[[str], None]
+
+
+def quantize_transformer(
+    pipe, variant, areas, path: Path, dtype, settings: CalibrationSettings, ex: Exporter
+) -> Result:
     """Calibrates, rewrites `path` (the exported transformer graph) in place with FP8 Q/DQ, verifies it
     and returns the manifest record and the report."""
-    from . import bundle as bundle_mod
     from .onnx_export import EXTERNAL_DATA_THRESHOLD
 
+    log = ex.log
+
     layers = placement(pipe.transformer, settings.keep)
-    cases = calibration_cases(variant, areas.vae, settings)
+    cases = calibration_cases(variant, areas.vae, settings, ex.size_of)
     log(f"fp8: calibrating {sum(ly.fp8 for ly in layers)} of {len(layers)} linear layers on {len(cases)} runs")
     amax, calls = calibrate(pipe, variant, areas, layers, cases)
-    held_out = calibration_cases(variant, areas.vae, settings, held_out=True)[0]
+    held_out = calibration_cases(variant, areas.vae, settings, ex.size_of, held_out=True)[0]
     log("fp8: per-layer errors on a held-out run")
     stats = evaluate(pipe, variant, areas, layers, amax, held_out, dtype)
     recorded = _recorded_inputs(pipe, variant, areas, held_out)
@@ -715,18 +711,18 @@ def quantize_transformer(pipe, variant, areas, path: Path, dtype, settings: Cali
     )
 
     rows: list[dict] = []
-    if dtype in bundle_mod.TOLERANCE:
+    if ex.tolerance is not None:
         names = [i.name for i in model.graph.input]
         checks = [
             (f"recorded: {'first' if i < 2 else 'last'} step, {'cond' if i % 2 == 0 else 'uncond'}", f, kw)
             for i, (f, kw) in enumerate(recorded)
         ]
         for shapes, batch, txt in RANDOM_CASES:
-            args, kw = bundle_mod._transformer_inputs(pipe, shapes, batch, txt, dtype, 1)
+            args, kw = ex.random_inputs(shapes, batch, txt)
             checks.append(
                 (f"random: batch {batch}, images {shapes}, text {txt}", dict(zip(names, args, strict=True)), kw)
             )
-        rows = verify(path, pipe, layers, amax, dtype, checks, max(FAKE_QUANT_FLOOR, bundle_mod.TOLERANCE[dtype]))
+        rows = verify(path, pipe, layers, amax, dtype, checks, max(FAKE_QUANT_FLOOR, ex.tolerance))
     else:
         log(
             "fp8: bfloat16 FP8 graphs are not verified on CPU (ONNX Runtime has no bfloat16 Q/DQ kernels); "

@@ -257,7 +257,7 @@ def test_graph_computes_the_fake_quantized_model(quantized, transformer, tmp_pat
     model, _, layers, amax = quantized
     path = tmp_path / "t.onnx"
     onnx.save(model, str(path))
-    assert fp8.carries_fp8(path) and not fp8.carries_fp8(ROOT / "engines/tiny/transformer.onnx")
+    assert ox.carries_fp8(path) and not ox.carries_fp8(ROOT / "engines/tiny/transformer.onnx")
     ckpt_pipe = type("P", (), {"transformer": transformer})()
     names = [i.name for i in model.graph.input]
     args, kw = bundle._transformer_inputs(ckpt_pipe, [(1, 8, 8), (1, 8, 8)], 1, 12, torch.float32, 3)
