@@ -185,9 +185,12 @@ fn dry_run_plans_every_component_without_a_gpu() {
     let te = report.components.iter().find(|c| c.component == "text_encoder").unwrap();
     assert_eq!(te.status, "planned");
     assert_eq!(te.onnx_sha256.len(), 64);
-    let ids = te.profiles[0].inputs.iter().find(|i| i.name == "input_ids").unwrap();
+    // One profile per batch-size group (profiles.batch_sizes = [1, 2]), tuned for 1 and for 2 requests.
+    assert_eq!(te.profiles.len(), 2);
+    let ids = |k: usize| te.profiles[k].inputs.iter().find(|i| i.name == "input_ids").unwrap().clone();
     // seq: 1 .. drop_tokens + max_text_tokens; batch: 1 .. 2 requests x 2 (CFG)
-    assert_eq!((ids.min.clone(), ids.max.clone()), (vec![1, 1], vec![4, 64 + 256]));
+    assert_eq!((ids(1).min, ids(1).max), (vec![1, 1], vec![4, 64 + 256]));
+    assert_eq!((ids(0).opt[0], ids(0).max[0], ids(1).opt[0]), (2, 2, 4));
     let tr = report.components.iter().find(|c| c.component == "transformer").unwrap();
     let hs = tr.profiles[0].inputs.iter().find(|i| i.name == "hidden_states").unwrap();
     // 64x64 output: 4x4 packed tokens + the 64x64 condition image (4x4); 80x48: 5x3 tokens + its

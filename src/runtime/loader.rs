@@ -2,8 +2,10 @@
 //! `ort` or `tensorrt`, with the reason. The one place above which no code names a concrete backend.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use super::backend::{self, BackendChoice, BackendKind, BackendRequest, GpuProbe};
+use super::counters::RunCounters;
 use super::ort::OrtBackend;
 pub use super::ort::OrtSettings;
 pub use super::tensorrt::TrtOptions;
@@ -16,6 +18,8 @@ pub struct LoadOptions {
     pub backend: BackendRequest,
     pub ort: OrtSettings,
     pub trt: TrtOptions,
+    /// Where the engines count what they do (graph captures, replays, ...; read by /metrics).
+    pub counters: Arc<RunCounters>,
 }
 
 /// One component to open: its ONNX graph (CPU), its TensorRT engine (GPU; may not exist) and the IO
@@ -87,7 +91,7 @@ pub fn open(files: &[EngineFiles], choice: &BackendChoice, options: &LoadOptions
             }
         }
         BackendKind::TensorRt => {
-            let worker = TrtWorker::open(options.trt.clone())?;
+            let worker = TrtWorker::open(options.trt.clone())?.with_counters(options.counters.clone());
             let fp8: Vec<&str> = files.iter().filter(|f| f.fp8).map(|f| f.component.as_str()).collect();
             check_fp8_device(&fp8, worker.compute_capability()?, options.trt.device)
                 .map_err(|reason| Error::Unavailable { backend: "TensorRT".into(), reason })?;

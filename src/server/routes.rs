@@ -1,20 +1,18 @@
-//! The routes: `POST /run` and `/runsync` (one edit), `GET /health`, `GET /metrics`; every response
-//! gets `X-Process-Time` (milliseconds) and a log line, slow ones a warning.
+//! The routes: `POST /run` and `/runsync` (one edit), `GET /health`, `GET /ping`, `GET /metrics`, and
+//! RunPod's `/v2/...` layout (`v2.rs`); every response gets `X-Process-Time` (milliseconds) and a log
+//! line, slow ones a warning.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
-use subtle::ConstantTimeEq;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
 
+use super::wire::{authorize, error_response, json_response, method_not_allowed, read_body, Body, BoxError};
 use super::AppState;
 use crate::metrics::Metrics;
 use crate::service::{ApiError, Phase};
-
-pub type Body = Full<Bytes>;
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Serves one request.
 pub async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<Body>
@@ -28,14 +26,19 @@ where
     let path = req.uri().path().to_string();
     let mut response = match (&method, path.as_str()) {
         (&Method::GET, "/health") => health(&state),
+        (&Method::GET, "/ping") => ping(&state),
         (&Method::GET, "/metrics") => metrics(&state),
         (&Method::POST, "/run" | "/runsync") => run(&state, req, started).await,
-        (_, "/health" | "/metrics") => method_not_allowed("GET"),
+        (_, "/health" | "/metrics" | "/ping") => method_not_allowed("GET"),
         (_, "/run" | "/runsync") => method_not_allowed("POST"),
+        (_, p) if p.starts_with("/v2/") => super::v2::handle(&state, req, &path).await,
         _ => error_response(&ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
-            format!("no route {path}; the API is POST /run, POST /runsync, GET /health and GET /metrics"),
+            format!(
+                "no route {path}; the API is POST /run, POST /runsync, GET /health, GET /ping, GET /metrics and \
+                 RunPod's /v2/{{endpoint_id}}/... (run, runsync, status, cancel, health, purge-queue)"
+            ),
         )),
     };
     let elapsed = started.elapsed();
@@ -44,44 +47,15 @@ where
         response.headers_mut().insert("x-process-time", v);
     }
     let status = response.status().as_u16();
-    if elapsed >= state.settings().slow_request && path != "/health" && path != "/metrics" {
+    let poll = matches!(path.as_str(), "/health" | "/metrics" | "/ping") || super::v2::is_poll(&path);
+    if elapsed >= state.settings().slow_request && !poll {
         tracing::warn!(request_id = id, %method, path, status, ms, "slow request");
-    } else if path == "/health" || path == "/metrics" {
+    } else if poll {
         tracing::debug!(request_id = id, %method, path, status, ms, "request");
     } else {
         tracing::info!(request_id = id, %method, path, status, ms, "request");
     }
     response
-}
-
-fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
-}
-
-/// The JSON error response, with `Retry-After` / `WWW-Authenticate` where they belong.
-pub fn error_response(e: &ApiError) -> Response<Body> {
-    let mut r = json_response(e.status, e.body().into_bytes());
-    if let Some(after) = e.retry_after {
-        let secs = after.as_secs_f64().ceil().max(1.0) as u64;
-        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    }
-    if e.status == StatusCode::UNAUTHORIZED {
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    }
-    r
-}
-
-fn method_not_allowed(allow: &'static str) -> Response<Body> {
-    let mut r = error_response(&ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        format!("use {allow} on this route"),
-    ));
-    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
-    r
 }
 
 fn health(state: &AppState) -> Response<Body> {
@@ -100,6 +74,7 @@ fn health(state: &AppState) -> Response<Body> {
         "backend": model.map_or_else(|| format!("{:?}", s.backend).to_lowercase(), |m| m.backend.clone()),
         "backend_reason": st.backend_reason,
         "denoise_loop": model.map(|m| m.denoise_loop.clone()),
+        "engine": state.service.metrics().engine_counters(),
         "queue_depth": st.queue_depth,
         "max_queue": s.max_queue,
         "batch_size": s.batch_size,
@@ -130,6 +105,24 @@ fn health(state: &AppState) -> Response<Body> {
         obj.insert("error".into(), e.clone().into());
     }
     json_response(code, body.to_string().into_bytes())
+}
+
+/// `GET /ping` for RunPod load-balancing endpoints: 200 when ready, 204 while the model loads, 503
+/// when draining or failed.
+fn ping(state: &AppState) -> Response<Body> {
+    match state.service.phase() {
+        Phase::Ready => json_response(StatusCode::OK, br#"{"status":"healthy"}"#.to_vec()),
+        Phase::Loading => {
+            let mut r = Response::new(Full::new(Bytes::new()));
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            r
+        }
+        Phase::Draining => json_response(StatusCode::SERVICE_UNAVAILABLE, br#"{"status":"draining"}"#.to_vec()),
+        Phase::Failed(e) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "failed", "error": e}).to_string().into_bytes(),
+        ),
+    }
 }
 
 fn metrics(state: &AppState) -> Response<Body> {
@@ -193,54 +186,13 @@ where
     }
 }
 
-/// Checks `Authorization: Bearer <API_KEY>` in constant time (digests compared, so lengths leak nothing).
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(want) = &state.api_key_digest else { return Ok(()) };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    let ok = given.is_some_and(|g| bool::from(super::digest(g).ct_eq(want)));
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            if given.is_some() { "the API key is wrong" } else { "an API key is required: send Authorization: Bearer <API_KEY>" },
-        ))
-    }
-}
-
-/// Reads the body up to `max` bytes (413 beyond; a declared Content-Length over it is refused unread).
-pub async fn read_body<B>(req: Request<B>, max: usize) -> Result<Bytes, ApiError>
-where
-    B: hyper::body::Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    let too_large =
-        || ApiError::too_large(format!("the request body is larger than {max} bytes (MAX_BODY_BYTES); send a smaller image"));
-    let declared =
-        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return Err(too_large());
-    }
-    match Limited::new(req.into_body(), max).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(ApiError::invalid_json(format!("could not read the request body: {e}"))),
-    }
-}
-
 /// `POST /run`: auth, a queue place (503 at once when there is none), the body, then the service.
 async fn edit<B>(state: &Arc<AppState>, req: Request<B>, started: Instant) -> Result<Response<Body>, ApiError>
 where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    authorize(state, req.headers())?;
+    authorize(state, req.headers(), false)?;
     let ticket = state.service.admit()?;
     // The queue place is held while the body arrives: a client that trickles it is cut off.
     let body_timeout = state.settings().body_read_timeout;
@@ -259,6 +211,7 @@ where
 mod tests {
     use super::*;
     use crate::config::Settings;
+    use http_body_util::BodyExt;
 
     /// An AppState whose model never finishes loading (no pipeline is involved in these tests).
     fn state(settings: Settings) -> (Arc<AppState>, std::sync::mpsc::Sender<()>) {
@@ -267,7 +220,7 @@ mod tests {
             let _ = wait.recv();
             Err("test state: no model".to_string())
         });
-        (Arc::new(AppState::new(service)), hold)
+        (Arc::new(AppState::new(service).unwrap()), hold)
     }
 
     fn req(method: Method, path: &str, body: &str) -> Request<Full<Bytes>> {
@@ -285,10 +238,14 @@ mod tests {
         let r = handle(st.clone(), req(Method::GET, "/health", "")).await;
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert!(r.headers().contains_key("x-process-time"));
+        let p = handle(st.clone(), req(Method::GET, "/ping", "")).await;
+        assert_eq!(p.status(), StatusCode::NO_CONTENT, "/ping: 204 while loading");
+        assert!(p.into_body().collect().await.unwrap().to_bytes().is_empty());
         let v = json(r).await;
         assert_eq!(v["status"], "loading");
         assert_eq!(v["queue_depth"], 0);
         assert!(v["gpu_available"].is_boolean() && v["backend"].is_string() && v["backend_reason"].is_string(), "{v}");
+        assert!(v["engine"].is_null(), "no engine counters before a model loads: {v}");
 
         let r = handle(st.clone(), req(Method::POST, "/run", "{}")).await;
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -301,6 +258,10 @@ mod tests {
         assert_eq!(json(r).await["status"], "draining");
         let r = handle(st.clone(), req(Method::POST, "/runsync", "{}")).await;
         assert_eq!(json(r).await["error_type"], "not_ready");
+        let p = handle(st.clone(), req(Method::GET, "/ping", "")).await;
+        assert_eq!((p.status(), json(p).await["status"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("draining")));
+        let r = handle(st.clone(), req(Method::POST, "/v2/ep/run", r#"{"input": {}}"#)).await;
+        assert_eq!((r.status(), json(r).await["error_type"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("not_ready")));
 
         crate::service::set_phase(&st.service, Phase::Failed("bundle missing".into()));
         let v = json(handle(st.clone(), req(Method::GET, "/health", "")).await).await;
@@ -352,17 +313,5 @@ mod tests {
             StatusCode::SERVICE_UNAVAILABLE,
             "no key on /health"
         );
-    }
-
-    #[tokio::test]
-    async fn body_limit() {
-        let ok = read_body(req(Method::POST, "/run", "12345"), 5).await.unwrap();
-        assert_eq!(&ok[..], b"12345");
-        let e = read_body(req(Method::POST, "/run", "123456"), 5).await.unwrap_err();
-        assert_eq!((e.status.as_u16(), e.error_type), (413, "payload_too_large"));
-        let mut r = req(Method::POST, "/run", "1");
-        r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from_static("999999999"));
-        let e = read_body(r, 5).await.unwrap_err();
-        assert_eq!(e.status.as_u16(), 413);
     }
 }

@@ -3,14 +3,16 @@
 //!
 //! Steps: admission (`admit`: loading / draining / a full queue answer 503 at once), parsing and
 //! validation (`schema`), image loading (`images`: base64, data URIs, SSRF-guarded `image_url`
-//! fetches), preparation (the pipeline's `Preprocessor`, on the blocking pool), submission to the
+//! fetches, `image_path` files under `IMAGE_PATH_ROOT`), preparation (the pipeline's `Preprocessor`, on the blocking pool), submission to the
 //! batcher (the engine worker runs the batch), encoding of the result. The service knows JSON,
 //! images and jobs; it knows no HTTP transport and no tensors.
 
 pub mod error;
 pub mod fetch;
 pub mod images;
+pub mod jobs;
 pub mod model;
+mod records;
 pub mod schema;
 
 use std::sync::{Arc, OnceLock};
@@ -27,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::{BatchKey, EditError, EditOutput, EditRequest, Prepared, Preprocessor};
 pub use error::ApiError;
 use fetch::{FetchPolicy, Fetcher};
+use images::PathPolicy;
 pub use model::ModelInfo;
 use schema::{EditParams, EditResponse, Timings};
 
@@ -63,6 +66,8 @@ pub struct EditService {
     batcher: Batcher<BatchKey, Prepared, EditOutput, EditError>,
     metrics: Arc<Metrics>,
     fetcher: Fetcher,
+    /// Where `image_path` may read.
+    paths: PathPolicy,
     /// Bounds concurrent CPU work (JSON parse, base64, decode, prepare, encode) to the core count.
     cpu: Semaphore,
     image_limits: imaging::Limits,
@@ -99,15 +104,8 @@ impl EditService {
         let open_settings = settings.clone();
         let (batcher, loaded, finished) =
             Batcher::start(policy, metrics.clone(), move || model::open(&open_settings)).map_err(StartError::Worker)?;
-        let fetcher = Fetcher::new(FetchPolicy {
-            private: settings.private_urls.clone(),
-            max_bytes: settings.url_max_bytes,
-            total_timeout: settings.url_timeout,
-            connect_timeout: settings.url_connect_timeout,
-            retries: settings.url_retries,
-            ..FetchPolicy::default()
-        })
-        .map_err(StartError::Setup)?;
+        let fetcher = Fetcher::new(FetchPolicy::from_settings(&settings)).map_err(StartError::Setup)?;
+        let paths = PathPolicy { root: settings.image_path_root.clone(), max_bytes: settings.url_max_bytes };
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let image_limits = imaging::Limits {
             max_width: settings.max_image_side,
@@ -120,6 +118,7 @@ impl EditService {
             batcher,
             metrics,
             fetcher,
+            paths,
             cpu: Semaphore::new(cores),
             image_limits,
             gpu_available,
@@ -138,6 +137,7 @@ impl EditService {
     }
 
     fn model_loaded(&self, l: model::Loaded) {
+        self.metrics.set_engine_counters(l.counters);
         let info = l.info;
         let limits = schema::Limits {
             default_steps: info.default_steps,
@@ -301,7 +301,7 @@ impl EditService {
             height,
             output_format,
         } = params;
-        let images = images::load_images(images, &self.fetcher, self.image_limits, &self.cpu).await?;
+        let images = images::load_images(images, &self.fetcher, &self.paths, self.image_limits, &self.cpu).await?;
         let request = EditRequest {
             images,
             prompt: prompt.clone(),
@@ -373,6 +373,7 @@ pub(crate) fn test_service(
         batcher,
         metrics,
         fetcher: Fetcher::new(FetchPolicy::default()).expect("tls"),
+        paths: PathPolicy::default(),
         cpu: Semaphore::new(2),
         image_limits: imaging::Limits::default(),
         gpu_available: false,

@@ -1,9 +1,12 @@
 //! The model as the service sees it: opened on the engine worker thread (the pipeline never leaves
 //! it), described for /health and request validation (`ModelInfo`), and the batch runner it gives.
 
+use std::sync::Arc;
+
 use crate::batcher::Failure;
 use crate::config::Settings;
 use crate::pipeline::{EditError, EditOutput, Pipeline, PipelineInfo, PipelineOptions, Prepared, Preprocessor};
+use crate::runtime::counters::RunCounters;
 
 /// What the front ends need to know about the loaded model.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -38,6 +41,8 @@ pub struct ModelInfo {
 pub struct Loaded {
     pub info: ModelInfo,
     pub preprocessor: Preprocessor,
+    /// The engines' counters (graph captures, replays, ...), for /metrics and /health.
+    pub counters: Arc<RunCounters>,
 }
 
 /// The batch runner: the pipeline, owned by the engine worker thread.
@@ -51,12 +56,18 @@ impl From<Failure> for EditError {
 
 /// Opens the bundle (call on the engine worker thread).
 pub fn open(settings: &Settings) -> Result<(BatchFn, Loaded), String> {
-    let options = PipelineOptions { backend: settings.backend, precision: settings.precision, ..PipelineOptions::default() };
+    let options = PipelineOptions {
+        backend: settings.backend,
+        staging_rows: settings.batch_size,
+        precision: settings.precision,
+        ..PipelineOptions::default()
+    };
     let mut pipeline = Pipeline::open(&settings.bundle, &options)
         .map_err(|e| format!("cannot open the model bundle {}: {e}", settings.bundle.display()))?;
     let info = describe(pipeline.info(), settings);
     let preprocessor = pipeline.preprocessor();
-    Ok((Box::new(move |jobs| pipeline.run_batch(jobs)), Loaded { info, preprocessor }))
+    let counters = pipeline.counters();
+    Ok((Box::new(move |jobs| pipeline.run_batch(jobs)), Loaded { info, preprocessor, counters }))
 }
 
 fn describe(info: &PipelineInfo, settings: &Settings) -> ModelInfo {

@@ -4,9 +4,10 @@
 //! Field rules (the API contract; README "HTTP API" repeats them):
 //! - `prompt`: required string, not empty or only whitespace, at most `MAX_PROMPT_CHARS` characters;
 //!   passed on exactly as sent (not trimmed).
-//! - exactly one image source: `image_base64` (raw base64 or a `data:image/...;base64,` URI) or
-//!   `image_url` (http/https); Edit Plus bundles also take `images`: a list of
-//!   `{"image_base64"|"image_url"}` objects (1..=`max_images`; "Picture 1" is the first). `null` counts as absent.
+//! - exactly one image source: `image_base64` (raw base64 or a `data:image/...;base64,` URI),
+//!   `image_url` (http/https) or `image_path` (a file under `IMAGE_PATH_ROOT`); Edit Plus bundles also
+//!   take `images`: a list of `{"image_base64"|"image_url"|"image_path"}` objects (1..=`max_images`;
+//!   "Picture 1" is the first). `null` counts as absent.
 //! - `negative_prompt`: optional string; when present (even `""`) and `true_cfg_scale > 1`, true CFG runs
 //!   (the reference's rule).
 //! - `num_inference_steps`: integer 1..=100; default the bundle's (50), or `LIGHTNING_STEPS` with Lightning on.
@@ -30,6 +31,8 @@ pub enum ImageSource {
     Base64(String),
     /// The `image_url` string as sent.
     Url(String),
+    /// The `image_path` string as sent (resolved under `IMAGE_PATH_ROOT` when the image is loaded).
+    Path(String),
 }
 
 /// A validated edit request with every default applied.
@@ -74,6 +77,7 @@ struct Envelope {
 struct RawImage {
     image_base64: Option<String>,
     image_url: Option<String>,
+    image_path: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -81,6 +85,7 @@ struct RawInput {
     prompt: Option<String>,
     image_base64: Option<String>,
     image_url: Option<String>,
+    image_path: Option<String>,
     images: Option<Vec<RawImage>>,
     negative_prompt: Option<String>,
     num_inference_steps: Option<i64>,
@@ -151,7 +156,8 @@ fn validate(r: RawInput, l: &Limits, random_seed: impl FnOnce() -> u64) -> Resul
         check_chars("input.negative_prompt", n, l.max_prompt_chars)?;
     }
 
-    let images = image_sources(r.image_base64, r.image_url, r.images, l.max_images)?;
+    let single = RawImage { image_base64: r.image_base64, image_url: r.image_url, image_path: r.image_path };
+    let images = image_sources(single, r.images, l.max_images)?;
 
     let num_inference_steps = match r.num_inference_steps {
         None => l.default_steps,
@@ -213,42 +219,51 @@ fn output_side(name: &str, v: i64, max: u32) -> Result<u32, ApiError> {
     Ok(floored as u32)
 }
 
-fn one_source(where_: &str, b64: Option<String>, url: Option<String>) -> Result<ImageSource, ApiError> {
-    match (b64, url) {
-        (Some(b), None) => {
-            if b.trim().is_empty() {
-                return Err(ApiError::validation(format!("{where_}image_base64 is empty")));
-            }
-            Ok(ImageSource::Base64(b))
-        }
-        (None, Some(u)) => {
-            if u.trim().is_empty() {
-                return Err(ApiError::new(
-                    http::StatusCode::UNPROCESSABLE_ENTITY,
-                    "invalid_url",
-                    format!("{where_}image_url is empty"),
-                ));
-            }
-            Ok(ImageSource::Url(u))
-        }
-        (Some(_), Some(_)) => {
-            Err(ApiError::validation(format!("{where_}image_base64 and {where_}image_url are both given: send exactly one")))
-        }
-        (None, None) => Err(ApiError::validation(format!("{where_}image_base64 or {where_}image_url is required"))),
+fn one_source(where_: &str, raw: RawImage) -> Result<ImageSource, ApiError> {
+    let given = [raw.image_base64.is_some(), raw.image_url.is_some(), raw.image_path.is_some()];
+    if given.iter().filter(|g| **g).count() > 1 {
+        let names: Vec<String> = ["image_base64", "image_url", "image_path"]
+            .iter()
+            .zip(given)
+            .filter(|(_, g)| *g)
+            .map(|(n, _)| format!("{where_}{n}"))
+            .collect();
+        let verb = if names.len() == 2 { "are both given" } else { "are all given" };
+        return Err(ApiError::validation(format!("{} {verb}: send exactly one", names.join(" and "))));
     }
+    if let Some(b) = raw.image_base64 {
+        if b.trim().is_empty() {
+            return Err(ApiError::validation(format!("{where_}image_base64 is empty")));
+        }
+        return Ok(ImageSource::Base64(b));
+    }
+    if let Some(u) = raw.image_url {
+        if u.trim().is_empty() {
+            return Err(ApiError::new(
+                http::StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_url",
+                format!("{where_}image_url is empty"),
+            ));
+        }
+        return Ok(ImageSource::Url(u));
+    }
+    if let Some(p) = raw.image_path {
+        if p.trim().is_empty() {
+            return Err(ApiError::validation(format!("{where_}image_path is empty")));
+        }
+        return Ok(ImageSource::Path(p));
+    }
+    Err(ApiError::validation(format!("{where_}image_base64, {where_}image_url or {where_}image_path is required")))
 }
 
-fn image_sources(
-    b64: Option<String>,
-    url: Option<String>,
-    images: Option<Vec<RawImage>>,
-    max_images: usize,
-) -> Result<Vec<ImageSource>, ApiError> {
+fn image_sources(single: RawImage, images: Option<Vec<RawImage>>, max_images: usize) -> Result<Vec<ImageSource>, ApiError> {
     match images {
-        None => Ok(vec![one_source("input.", b64, url)?]),
-        Some(_) if b64.is_some() || url.is_some() => Err(ApiError::validation(
-            "input.images cannot be combined with input.image_base64 or input.image_url: send one of them",
-        )),
+        None => Ok(vec![one_source("input.", single)?]),
+        Some(_) if single.image_base64.is_some() || single.image_url.is_some() || single.image_path.is_some() => {
+            Err(ApiError::validation(
+                "input.images cannot be combined with input.image_base64, input.image_url or input.image_path: send one of them",
+            ))
+        }
         Some(list) => {
             if list.is_empty() {
                 return Err(ApiError::validation("input.images is empty: send at least one image"));
@@ -260,10 +275,7 @@ fn image_sources(
                     format!("input.images has {} images; at most {max_images} are accepted", list.len())
                 }));
             }
-            list.into_iter()
-                .enumerate()
-                .map(|(i, im)| one_source(&format!("input.images[{i}]."), im.image_base64, im.image_url))
-                .collect()
+            list.into_iter().enumerate().map(|(i, im)| one_source(&format!("input.images[{i}]."), im)).collect()
         }
     }
 }
@@ -422,6 +434,23 @@ mod tests {
     }
 
     #[test]
+    fn image_path_is_a_third_source() {
+        let r = p(r#"{"input": {"prompt": "x", "image_path": "in/a.png"}}"#).unwrap();
+        assert_eq!(r.images, vec![ImageSource::Path("in/a.png".into())]);
+        let (s, t, m) = err(r#"{"input": {"prompt": "x", "image_path": "a.png", "image_url": "http://a"}}"#);
+        assert_eq!((s, t), (422, "validation_error"));
+        assert!(m.contains("input.image_url and input.image_path are both given"), "{m}");
+        assert!(err(r#"{"input": {"prompt": "x", "image_path": " "}}"#).2.contains("image_path is empty"));
+        assert!(err(r#"{"input": {"prompt": "x", "image_path": "a", "images": [{"image_path": "b"}]}}"#)
+            .2
+            .contains("cannot be combined"));
+        let l = Limits { max_images: 3, ..limits() };
+        let body = r#"{"input": {"prompt": "x", "images": [{"image_path": "a.png"}, {"image_base64": "AA"}]}}"#;
+        let r = parse(body.as_bytes(), &l, || 1).unwrap();
+        assert_eq!(r.images, vec![ImageSource::Path("a.png".into()), ImageSource::Base64("AA".into())]);
+    }
+
+    #[test]
     fn response_json_has_every_key_and_the_image_verbatim() {
         let r = EditResponse {
             image: "iVBORw0KGgo+/==".into(),
@@ -455,7 +484,12 @@ mod tests {
         assert_eq!(r.images, vec![ImageSource::Base64("AA".into()), ImageSource::Url("http://a/b.png".into())]);
         let body = r#"{"input": {"prompt": "x", "images": [{"image_base64": "AA"}, {}]}}"#;
         let e = parse(body.as_bytes(), &l, || 1).unwrap_err();
-        assert!(e.message.contains("input.images[1].image_base64 or input.images[1].image_url is required"), "{}", e.message);
+        assert!(
+            e.message
+                .contains("input.images[1].image_base64, input.images[1].image_url or input.images[1].image_path is required"),
+            "{}",
+            e.message
+        );
         let body = r#"{"input": {"prompt": "x", "images": [{"image_base64": "A"}, {"image_base64": "A"}, {"image_base64": "A"}, {"image_base64": "A"}]}}"#;
         assert!(parse(body.as_bytes(), &l, || 1).unwrap_err().message.contains("at most 3"));
     }
