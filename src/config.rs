@@ -15,6 +15,7 @@ use clap::builder::BoolishValueParser;
 use clap::ArgAction;
 use ipnet::IpNet;
 
+use crate::bundle::PrecisionMode;
 use crate::runtime::backend::BackendRequest;
 
 /// Default body limit: a 20 MiB image sent as base64 (4/3 of it, 27.96 MB) plus the JSON around it.
@@ -76,7 +77,8 @@ pub struct ServiceArgs {
     /// Default number of steps when Lightning is on.
     #[arg(long, env = "LIGHTNING_STEPS", default_value_t = 8)]
     pub lightning_steps: u32,
-    /// Precision of the TensorRT engines: auto, fp32, fp16, bf16, fp8 (reported; CPU runs the bundle's dtype).
+    /// Precision to run: auto (what the bundle has), fp32, fp16, bf16, fp8 (alias 8bit: the bundle's FP8
+    /// transformer). Anything but auto must be what the bundle carries, else start-up fails naming the fix.
     #[arg(long = "precision", env = "PRECISION_MODE", default_value = "auto")]
     pub precision_mode: String,
     /// Jobs admitted but not yet running (reading, decoding, preparing, queued); beyond it: 503.
@@ -208,7 +210,7 @@ pub struct Settings {
     pub batch_timeout: Duration,
     pub lightning: bool,
     pub lightning_steps: u32,
-    pub precision: String,
+    pub precision: PrecisionMode,
     pub max_queue: usize,
     pub request_timeout: Duration,
     pub max_body_bytes: usize,
@@ -288,10 +290,7 @@ impl Settings {
         if !(1..=100).contains(&a.lightning_steps) {
             return Err(bad("LIGHTNING_STEPS", format!("{} is not in 1..=100", a.lightning_steps)));
         }
-        let precision = a.precision_mode.trim().to_ascii_lowercase();
-        if !["auto", "fp32", "fp16", "bf16", "fp8"].contains(&precision.as_str()) {
-            return Err(bad("PRECISION_MODE", format!("`{}` is not one of auto, fp32, fp16, bf16, fp8", a.precision_mode)));
-        }
+        let precision: PrecisionMode = a.precision_mode.parse().map_err(|e| bad("PRECISION_MODE", e))?;
         if a.max_queue == 0 || a.max_queue > 100_000 {
             return Err(bad("MAX_QUEUE", format!("{} is not in 1..=100000", a.max_queue)));
         }
@@ -355,7 +354,7 @@ impl Settings {
             batch_timeout: Duration::from_millis(40),
             lightning: false,
             lightning_steps: 8,
-            precision: "auto".into(),
+            precision: PrecisionMode::Auto,
             max_queue: 64,
             request_timeout: Duration::from_secs(300),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
@@ -503,6 +502,8 @@ mod tests {
         assert!(parse(&["--max-queue", "0"]).unwrap_err().contains("MAX_QUEUE"));
         assert!(parse(&["--log-format", "xml"]).unwrap_err().contains("LOG_FORMAT"));
         assert!(parse(&["--precision", "int3"]).unwrap_err().contains("PRECISION_MODE"));
+        assert_eq!(parse(&["--precision", "8bit"]).unwrap().precision.to_string(), "fp8");
+        assert_eq!(parse(&["--precision", "BF16"]).unwrap().precision.to_string(), "bf16");
         assert!(parse(&["--request-timeout=-1"]).unwrap_err().contains("REQUEST_TIMEOUT"));
         assert!(parse(&["--allow-private-urls", "maybe"]).unwrap_err().contains("ALLOW_PRIVATE_URLS"));
         assert!(parse(&["--backend", "tpu"]).is_err());

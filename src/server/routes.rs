@@ -81,7 +81,8 @@ fn health(state: &AppState) -> Response<Body> {
         "batch_timeout_ms": s.batch_timeout.as_millis() as u64,
         "bundle": s.bundle.display().to_string(),
         "lightning_enabled": s.lightning,
-        "precision": s.precision,
+        "precision": model.map(|m| m.precision.clone()),
+        "precision_mode": s.precision,
         "uptime_seconds": state.started.elapsed().as_secs_f64(),
         "version": env!("CARGO_PKG_VERSION"),
     });
@@ -96,6 +97,7 @@ fn health(state: &AppState) -> Response<Body> {
                 "default_true_cfg_scale": m.default_true_cfg_scale,
                 "lightning_fused": m.lightning_fused,
                 "max_text_tokens": m.max_text_tokens,
+                "dtype": m.dtype,
             }),
         );
     }
