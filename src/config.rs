@@ -53,6 +53,16 @@ pub struct ServeArgs {
     /// oldest results go (their status is then 404), and /v2 run answers 503 when inputs alone fill it.
     #[arg(long, env = "RESULT_MEMORY_BYTES", default_value_t = DEFAULT_RESULT_MEMORY_BYTES)]
     pub result_memory_bytes: usize,
+    /// Largest `n` (images per request) of POST /v1/images/edits; at most MAX_QUEUE.
+    #[arg(long, env = "MAX_N", default_value_t = 10)]
+    pub max_n: usize,
+    /// Most parts in one multipart/form-data body (POST /v1/images/edits); 400 beyond.
+    #[arg(long, env = "MULTIPART_MAX_PARTS", default_value_t = 64)]
+    pub multipart_max_parts: usize,
+    /// Largest part of a multipart/form-data body, in bytes (an uploaded image); 413 beyond. The whole
+    /// body is bounded by MAX_BODY_BYTES.
+    #[arg(long, env = "MULTIPART_MAX_PART_BYTES", default_value_t = 20 * 1024 * 1024)]
+    pub multipart_max_part_bytes: usize,
 }
 
 /// Flags of the edit service, shared by `qwen-edit serve` and `qwen-edit worker`.
@@ -235,6 +245,11 @@ pub struct Settings {
     pub result_ttl: Duration,
     /// Memory budget of the /v2 job store (queued inputs and kept results), bytes.
     pub result_memory_bytes: usize,
+    /// Largest `n` of POST /v1/images/edits.
+    pub max_n: usize,
+    /// Most parts, and the largest part in bytes, of a multipart/form-data body.
+    pub multipart_max_parts: usize,
+    pub multipart_max_part_bytes: usize,
 }
 
 /// A setting that makes no sense.
@@ -267,6 +282,18 @@ impl Settings {
         if a.result_memory_bytes < 64 * 1024 {
             return Err(bad("RESULT_MEMORY_BYTES", format!("{} bytes is less than 64 KiB", a.result_memory_bytes)));
         }
+        if a.max_n == 0 || a.max_n > service.max_queue {
+            return Err(bad("MAX_N", format!("{} is not in 1..=MAX_QUEUE ({})", a.max_n, service.max_queue)));
+        }
+        if !(2..=10_000).contains(&a.multipart_max_parts) {
+            return Err(bad("MULTIPART_MAX_PARTS", format!("{} is not in 2..=10000", a.multipart_max_parts)));
+        }
+        if a.multipart_max_part_bytes < 1024 {
+            return Err(bad(
+                "MULTIPART_MAX_PART_BYTES",
+                format!("{} bytes is too small for any image", a.multipart_max_part_bytes),
+            ));
+        }
         Ok(Settings {
             addr: SocketAddr::new(a.host, a.port),
             api_key,
@@ -275,6 +302,9 @@ impl Settings {
             slow_request: Duration::from_millis(a.slow_request_ms),
             result_ttl: seconds("RESULT_TTL", a.result_ttl)?,
             result_memory_bytes: a.result_memory_bytes,
+            max_n: a.max_n,
+            multipart_max_parts: a.multipart_max_parts,
+            multipart_max_part_bytes: a.multipart_max_part_bytes,
             ..service
         })
     }
@@ -376,6 +406,9 @@ impl Settings {
             image_path_root: None,
             result_ttl: Duration::from_secs(1800),
             result_memory_bytes: DEFAULT_RESULT_MEMORY_BYTES,
+            max_n: 10,
+            multipart_max_parts: 64,
+            multipart_max_part_bytes: 20 * 1024 * 1024,
         }
     }
 }
