@@ -34,6 +34,7 @@ lint:
 	.venv/bin/python -m ruff format --check .
 
 check: setup-check
+	set -euo pipefail
 	$(MAKE) --no-print-directory lint
 	source .deps/env
 	cargo test --lib

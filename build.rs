@@ -1,5 +1,6 @@
 //! Build script: compiles the denoising step (cpp/denoise_step.h) for the host, always; and the C++
-//! TensorRT shim (cpp/) with cxx-build where the TensorRT and CUDA headers are found, setting `cfg(qe_trt)`.
+//! TensorRT shim (cpp/) with cxx-build where the TensorRT and CUDA headers are found, setting `cfg(qe_trt)`,
+//! with the TensorRT/CUDA facts the Rust side needs generated from those headers by bindgen (cpp/trt_facts.h).
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -10,6 +11,7 @@ fn main() {
     println!("cargo::rerun-if-env-changed=CUDA_INCLUDE_DIR");
     println!("cargo::rerun-if-env-changed=QWEN_EDIT_NO_TRT_SHIM");
     println!("cargo::rerun-if-env-changed=QWEN_EDIT_REQUIRE_TRT_SHIM");
+    println!("cargo::rerun-if-env-changed=LIBCLANG_PATH");
     let required = env::var_os("QWEN_EDIT_REQUIRE_TRT_SHIM").is_some_and(|v| v == "1");
     println!("cargo::rerun-if-changed=build.rs");
 
@@ -62,8 +64,15 @@ fn main() {
         return;
     }
 
-    for f in ["cpp/trt_shim.cpp", "cpp/trt_shim.h", "src/runtime/shim_ffi.rs"] {
+    for f in ["cpp/trt_shim.cpp", "cpp/trt_shim.h", "cpp/trt_facts.h", "src/runtime/shim_ffi.rs"] {
         println!("cargo::rerun-if-changed={f}");
+    }
+    if let Err(e) = generate_facts(&trt, &cuda) {
+        if required {
+            panic!("QWEN_EDIT_REQUIRE_TRT_SHIM=1 but bindgen cannot read the TensorRT headers: {e}");
+        }
+        println!("cargo::warning=TensorRT shim not compiled: bindgen cannot read the TensorRT headers ({e})");
+        return;
     }
     cxx_build::bridge("src/runtime/shim_ffi.rs")
         .file("cpp/trt_shim.cpp")
@@ -75,4 +84,36 @@ fn main() {
         .compile("qwen_edit_trt_shim");
     println!("cargo::rustc-link-lib=dylib=dl");
     println!("cargo::rustc-cfg=qe_trt");
+}
+
+/// Generates `$OUT_DIR/trt_facts.rs` from cpp/trt_facts.h: TensorRT's version and enums and the CUDA error
+/// codes, as the headers define them (libclang: `LIBCLANG_PATH`, set by scripts/fetch-gpu-headers.sh).
+fn generate_facts(trt: &Path, cuda: &Path) -> Result<(), String> {
+    let out = PathBuf::from(env::var("OUT_DIR").map_err(|e| e.to_string())?).join("trt_facts.rs");
+    // A libclang without its resource headers (the PyPI wheel's) takes the C compiler's (stddef.h, ...).
+    let builtin = std::process::Command::new(env::var("CC").unwrap_or_else(|_| "cc".into()))
+        .arg("-print-file-name=include")
+        .output()
+        .ok()
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        .filter(|p| p.join("stddef.h").is_file());
+    let bindings = bindgen::Builder::default()
+        .header("cpp/trt_facts.h")
+        .clang_args(["-x", "c++", "-std=c++17"])
+        .clang_args(builtin.map(|p| format!("-idirafter{}", p.display())))
+        .clang_arg(format!("-I{}", trt.display()))
+        .clang_arg(format!("-I{}", cuda.display()))
+        .allowlist_var("qe_facts::.*")
+        .allowlist_type("nvinfer1::DataType")
+        .allowlist_type("nvinfer1::TensorIOMode")
+        .allowlist_type("nvinfer1::TensorFormat")
+        .allowlist_type("nvinfer1::TensorLocation")
+        .allowlist_type("cudaError")
+        .constified_enum_module(".*")
+        .enable_cxx_namespaces()
+        .layout_tests(false)
+        .generate_comments(false)
+        .generate()
+        .map_err(|e| format!("{e} (is libclang installed? set LIBCLANG_PATH; scripts/fetch-gpu-headers.sh fetches it)"))?;
+    bindings.write_to_file(&out).map_err(|e| format!("cannot write {}: {e}", out.display()))
 }

@@ -10,7 +10,6 @@
 #include <cstring>
 #include <deque>
 #include <fstream>
-#include <mutex>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -24,7 +23,7 @@ namespace {
 
 [[noreturn]] void fail(const std::string& msg) { throw std::runtime_error(msg); }
 
-// ---- logger: forwards to Rust `tracing`, keeps the last errors for the next thrown message ----
+// ---- logger: forwards to Rust `tracing`, keeps the calling thread's last errors for its next thrown message ----
 class Logger final : public nvinfer1::ILogger {
  public:
   void log(Severity severity, const char* msg) noexcept override {
@@ -34,32 +33,33 @@ class Logger final : public nvinfer1::ILogger {
       const uint8_t* p = msg ? reinterpret_cast<const uint8_t*>(msg) : &empty;
       trt_log(static_cast<int32_t>(severity), rust::Slice<const uint8_t>(p, n));
       if (severity <= Severity::kERROR && msg) {
-        std::lock_guard<std::mutex> lock(mu_);
-        errors_.emplace_back(msg, n);
-        while (errors_.size() > 8) errors_.pop_front();
+        auto& e = errors();
+        e.emplace_back(msg, n);
+        while (e.size() > 8) e.pop_front();
       }
     } catch (...) {
       // A logger must never throw into TensorRT.
     }
   }
-  void clear() {
-    std::lock_guard<std::mutex> lock(mu_);
-    errors_.clear();
-  }
+  void clear() { errors().clear(); }
   std::string take() {
-    std::lock_guard<std::mutex> lock(mu_);
     std::string out;
-    for (const auto& e : errors_) {
+    for (const auto& e : errors()) {
       if (!out.empty()) out += "; ";
       out += e;
     }
-    errors_.clear();
+    errors().clear();
     return out;
   }
 
  private:
-  std::mutex mu_;
-  std::deque<std::string> errors_;
+  // Per thread: TensorRT logs a call's errors on the thread that made the call, so one thread's failure
+  // never lands in (or is cleared from) another thread's error message. Errors TensorRT logs from its own
+  // worker threads still reach `tracing`, just not a thrown message.
+  static std::deque<std::string>& errors() {
+    thread_local std::deque<std::string> e;
+    return e;
+  }
 };
 
 // TensorRT keeps a pointer to the logger for the life of every object: never destroyed.
@@ -75,6 +75,19 @@ std::string trt_error(const std::string& what) {
 }
 
 std::string to_string(rust::Str s) { return std::string(s.data(), s.size()); }
+
+// A name from TensorRT as a Rust string; a name that is not UTF-8 is an error naming it (in hex), never
+// the std::terminate an escaping exception from rust::String would be.
+rust::String utf8_name(const char* name, const std::string& what) {
+  if (!name) fail(what + " has no name");
+  try {
+    return rust::String(name);
+  } catch (const std::exception&) {
+    std::ostringstream hex;
+    for (const char* c = name; *c; ++c) hex << std::hex << (static_cast<unsigned>(static_cast<unsigned char>(*c)));
+    fail(what + " has a name that is not UTF-8 (bytes " + hex.str() + "); rename it in the ONNX graph and rebuild");
+  }
+}
 
 std::string dims_string(const nvinfer1::Dims& d) {
   std::ostringstream o;
@@ -99,21 +112,6 @@ rust::Vec<int64_t> from_dims(const nvinfer1::Dims& d) {
   rust::Vec<int64_t> v;
   for (int32_t i = 0; i < d.nbDims; ++i) v.push_back(d.d[i]);
   return v;
-}
-
-const char* dtype_name(nvinfer1::DataType t) {
-  switch (t) {
-    case nvinfer1::DataType::kFLOAT: return "f32";
-    case nvinfer1::DataType::kHALF: return "f16";
-    case nvinfer1::DataType::kBF16: return "bf16";
-    case nvinfer1::DataType::kINT32: return "i32";
-    case nvinfer1::DataType::kINT64: return "i64";
-    case nvinfer1::DataType::kBOOL: return "bool";
-    case nvinfer1::DataType::kINT8: return "i8";
-    case nvinfer1::DataType::kUINT8: return "u8";
-    case nvinfer1::DataType::kFP8: return "fp8";
-    default: return "unsupported";
-  }
 }
 
 // ---- dlopen helpers ----
@@ -201,6 +199,29 @@ struct OnnxFns {
 };
 
 int32_t header_version() { return static_cast<int32_t>(NV_TENSORRT_VERSION); }
+
+void logger_log_for_test(int32_t severity, rust::Str msg) {
+  const std::string m = to_string(msg);
+  logger().log(static_cast<nvinfer1::ILogger::Severity>(severity), m.c_str());
+}
+
+rust::String logger_take_for_test() { return rust::String(logger().take()); }
+
+CompiledFacts compiled_facts() {
+  CompiledFacts f{};
+  f.half = static_cast<int32_t>(nvinfer1::DataType::kHALF);
+  f.bf16 = static_cast<int32_t>(nvinfer1::DataType::kBF16);
+  f.int64 = static_cast<int32_t>(nvinfer1::DataType::kINT64);
+  f.severity_error = static_cast<int32_t>(nvinfer1::ILogger::Severity::kERROR);
+  f.cuda_insufficient_driver = static_cast<int32_t>(cudaErrorInsufficientDriver);
+  f.cuda_no_device = static_cast<int32_t>(cudaErrorNoDevice);
+  return f;
+}
+
+rust::String utf8_name_for_test(rust::Slice<const uint8_t> bytes) {
+  const std::string s(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+  return utf8_name(s.c_str(), "test tensor");
+}
 
 // ---- CUDA runtime ----
 CudaRt::CudaRt(std::shared_ptr<CudaFns> f) : fns(std::move(f)) {}
@@ -378,7 +399,11 @@ std::unique_ptr<Engine> Runtime::deserialize(rust::Slice<const uint8_t> plan) co
     fail(trt_error("cannot deserialize the engine plan (corrupt file, or built by another TensorRT version or for "
                    "another GPU)"));
   }
-  return std::make_unique<Engine>(cuda_, rt_, std::shared_ptr<nvinfer1::ICudaEngine>(e));
+  // The engine's owner keeps the runtime alive: whoever holds the engine (Engine, every Context) holds the
+  // runtime, which TensorRT requires to outlive its engines, whatever order the Rust side drops them in.
+  std::shared_ptr<nvinfer1::IRuntime> rt = rt_;
+  std::shared_ptr<nvinfer1::ICudaEngine> engine(e, [rt](nvinfer1::ICudaEngine* p) { delete p; });
+  return std::make_unique<Engine>(cuda_, rt_, std::move(engine));
 }
 
 // ---- engine ----
@@ -393,9 +418,9 @@ rust::Vec<IoTensor> Engine::io_tensors() const {
     const char* name = engine_->getIOTensorName(i);
     if (!name) continue;
     IoTensor t{};
-    t.name = rust::String(name);
+    t.name = utf8_name(name, "IO tensor " + std::to_string(i) + " of the engine");
     t.is_input = engine_->getTensorIOMode(name) == nvinfer1::TensorIOMode::kINPUT;
-    t.dtype = rust::String(dtype_name(engine_->getTensorDataType(name)));
+    t.dtype = static_cast<int32_t>(engine_->getTensorDataType(name));
     t.shape = from_dims(engine_->getTensorShape(name));
     t.linear = engine_->getTensorFormat(name) == nvinfer1::TensorFormat::kLINEAR;
     t.on_device = engine_->getTensorLocation(name) == nvinfer1::TensorLocation::kDEVICE;
@@ -600,9 +625,9 @@ BuildOutput build_engine(const BuilderLib& lib, const CudaRt& cuda, int32_t ordi
     const std::string name = t->getName();
     const nvinfer1::Dims d = t->getDimensions();
     IoTensor io{};
-    io.name = rust::String(name);
+    io.name = utf8_name(name.c_str(), "network input " + std::to_string(i));
     io.is_input = true;
-    io.dtype = rust::String(dtype_name(t->getType()));
+    io.dtype = static_cast<int32_t>(t->getType());
     io.shape = from_dims(d);
     io.linear = true;
     io.on_device = true;
@@ -620,6 +645,9 @@ BuildOutput build_engine(const BuilderLib& lib, const CudaRt& cuda, int32_t ordi
     }
   }
 
+  // Declared before the config that refers to it, so that it is destroyed after the config on every path
+  // (an exception unwinds locals in reverse order of declaration).
+  std::unique_ptr<nvinfer1::ITimingCache> cache;
   std::unique_ptr<nvinfer1::IBuilderConfig> config(builder->createBuilderConfig());
   if (!config) fail(trt_error("createBuilderConfig failed"));
   if (settings.workspace_bytes > 0) {
@@ -627,7 +655,7 @@ BuildOutput build_engine(const BuilderLib& lib, const CudaRt& cuda, int32_t ordi
   }
   if (settings.optimization_level >= 0) config->setBuilderOptimizationLevel(settings.optimization_level);
 
-  std::unique_ptr<nvinfer1::ITimingCache> cache(config->createTimingCache(timing_cache.data(), timing_cache.size()));
+  cache.reset(config->createTimingCache(timing_cache.data(), timing_cache.size()));
   if (!cache || !config->setTimingCache(*cache, false)) {
     // A cache from another TensorRT version or GPU: start a fresh one rather than fail the build.
     out.warnings.push_back(rust::String(trt_error("the timing cache was not accepted, starting an empty one")));
@@ -680,12 +708,13 @@ BuildOutput build_engine(const BuilderLib& lib, const CudaRt& cuda, int32_t ordi
       for (std::size_t i = 0; i < blob->size(); ++i) out.timing_cache.push_back(bytes[i]);
     }
   }
-  // Destroy in dependency order: the parser owns weights the network refers to.
+  // The same order as unwinding after an exception (reverse declaration): the config before the timing
+  // cache it uses, the parser (which owns weights the network refers to) before the network, the builder last.
   plan.reset();
-  parser.reset();
-  network.reset();
   config.reset();
   cache.reset();
+  parser.reset();
+  network.reset();
   builder.reset();
   return out;
 }

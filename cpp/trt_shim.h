@@ -16,6 +16,7 @@ class IExecutionContext;
 namespace qe {
 
 struct CudaInfo;
+struct CompiledFacts;
 struct DeviceInfo;
 struct IoTensor;
 struct ProfileRange;
@@ -29,6 +30,14 @@ struct OnnxFns;   // libnvonnxparser entry points resolved with dlsym
 
 // TensorRT major.minor.patch the shim was compiled against, as major*10000 + minor*100 + patch.
 int32_t header_version();
+
+// Test hooks of the error path (no GPU needed): the logger's per-thread error buffer and the UTF-8 check
+// of tensor names.
+void logger_log_for_test(int32_t severity, rust::Str msg);
+rust::String logger_take_for_test();
+// A few TensorRT/CUDA values as this C++ code sees them (a test compares bindgen's against them).
+CompiledFacts compiled_facts();
+rust::String utf8_name_for_test(rust::Slice<const uint8_t> bytes);
 
 // ---- CUDA runtime ----------------------------------------------------------------------
 class CudaRt {

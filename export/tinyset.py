@@ -1,5 +1,8 @@
 """The committed tiny set: checkpoints (engines/tiny-checkpoints/<variant>), bundles (engines/tiny,
-engines/tiny-2509, engines/tiny-2511) and reference vectors (engines/<bundle>/reference/).
+engines/tiny-2509, engines/tiny-2511), the 16-bit bundles of the Edit checkpoint (engines/tiny-fp16,
+engines/tiny-bf16: the graph precisions real bundles use; no reference vectors of their own, they are
+compared with engines/tiny's), the quantized twins (engines/tiny-fp8) and reference vectors
+(engines/<bundle>/reference/).
 
 `make_all` regenerates all of it deterministically; `check` regenerates into a temp dir and compares
 with the committed files (exact for text and JSON, numerically within tolerance for graphs and
@@ -24,6 +27,12 @@ from .reference import Case
 from .variants import VARIANTS
 
 BUNDLES = {"edit": "tiny", "edit-2509": "tiny-2509", "edit-2511": "tiny-2511"}
+# Quantized twins of the bundles above: bundle -> (variant, export precision). Same checkpoint, the other
+# graphs copied from the twin, the transformer quantized by `export bundle --precision` (export/fp8.py).
+QUANTIZED = {"tiny-fp8": ("edit", "fp8")}
+# 16-bit exports of the Edit checkpoint: what TensorRT runs in production precision (scripts/gpu-smoke.sh),
+# and what the emulated device loop and the 16-bit parity tests run here.
+SIXTEEN_BIT = {"tiny-fp16": torch.float16, "tiny-bf16": torch.bfloat16}
 SEED = 0
 
 CASES = {
@@ -142,9 +151,73 @@ def make_all(engines: Path, references: bool = True, report: str | None = None) 
         manifest_contract.write(out / "manifest.json", manifest)
         if references:
             make_references(pipe, variant, out, areas)
+    rows.extend(make_sixteen_bit(engines, ck_root))
+    quantized = {}
+    for bname, (vname, precision) in QUANTIZED.items():
+        qrows, quantized[bname] = make_quantized(engines, bname, vname, precision, exported)
+        rows.extend(qrows)
+    result = {"verification": rows, "quantized": quantized}
     if report:
-        Path(report).write_text(json.dumps({"verification": rows}, indent=2) + "\n")
-    return {"verification": rows}
+        Path(report).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def make_quantized(engines: Path, bname: str, vname: str, precision: str, exported: dict) -> tuple[list, dict]:
+    """A quantized twin of the `vname` bundle: its graphs copied, the transformer quantized (calibrated on
+    the pipeline of the same tiny checkpoint); no reference vectors (diffusers has no FP8 pipeline).
+    Returns (verification rows, the quantization report)."""
+    variant = VARIANTS[vname]
+    ckpt = engines / "tiny-checkpoints" / vname
+    out = engines / bname
+    for old in out.glob("*.onnx*"):
+        old.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"{bname}: {precision} twin of the {vname} bundle")
+    pipe = bundle.load_pipeline(ckpt, variant, torch.float32)
+    areas = bundle.Areas(tiny.TINY_VAE_AREA, tiny.TINY_CONDITION_AREA if variant.plus else None)
+    paths = {}
+    for comp, sub in (
+        ("text_encoder", "text_encoder"),
+        ("transformer", "transformer"),
+        ("vae_encoder", "vae"),
+        ("vae_decoder", "vae"),
+    ):
+        src = exported[f"{comp}:{_weights_digest(ckpt, sub)}"]
+        paths[comp] = out / src.name
+        shutil.copyfile(src, paths[comp])
+    quantization, qreport, rows = bundle.quantize(pipe, variant, torch.float32, paths, areas, precision, None)
+    for r in rows:
+        r["bundle"] = bname
+    pipe.tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
+    source = {"checkpoint": f"engines/tiny-checkpoints/{vname}", "tiny": True, "seed": SEED}
+    manifest = bundle.build_manifest(pipe, variant, torch.float32, paths, areas, bname, source, None, quantization)
+    manifest_contract.write(out / "manifest.json", manifest)
+    return rows, qreport
+
+
+def make_sixteen_bit(engines: Path, ck_root: Path) -> list:
+    """engines/tiny-fp16 and engines/tiny-bf16: the Edit checkpoint exported with float16 / bfloat16 graphs
+    (weights and activations), at the tiny working areas."""
+    rows = []
+    variant = VARIANTS["edit"]
+    ckpt = ck_root / "edit"
+    areas = bundle.Areas(tiny.TINY_VAE_AREA, None)
+    for bname, dtype in SIXTEEN_BIT.items():
+        out = engines / bname
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        log(f"{bname}: {bundle.DTYPE_NAMES[dtype]} graphs of {ckpt}")
+        pipe = bundle.load_pipeline(ckpt, variant, dtype)
+        paths, vrows = bundle.export_components(pipe, variant, dtype, out)
+        for r in vrows:
+            r["bundle"] = bname
+        rows.extend(vrows)
+        pipe.tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
+        source = {"checkpoint": "engines/tiny-checkpoints/edit", "tiny": True, "seed": SEED}
+        manifest = bundle.build_manifest(pipe, variant, dtype, paths, areas, bname, source, None)
+        manifest_contract.write(out / "manifest.json", manifest)
+    return rows
 
 
 def make_references(pipe, variant, bundle_dir: Path, areas) -> None:
@@ -172,6 +245,27 @@ GRAPH_RTOL = 1e-5
 TENSOR_RTOL = 1e-4
 
 
+def _compare_weights(a: Path, b: Path) -> list[str]:
+    """Graphs onnxruntime's CPU provider cannot run (bfloat16): the same nodes, and the same weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    ma, mb = onnx.load(str(a)), onnx.load(str(b))
+    if [n.op_type for n in ma.graph.node] != [n.op_type for n in mb.graph.node]:
+        return [f"{a.name}: nodes differ"]
+    wa = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in ma.graph.initializer}
+    wb = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in mb.graph.initializer}
+    if set(wa) != set(wb):
+        return [f"{a.name}: weight names differ"]
+    x = np.concatenate([wa[k].ravel() for k in sorted(wa)] or [np.zeros(1)])
+    y = np.concatenate([wb[k].ravel() for k in sorted(wb)] or [np.zeros(1)])
+    err = float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30))
+    return [f"{a.name}: weights differ (rel L2 {err:.3g})"] if err > GRAPH_RTOL else []
+
+
+FEED_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
 def _compare_graphs(a: Path, b: Path) -> list[str]:
     from . import onnx_export as ox
 
@@ -180,6 +274,8 @@ def _compare_graphs(a: Path, b: Path) -> list[str]:
         return [f"{a.name}: IO contract differs"]
     # Same outputs on the same random inputs.
     ins, _ = ox.io_contract(a)
+    if any(i["dtype"] == "bfloat16" for i in ins):
+        return _compare_weights(a, b)
     rng = np.random.default_rng(0)
     feeds = {}
     sizes = {
@@ -201,8 +297,8 @@ def _compare_graphs(a: Path, b: Path) -> list[str]:
         if i["dtype"] == "int64":
             feeds[i["name"]] = np.ones(shape, dtype=np.int64)
         else:
-            feeds[i["name"]] = rng.standard_normal(shape).astype(np.float32)
-    oa, ob = ox.run_ort(a, feeds)[0], ox.run_ort(b, feeds)[0]
+            feeds[i["name"]] = rng.standard_normal(shape).astype(FEED_DTYPES[i["dtype"]])
+    oa, ob = (o.astype(np.float32) for o in (ox.run_ort(a, feeds)[0], ox.run_ort(b, feeds)[0]))
     err = ox.rel_l2(oa, ob)
     if err > GRAPH_RTOL:
         errors.append(f"{a.name}: outputs differ (rel L2 {err:.3g})")
@@ -269,7 +365,7 @@ def check(engines: Path) -> bool:
                 errors.append(f"{rel}: differs")
         committed = {
             p.relative_to(engines)
-            for d in [*BUNDLES.values(), "tiny-checkpoints"]
+            for d in [*BUNDLES.values(), *SIXTEEN_BIT, *QUANTIZED, "tiny-checkpoints"]
             for p in (engines / d).rglob("*")
             if p.is_file() and p.name != "README.md"
         }

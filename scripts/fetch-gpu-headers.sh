@@ -4,6 +4,7 @@
 #   .deps/cuda/include, lib  CUDA runtime headers + libcudart, from the PyPI wheels
 #   .deps/tensorrt-lean/     libnvinfer_lean.so.11 (PyPI), to test the no-driver path with a real library
 #   .deps/cuda/nvrtc         libnvrtc.so.13 (PyPI): compiles the denoising step kernel to PTX in tests (no GPU needed)
+#   .deps/libclang           libclang.so (PyPI wheel `libclang`): bindgen reads TensorRT's enums and version at build time
 # and appends the matching exports to .deps/env (TENSORRT_INCLUDE_DIR, CUDA_INCLUDE_DIR, QWEN_EDIT_TEST_*).
 # Nothing here is built or linked: trtx-sys is only downloaded for its header folder.
 # Usage: scripts/fetch-gpu-headers.sh            (called by scripts/setup.sh)
@@ -17,6 +18,7 @@ TRTX_VERSION="0.9.1+rtx1.7"         # crate that ships TensorRT-Headers/TRT-Ente
 TRT_HEADERS="TRT-Enterprise-11.4"
 CUDA_VERSION="13.2.86"               # nvidia-cuda-runtime / nvidia-cuda-crt wheels (same release)
 TRT_LEAN_VERSION="11.4.0.106"        # tensorrt-lean-cu12-libs wheel
+LIBCLANG_VERSION="18.1.1"            # libclang wheel (libclang.so for bindgen in build.rs)
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
   if [ -x "$ROOT/.venv/bin/python" ]; then PY=$ROOT/.venv/bin/python; else PY=python3; fi
@@ -84,6 +86,10 @@ LEAN=$DEPS/tensorrt-lean
 fetch_wheel tensorrt-lean-cu12-libs "$TRT_LEAN_VERSION" "$LEAN"
 LEAN_LIB=$(ls "$LEAN"/wheel-tensorrt-lean-cu12-libs/tensorrt_lean_libs/libnvinfer_lean.so.* | head -n1)
 
+fetch_wheel libclang "$LIBCLANG_VERSION" "$DEPS/libclang"
+LIBCLANG_SO=$(find "$DEPS/libclang/wheel-libclang" -name 'libclang.so*' | head -n1)
+[ -n "$LIBCLANG_SO" ] || { log "libclang.so not found in the libclang wheel"; exit 1; }
+
 [ -f "$TRT_INC/NvInferRuntime.h" ] && [ -f "$TRT_INC/NvOnnxParser.h" ] || { log "TensorRT headers incomplete"; exit 1; }
 [ -f "$CUDA/include/cuda_runtime_api.h" ] && [ -f "$CUDA/include/crt/host_defines.h" ] || { log "CUDA headers incomplete"; exit 1; }
 
@@ -98,6 +104,7 @@ sed -i '/^# >>> gpu-headers/,/^# <<< gpu-headers/d' "$ENV"
   echo "export QWEN_EDIT_TEST_CUDART_LIB='$CUDART'"
   echo "export QWEN_EDIT_TEST_TRT_LEAN_LIB='$LEAN_LIB'"
   echo "export QWEN_EDIT_TEST_NVRTC_LIB='$NVRTC'"
+  echo "export LIBCLANG_PATH='$(dirname "$LIBCLANG_SO")'"
   echo "# <<< gpu-headers"
 } >> "$ENV"
 log "TensorRT headers: $TRT_INC; CUDA headers: $CUDA/include"

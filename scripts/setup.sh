@@ -24,16 +24,23 @@ pinned() { sed -n "s/^$1==//p" export/requirements.txt; }
 if [ "$MODE" = runtime ] || [ "$MODE" = check ]; then
   if ! "$VPY" -c "import onnxruntime" 2>/dev/null; then
     log "installing onnxruntime==$(pinned onnxruntime) (runtime only)"
-    "$VPY" -m pip install -q --disable-pip-version-check "onnxruntime==$(pinned onnxruntime)"
+    "$VPY" -m pip install -q --disable-pip-version-check --no-cache-dir "onnxruntime==$(pinned onnxruntime)"
   fi
   if [ "$MODE" = check ] && [ "$("$VPY" -m ruff --version 2>/dev/null)" != "ruff $(pinned ruff)" ]; then
     log "installing ruff==$(pinned ruff)"
-    "$VPY" -m pip install -q --disable-pip-version-check "ruff==$(pinned ruff)"
+    "$VPY" -m pip install -q --disable-pip-version-check --no-cache-dir "ruff==$(pinned ruff)"
   fi
 else
   if ! stamp_ok .venv/.requirements.stamp export/requirements.txt; then
     log "installing export/requirements.txt (torch is large: a few minutes)"
-    "$VPY" -m pip install -q --disable-pip-version-check -r export/requirements.txt
+    # --no-deps: the file is the complete set (torch's CUDA wheels left out); --no-cache-dir: no second
+    # copy of every wheel on disk.
+    "$VPY" -m pip install -q --disable-pip-version-check --no-cache-dir --no-deps -r export/requirements.txt
+    # Every dependency of what is installed must be installed too, but for torch's CUDA wheels.
+    missing_deps=$("$VPY" -m pip check --disable-pip-version-check 2>&1 | grep -v -E ' requires (nvidia-|cuda-|triton)' | grep -v '^No broken' || true)
+    if [ -n "$missing_deps" ]; then
+      log "export/requirements.txt is not a complete set:"; printf '%s\n' "$missing_deps" >&2; exit 1
+    fi
     cp export/requirements.txt .venv/.requirements.stamp
   fi
 fi
@@ -60,7 +67,7 @@ if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
 fi
 if ! command -v cmake >/dev/null 2>&1; then
-  [ -x .venv/bin/cmake ] || { log "installing cmake (pip, into .venv)"; "$VPY" -m pip install -q --disable-pip-version-check 'cmake>=3.18,<4'; }
+  [ -x .venv/bin/cmake ] || { log "installing cmake (pip, into .venv)"; "$VPY" -m pip install -q --disable-pip-version-check --no-cache-dir 'cmake>=3.18,<4'; }
   echo "export PATH='$ROOT/.venv/bin':\"\$PATH\"  # cmake for the libjpeg-turbo build" >> .deps/env
 fi
 command -v nasm >/dev/null 2>&1 || log "warning: nasm not found: libjpeg-turbo is built without SIMD (slower JPEG)"

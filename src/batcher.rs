@@ -12,6 +12,12 @@
 //!   [`Sizing`] says fit in memory: the rest stay queued for the next batch. A single job that does
 //!   not fit is failed ([`Failure::TooLarge`]), never started (admission refuses those first).
 //!
+//! A group of jobs submitted together (`submit_group`: the n images of one request) is one unit in its
+//! bucket: a batch takes whole units from the bucket's front, so the group runs in one batch. A group
+//! larger than `batch_size` is cut into units of `batch_size` that queue back to back (so it runs as
+//! consecutive full batches); a unit that does not fit in memory whole runs as consecutive batches of
+//! the most that fit.
+//!
 //! A batch is handed to the worker only when the worker is idle, so jobs that arrive while a batch
 //! runs still join their bucket. Jobs whose client went away (result receiver dropped) are removed
 //! before they are computed; a running batch asks between its stages and steps whether anyone still
@@ -149,7 +155,8 @@ struct Pending<K, J, O, E> {
 }
 
 enum Msg<K, J, O, E> {
-    Job(Pending<K, J, O, E>),
+    /// One unit: a job, or a group that must share a batch (at most `batch_size` jobs, one key).
+    Jobs(Vec<Pending<K, J, O, E>>),
     Close,
 }
 
@@ -244,6 +251,17 @@ impl<K: BatchKey + Sync, J: Send + 'static, O: Send + 'static, E: From<Failure> 
         self.permits.clone().try_acquire_owned().ok().map(|p| Ticket { _permit: p })
     }
 
+    /// `n` queue places at once (all or none), or `None` when fewer are free.
+    pub fn try_admit_many(&self, n: usize) -> Option<Vec<Ticket>> {
+        if n == 0 {
+            return Some(Vec::new());
+        }
+        let mut all = self.permits.clone().try_acquire_many_owned(u32::try_from(n).ok()?).ok()?;
+        let mut tickets: Vec<Ticket> = (1..n).filter_map(|_| all.split(1)).map(|p| Ticket { _permit: p }).collect();
+        tickets.push(Ticket { _permit: all });
+        Some(tickets)
+    }
+
     /// Whether a queue place is free now (a cheap check before any work for a new request).
     pub fn has_room(&self) -> bool {
         self.permits.available_permits() > 0
@@ -261,8 +279,29 @@ impl<K: BatchKey + Sync, J: Send + 'static, O: Send + 'static, E: From<Failure> 
     pub fn submit(&self, ticket: Ticket, key: K, job: J) -> JobReceiver<O, E> {
         let (tx, rx) = oneshot::channel();
         let p = Pending { key, job, tx, enqueued: Instant::now(), _ticket: ticket };
-        let _ = self.tx.send(Msg::Job(p));
+        let _ = self.tx.send(Msg::Jobs(vec![p]));
         rx
+    }
+
+    /// Queues jobs that must run together (one key): they share one batch when there are at most
+    /// `batch_size` of them; more run as consecutive batches of `batch_size`. One result channel per
+    /// job, in order; one ticket per job.
+    pub fn submit_group(&self, tickets: Vec<Ticket>, key: K, jobs: Vec<J>) -> Vec<JobReceiver<O, E>> {
+        let now = Instant::now();
+        let mut receivers = Vec::with_capacity(jobs.len());
+        let mut unit = Vec::new();
+        for (ticket, job) in tickets.into_iter().zip(jobs) {
+            let (tx, rx) = oneshot::channel();
+            receivers.push(rx);
+            unit.push(Pending { key: key.clone(), job, tx, enqueued: now, _ticket: ticket });
+            if unit.len() == self.policy.batch_size {
+                let _ = self.tx.send(Msg::Jobs(std::mem::take(&mut unit)));
+            }
+        }
+        if !unit.is_empty() {
+            let _ = self.tx.send(Msg::Jobs(unit));
+        }
+        receivers
     }
 
     /// Finish every queued job, then stop the scheduler and the worker.
@@ -483,9 +522,10 @@ enum Pick<P> {
     TooLarge(P),
 }
 
-/// The buckets and the scheduling policy (no I/O, so it is unit-tested with plain items).
+/// The buckets and the scheduling policy (no I/O, so it is unit-tested with plain items). A bucket
+/// holds units (a job, or a group that must share a batch), oldest first.
 struct Buckets<P: Queued> {
-    buckets: HashMap<P::Key, VecDeque<P>>,
+    buckets: HashMap<P::Key, VecDeque<Vec<P>>>,
     batch_size: usize,
     timeout: Duration,
 }
@@ -495,8 +535,15 @@ impl<P: Queued> Buckets<P> {
         Buckets { buckets: HashMap::new(), batch_size, timeout }
     }
 
+    #[cfg(test)]
     fn push(&mut self, p: P) {
-        self.buckets.entry(p.key().clone()).or_default().push_back(p);
+        self.push_unit(vec![p]);
+    }
+
+    /// Queues a unit (its jobs share one key and at most `batch_size` of them run together).
+    fn push_unit(&mut self, unit: Vec<P>) {
+        let Some(first) = unit.first() else { return };
+        self.buckets.entry(first.key().clone()).or_default().push_back(unit);
     }
 
     fn is_empty(&self) -> bool {
@@ -507,10 +554,13 @@ impl<P: Queued> Buckets<P> {
     fn sweep(&mut self) -> Vec<P> {
         let mut gone = Vec::new();
         self.buckets.retain(|_, q| {
-            if q.iter().any(Queued::cancelled) {
-                let (keep, drop): (VecDeque<P>, VecDeque<P>) = q.drain(..).partition(|p| !p.cancelled());
-                gone.extend(drop);
-                *q = keep;
+            if q.iter().flatten().any(Queued::cancelled) {
+                for unit in q.iter_mut() {
+                    let (keep, drop): (Vec<P>, Vec<P>) = unit.drain(..).partition(|p| !p.cancelled());
+                    gone.extend(drop);
+                    *unit = keep;
+                }
+                q.retain(|unit| !unit.is_empty());
             }
             !q.is_empty()
         });
@@ -519,32 +569,54 @@ impl<P: Queued> Buckets<P> {
 
     /// When the next partial bucket becomes ready.
     fn next_deadline(&self) -> Option<Instant> {
-        self.buckets.values().filter_map(|q| q.front()).map(|p| p.enqueued() + self.timeout).min()
+        self.buckets.values().filter_map(|q| q.front()?.first()).map(|p| p.enqueued() + self.timeout).min()
     }
 
-    /// The next batch to run at `now` (`flush`: don't wait for partial buckets), at most as many
-    /// jobs as `fits` allows.
+    /// The next batch to run at `now` (`flush`: don't wait for partial buckets): whole units from the
+    /// bucket's front, at most `batch_size` jobs and at most as many as `fits` allows. When the front
+    /// unit does not fit whole, as many of its jobs as fit run and the rest stay at the front.
     fn pick(&mut self, now: Instant, flush: bool, fits: &dyn Fn(&P::Key, usize) -> bool) -> Option<Pick<P>> {
         let key = self
             .buckets
             .iter()
             .filter_map(|(k, q)| {
-                let head = q.front()?.enqueued();
-                let ready = flush || q.len() >= self.batch_size || now >= head + self.timeout;
+                let head = q.front()?.first()?.enqueued();
+                let jobs: usize = q.iter().map(Vec::len).sum();
+                let ready = flush || jobs >= self.batch_size || now >= head + self.timeout;
                 ready.then_some((head, k))
             })
             .min_by_key(|(head, _)| *head)
             .map(|(_, k)| k.clone())?;
         let q = self.buckets.get_mut(&key)?;
-        let mut n = q.len().min(self.batch_size);
-        while n > 1 && !fits(&key, n) {
-            n -= 1;
-        }
-        let pick = if fits(&key, n) { Pick::Batch(q.drain(..n).collect()) } else { Pick::TooLarge(q.pop_front()?) };
+        let pick = Self::take(q, self.batch_size, |n| fits(&key, n))?;
         if q.is_empty() {
             self.buckets.remove(&key);
         }
         Some(pick)
+    }
+
+    /// Takes a batch from the front of one bucket (see [`Buckets::pick`]).
+    fn take(q: &mut VecDeque<Vec<P>>, batch_size: usize, fits: impl Fn(usize) -> bool) -> Option<Pick<P>> {
+        let front = q.front_mut()?;
+        let mut n = front.len().min(batch_size);
+        while n > 1 && !fits(n) {
+            n -= 1;
+        }
+        if !fits(n) {
+            let p = front.remove(0);
+            if front.is_empty() {
+                q.pop_front();
+            }
+            return Some(Pick::TooLarge(p));
+        }
+        if n < front.len() {
+            return Some(Pick::Batch(front.drain(..n).collect()));
+        }
+        let mut batch: Vec<P> = q.pop_front()?;
+        while q.front().is_some_and(|u| batch.len() + u.len() <= batch_size && fits(batch.len() + u.len())) {
+            batch.extend(q.pop_front().into_iter().flatten());
+        }
+        Some(Pick::Batch(batch))
     }
 }
 
@@ -567,7 +639,7 @@ async fn schedule<K: BatchKey + Sync, J: Send + 'static, O: Send + 'static, E: F
         let deadline = if idle { buckets.next_deadline() } else { None };
         tokio::select! {
             m = rx.recv(), if !closing => match m {
-                Some(Msg::Job(p)) => buckets.push(p),
+                Some(Msg::Jobs(unit)) => buckets.push_unit(unit),
                 Some(Msg::Close) | None => closing = true,
             },
             i = idle_rx.recv(), if worker_alive => match i {
@@ -585,7 +657,7 @@ async fn schedule<K: BatchKey + Sync, J: Send + 'static, O: Send + 'static, E: F
         if !worker_alive {
             // The worker thread ended (it could not open the pipeline): fail what waits, keep failing.
             for q in std::mem::take(&mut buckets.buckets).into_values() {
-                for p in q {
+                for p in q.into_iter().flatten() {
                     let _ = p.tx.send(Err(Failure::WorkerGone.into()));
                 }
             }
@@ -762,6 +834,47 @@ mod tests {
         assert_eq!(ids(b.pick(t0, false, &all)), vec![2]);
     }
 
+    #[test]
+    fn a_group_is_never_split_across_batches() {
+        let t0 = Instant::now();
+        let ms = |m| t0 + Duration::from_millis(m);
+        let item = |id, at| Item { key: key(1), at: ms(at), id, gone: false };
+        let mut b = Buckets::new(4, Duration::from_millis(40));
+        b.push(item(1, 0));
+        b.push(item(2, 1));
+        b.push_unit(vec![item(10, 2), item(11, 2), item(12, 2)]);
+        b.push(item(3, 3));
+        // 1 and 2 fit with nothing else of the group: the group waits for the next batch, whole.
+        assert_eq!(ids(b.pick(ms(5), false, &all)), vec![1, 2]);
+        assert_eq!(ids(b.pick(ms(5), false, &all)), vec![10, 11, 12, 3], "the group, then the job behind it");
+        b.push_unit(vec![item(20, 6), item(21, 6)]);
+        b.push_unit(vec![item(30, 7), item(31, 7)]);
+        assert_eq!(ids(b.pick(ms(7), false, &all)), vec![20, 21, 30, 31], "two groups fill one batch");
+        // A cancelled member leaves its group; the rest still runs together.
+        b.push_unit(vec![item(40, 8), Item { gone: true, ..item(41, 8) }, item(42, 8)]);
+        assert_eq!(b.sweep().len(), 1);
+        assert_eq!(ids(b.pick(ms(100), false, &all)), vec![40, 42]);
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn a_group_over_the_memory_fit_runs_as_batches_of_what_fits() {
+        let t0 = Instant::now();
+        let item = |id| Item { key: key(1), at: t0, id, gone: false };
+        let two = |_: &Key, n: usize| n <= 2;
+        let mut b = Buckets::new(4, Duration::ZERO);
+        b.push_unit(vec![item(1), item(2), item(3)]);
+        b.push(item(4));
+        assert_eq!(ids(b.pick(t0, false, &two)), vec![1, 2], "as many of the group as fit");
+        assert_eq!(ids(b.pick(t0, false, &two)), vec![3, 4], "the group's rest first, then what fits behind it");
+        assert!(b.is_empty());
+        b.push_unit(vec![item(5), item(6)]);
+        let none = |_: &Key, _: usize| false;
+        assert!(matches!(b.pick(t0, false, &none), Some(Pick::TooLarge(Item { id: 5, .. }))));
+        assert!(matches!(b.pick(t0, false, &none), Some(Pick::TooLarge(Item { id: 6, .. }))));
+        assert!(b.is_empty());
+    }
+
     /// Test double of the pipeline (unit tests of the scheduling only): returns each job's own
     /// number times 10, records batch sizes, fails jobs numbered 13, panics on job 666.
     struct Echo {
@@ -811,6 +924,32 @@ mod tests {
         .unwrap();
         drop(ready);
         (b, log, fin)
+    }
+
+    #[tokio::test]
+    async fn submit_group_runs_in_one_batch_or_in_consecutive_full_ones() {
+        let (b, log, fin) = start(3, 1000, 16, 0);
+        let rxs = b.submit_group(b.try_admit_many(3).unwrap(), key(1), vec![1, 2, 3]);
+        let mut outs = Vec::new();
+        for rx in rxs {
+            let d = rx.await.unwrap().unwrap();
+            assert_eq!(d.batch_size, 3);
+            outs.push(d.output);
+        }
+        assert_eq!(outs, vec![10, 20, 30], "results in order");
+        // Seven jobs with a batch size of 3: units of 3, 3 and 1, back to back (the last one waits
+        // for company up to the timeout, like any partial batch).
+        let rxs = b.submit_group(b.try_admit_many(7).unwrap(), key(2), (4..11).collect());
+        for rx in rxs {
+            rx.await.unwrap().unwrap();
+        }
+        let batches = log.lock().unwrap().clone();
+        assert_eq!(batches, vec![vec![1, 2, 3], vec![4, 5, 6], vec![7, 8, 9], vec![10]]);
+        assert!(b.try_admit_many(17).is_none(), "more places than max_queue");
+        assert_eq!(b.try_admit_many(16).map(|t| t.len()), Some(16));
+        assert_eq!(b.depth(), 0, "the dropped tickets are returned");
+        b.close();
+        fin.await.unwrap();
     }
 
     #[tokio::test]

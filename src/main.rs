@@ -1,4 +1,4 @@
-//! The `qwen-edit` command line: serve | edit | build | inspect.
+//! The `qwen-edit` command line: serve | worker | edit | build | inspect.
 //! Each subcommand parses its flags here and hands off to the library.
 
 use clap::{Parser, Subcommand};
@@ -15,6 +15,8 @@ struct Cli {
 enum Command {
     /// Serve the RunPod-style HTTP API.
     Serve(qwen_edit::config::ServeArgs),
+    /// Run as a RunPod serverless worker (or run one job locally with --test-input / ./test_input.json).
+    Worker(qwen_edit::config::WorkerArgs),
     /// Edit images from the command line.
     Edit(qwen_edit::editor::EditArgs),
     /// Compile a bundle's ONNX graphs into TensorRT engines.
@@ -25,12 +27,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // `serve` sets up its own logging; the one-shot commands log only when RUST_LOG asks them to.
-    if !matches!(cli.command, Command::Serve(_)) && std::env::var_os("RUST_LOG").is_some() {
-        qwen_edit::server::init_logging(qwen_edit::config::LogFormat::Text);
+    // `serve` and `worker` set up their own logging; the one-shot commands log only when RUST_LOG asks them to.
+    if !matches!(cli.command, Command::Serve(_) | Command::Worker(_)) && std::env::var_os("RUST_LOG").is_some() {
+        qwen_edit::lifecycle::init_logging(qwen_edit::config::LogFormat::Text);
     }
     ExitCode::from(match cli.command {
         Command::Serve(args) => qwen_edit::server::main_serve(&args),
+        Command::Worker(args) => qwen_edit::worker::main_worker(&args),
         Command::Edit(args) => qwen_edit::editor::main_edit(&args),
         Command::Build(args) => qwen_edit::builder::main_build(&args),
         Command::Inspect(args) => qwen_edit::builder::main_inspect(&args),

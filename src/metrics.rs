@@ -19,13 +19,18 @@
 //! | `qwen_edit_cpu_tasks_skipped_total` | counter | CPU tasks not started because their request was gone |
 //! | `qwen_edit_request_memory_bytes`, `qwen_edit_request_memory_peak_bytes` | gauges | REQUEST_MEMORY reserved now / most at once |
 //! | `qwen_edit_connections` | gauge | open HTTP connections |
+//! | `qwen_edit_{graph_captures,graph_replays,uncaptured_runs,graph_evictions,capture_failures}_total` | counter | CUDA graphs of the engines (TensorRT): captured, replayed, runs without a graph, dropped from the full cache, failed captures |
+//! | `qwen_edit_{device_loop,host_loop}_steps_total` | counter | denoising steps on the device / stepped on the host |
+//! | `qwen_edit_staged_host_copies_total` | counter | host copies of staged inputs before their upload (0 on the pinned staging path) |
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::batcher::Observer;
+use crate::runtime::counters::{CounterSnapshot, RunCounters};
 
 /// Outcomes of a /run request (the `outcome` label).
 pub const OUTCOMES: [&str; 8] =
@@ -49,9 +54,12 @@ pub struct Metrics {
     ready: Gauge,
     stopped: Counter,
     retried: Counter,
+    /// The loaded model's engine counters, once it is loaded.
+    engine: OnceLock<Arc<RunCounters>>,
 }
 
 static META: Metadata<'static> = Metadata::new("qwen_edit", Level::INFO, None);
+const ENGINE_HELP: &str = "Engine work counted by the loaded model's worker (see docs/tensorrt.md)";
 
 impl Metrics {
     /// A fresh registry; `max_batch` sets the batch-size histogram's buckets (1..=max_batch).
@@ -83,6 +91,9 @@ impl Metrics {
         describe("qwen_edit_request_memory_bytes", "Memory reserved by requests in flight (REQUEST_MEMORY)");
         describe("qwen_edit_request_memory_peak_bytes", "Most memory requests in flight ever reserved at once");
         describe("qwen_edit_connections", "Open HTTP connections");
+        for (name, _) in CounterSnapshot::default().fields() {
+            recorder.describe_counter(format!("qwen_edit_{name}_total").into(), None, ENGINE_HELP.into());
+        }
         let counter = |name: &'static str| recorder.register_counter(&Key::from_name(name), &META);
         let histogram = |name: &'static str| recorder.register_histogram(&Key::from_name(name), &META);
         let gauge = |name: &'static str| recorder.register_gauge(&Key::from_name(name), &META);
@@ -108,6 +119,7 @@ impl Metrics {
             ready: gauge("qwen_edit_ready"),
             stopped: counter("qwen_edit_batches_stopped_total"),
             retried: counter("qwen_edit_batch_retries_total"),
+            engine: OnceLock::new(),
             recorder,
             handle,
         }
@@ -131,9 +143,24 @@ impl Metrics {
         self.recorder.register_gauge(&Key::from_parts("qwen_edit_info", labels), &META).set(1.0);
     }
 
-    /// The Prometheus text, with the queue size as of now.
+    /// Reports the engine counters of the loaded model (graph captures, replays, ...).
+    pub fn set_engine_counters(&self, counters: Arc<RunCounters>) {
+        let _ = self.engine.set(counters);
+    }
+
+    /// The engine counters as of now (None before a model is loaded).
+    pub fn engine_counters(&self) -> Option<CounterSnapshot> {
+        self.engine.get().map(|c| c.snapshot())
+    }
+
+    /// The Prometheus text, with the queue size and engine counters as of now.
     pub fn render(&self, queue_size: usize) -> String {
         self.queue_size.set(queue_size as f64);
+        if let Some(s) = self.engine_counters() {
+            for (name, v) in s.fields() {
+                self.recorder.register_counter(&Key::from_name(format!("qwen_edit_{name}_total")), &META).absolute(v);
+            }
+        }
         self.handle.render()
     }
 
@@ -217,6 +244,16 @@ mod tests {
         assert_eq!(sample(&t, "qwen_edit_ready"), Some(1.0));
         assert_eq!(sample(&t, "qwen_edit_info{bundle=\"tiny\"}"), Some(1.0));
         assert!(t.contains("# HELP qwen_edit_batch_size Jobs per batch"), "{t}");
+        assert_eq!(sample(&t, "qwen_edit_graph_replays_total"), None, "no engine counters before a model loads");
+        let c = Arc::new(RunCounters::default());
+        m.set_engine_counters(c.clone());
+        c.add(crate::runtime::counters::Counter::GraphReplays, 5);
+        c.add(crate::runtime::counters::Counter::HostLoopSteps, 2);
+        let t = m.render(0);
+        assert_eq!(sample(&t, "qwen_edit_graph_replays_total"), Some(5.0), "{t}");
+        assert_eq!(sample(&t, "qwen_edit_host_loop_steps_total"), Some(2.0));
+        assert_eq!(sample(&t, "qwen_edit_uncaptured_runs_total"), Some(0.0));
+        assert_eq!(m.engine_counters().unwrap().graph_replays, 5);
         // Separate instances count separately.
         assert_eq!(sample(&Metrics::new(4).render(0), "qwen_edit_requests_total{outcome=\"success\"}"), Some(0.0));
     }

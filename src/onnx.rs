@@ -404,8 +404,23 @@ impl Geometry {
     }
 }
 
-/// Sizes every dynamic dim of the bundle can take for one component.
+/// Sizes every dynamic dim of the bundle can take for one component (batches up to the largest batch size).
 pub fn dim_ranges(component: &str, s: &ProfileSettings) -> Result<BTreeMap<String, DimRange>, Error> {
+    let largest = s.batch_sizes.iter().copied().max().unwrap_or(1);
+    dim_ranges_for(component, s, largest)
+}
+
+/// The batch-size groups of the profiles: one per configured batch size (`profiles.batch_sizes`, the
+/// BATCH_SIZE values), smallest first; a batch runs on the smallest group that holds it.
+pub fn batch_groups(s: &ProfileSettings) -> Vec<usize> {
+    let mut g = s.batch_sizes.clone();
+    g.sort_unstable();
+    g.dedup();
+    g
+}
+
+/// [`dim_ranges`] for batches of up to `requests` requests, tuned (opt) for exactly `requests`.
+pub fn dim_ranges_for(component: &str, s: &ProfileSettings, requests: usize) -> Result<BTreeMap<String, DimRange>, Error> {
     let err = |reason: String| Error::Profile { component: component.to_string(), reason };
     let cell = check_settings(s).map_err(err)?;
     let geo: Vec<Geometry> = s.resolutions.iter().map(|r| Geometry::of(r, s, cell)).collect::<Result<_, _>>().map_err(err)?;
@@ -422,7 +437,7 @@ pub fn dim_ranges(component: &str, s: &ProfileSettings) -> Result<BTreeMap<Strin
     let mx = |f: &dyn Fn(&Geometry) -> usize| geo.iter().map(f).max().unwrap_or(0);
 
     let bs_min = *s.batch_sizes.iter().min().unwrap_or(&1);
-    let bs_max = *s.batch_sizes.iter().max().unwrap_or(&1);
+    let bs_max = requests.max(bs_min);
     let cfg = if s.cfg { 2 } else { 1 };
     // Rows per request in each graph's batch: prompts (x2 with CFG) or images.
     let per_request = match component {
@@ -462,10 +477,18 @@ pub fn dim_ranges(component: &str, s: &ProfileSettings) -> Result<BTreeMap<Strin
     Ok(r)
 }
 
-/// Optimization profiles for a component's inputs: one profile covering every configured batch
-/// size and resolution (fixed dims are exact; every dynamic dim must have a rule in `dim_ranges`).
+/// Optimization profiles for a component's inputs, one per batch-size group ([`batch_groups`]): profile k
+/// holds batches of 1 up to group k's requests and is tuned (opt) for a full batch of that group, so a
+/// batch of one runs on tactics chosen for one, a full batch on tactics chosen for it; every profile covers
+/// every resolution (fixed dims are exact; every dynamic dim must have a rule in `dim_ranges`). At run time
+/// the smallest profile that holds a batch's shapes is chosen (runtime::tensorrt::plan_run).
 pub fn derive_profiles(component: &str, inputs: &[TensorInfo], s: &ProfileSettings) -> Result<Vec<Profile>, Error> {
-    let ranges = dim_ranges(component, s)?;
+    check_settings(s).map_err(|reason| Error::Profile { component: component.to_string(), reason })?;
+    batch_groups(s).into_iter().map(|g| profile_for(component, inputs, &dim_ranges_for(component, s, g)?)).collect()
+}
+
+/// One profile of `inputs` from the ranges of their dims.
+fn profile_for(component: &str, inputs: &[TensorInfo], ranges: &BTreeMap<String, DimRange>) -> Result<Profile, Error> {
     let err = |reason: String| Error::Profile { component: component.to_string(), reason };
     let mut profile = Profile { inputs: Vec::new() };
     for input in inputs {
@@ -493,7 +516,7 @@ pub fn derive_profiles(component: &str, inputs: &[TensorInfo], s: &ProfileSettin
         }
         profile.inputs.push(p);
     }
-    Ok(vec![profile])
+    Ok(profile)
 }
 
 #[cfg(test)]
@@ -648,17 +671,56 @@ mod tests {
     fn derived_profiles_cover_every_input() {
         let info = inspect(&fixture("transformer_io.onnx")).unwrap();
         let p = derive_profiles("transformer", &info.inputs, &settings(Variant::Edit)).unwrap();
-        assert_eq!(p.len(), 1);
-        let hs = &p[0].inputs[0];
+        assert_eq!(p.len(), 3, "one profile per batch size 1, 2, 4");
+        let hs = &p[2].inputs[0];
         assert_eq!(hs.name, "hidden_states");
         assert_eq!((hs.min.clone(), hs.max.clone()), (vec![1, 8192, 64], vec![8, 4096 + 56 * 74, 64]));
-        for i in &p[0].inputs {
-            for k in 0..i.min.len() {
-                assert!(i.min[k] <= i.opt[k] && i.opt[k] <= i.max[k], "{i:?}");
+        for profile in &p {
+            for i in &profile.inputs {
+                for k in 0..i.min.len() {
+                    assert!(i.min[k] <= i.opt[k] && i.opt[k] <= i.max[k], "{i:?}");
+                }
             }
         }
-        let ts = p[0].inputs.iter().find(|i| i.name == "timestep").unwrap();
-        assert_eq!(ts.max, vec![8]);
+        let ts = |k: usize| p[k].inputs.iter().find(|i| i.name == "timestep").unwrap().clone();
+        // Tuned for one request (2 rows with CFG), for two, for a full batch of four.
+        assert_eq!((ts(0).opt.clone(), ts(0).max.clone()), (vec![2], vec![2]));
+        assert_eq!((ts(1).opt.clone(), ts(1).max.clone()), (vec![4], vec![4]));
+        assert_eq!((ts(2).opt.clone(), ts(2).max.clone(), ts(2).min.clone()), (vec![8], vec![8], vec![1]));
+        // Everything but the batch is the same in every profile.
+        assert_eq!(p[0].inputs[0].max[1..], p[2].inputs[0].max[1..]);
+    }
+
+    #[test]
+    fn each_run_takes_the_smallest_batch_group_that_holds_it() {
+        use crate::runtime::tensorrt::{plan_run, ProfileShapes};
+        let info = inspect(&fixture("transformer_io.onnx")).unwrap();
+        let profiles = derive_profiles("transformer", &info.inputs, &settings(Variant::Edit)).unwrap();
+        let shapes: Vec<ProfileShapes> = profiles
+            .iter()
+            .map(|p| ProfileShapes {
+                min: p.inputs.iter().map(|i| i.min.clone()).collect(),
+                max: p.inputs.iter().map(|i| i.max.clone()).collect(),
+            })
+            .collect();
+        let run = |rows: usize| {
+            let concrete: Vec<Vec<usize>> = profiles[0]
+                .inputs
+                .iter()
+                .zip(&info.inputs)
+                .map(|(p, t)| {
+                    let mut s = p.opt.clone();
+                    if matches!(t.shape.first(), Some(Dim::Dynamic(n)) if n == "batch") {
+                        s[0] = rows;
+                    }
+                    s
+                })
+                .collect();
+            plan_run(&info.inputs, &concrete, &shapes, &[]).map(|p| p.profile)
+        };
+        // 1 request (1 row, 2 with CFG) -> the batch-1 profile; 2 requests with CFG -> batch 2; 3-4 -> batch 4.
+        assert_eq!((run(1), run(2), run(3), run(4), run(5), run(8)), (Ok(0), Ok(0), Ok(1), Ok(1), Ok(2), Ok(2)));
+        assert!(run(9).is_err());
     }
 
     #[test]

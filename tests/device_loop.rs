@@ -1,8 +1,9 @@
-//! The TensorRT device loop without a GPU: its program (runtime::tensorrt::loop_program, the exact
-//! op list the GPU executes) runs on an EMULATED device. This is a mock of the GPU only, because
-//! none exists here: buffers are host memory, "execute" runs the real transformer on ONNX Runtime,
-//! "step" runs the kernel's own source compiled for the host. The pipeline's loop description, the
-//! program and the kernel code are the real ones, and the result must equal the CPU loop bit for bit.
+//! The TensorRT path without a GPU: its programs (runtime::tensorrt::loop_program and run_program, the exact
+//! op lists the GPU executes) run on an EMULATED device. This is a mock of the GPU only, because none exists
+//! here: buffers are host memory, "execute" runs the real network on ONNX Runtime, "step" runs the kernel's
+//! own source compiled for the host, pinned staging is host memory marked pinned. The pipeline, the programs
+//! and the kernel code are the real ones, and the result must equal the CPU path bit for bit; the 16-bit
+//! bundles run the same way on their declared float16 / bfloat16 IO.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -10,9 +11,14 @@ use std::sync::{Arc, Mutex};
 
 use image::{Rgb, RgbImage};
 use qwen_edit::pipeline::{EditRequest, Pipeline, PipelineOptions};
+
+mod support16;
+use qwen_edit::runtime::staging::{Block, DeviceMemory};
 use qwen_edit::runtime::step::{self, StepShape};
-use qwen_edit::runtime::tensorrt::{loop_program, LoopBuf, LoopOp, ProfileShapes, TrtOptions};
-use qwen_edit::runtime::{DenoiseLoop, DeviceLoop, Dim, Engine, Error, Outputs, Tensor, TensorInfo};
+use qwen_edit::runtime::tensorrt::{loop_program, run_program, LoopBuf, LoopOp, ProfileShapes, RunPlan, TrtOptions};
+use qwen_edit::runtime::{
+    DenoiseLoop, DeviceLoop, Dim, Engine, Error, Input, Kept, Outputs, Place, StagingAlloc, Tensor, TensorInfo,
+};
 
 /// Device memory stand-in: 8-byte aligned storage (like cudaMalloc's 256) viewed as bytes.
 #[derive(Clone, Default)]
@@ -47,9 +53,46 @@ struct Counters {
     dts: Vec<f32>,
     /// The time input each execute saw (first row).
     times: Vec<f32>,
+    /// Inputs uploaded from host bytes the host built (converted, padded), by input name.
+    host_uploads: Vec<String>,
+    /// Inputs uploaded straight from staged rows (one DMA copy per run of adjacent rows), by input name.
+    row_uploads: Vec<String>,
+    /// Inputs gathered on the device from another engine's kept output, by input name.
+    gathers: Vec<String>,
+    /// Outputs downloaded to the host / kept on the device, by output name.
+    output_downloads: Vec<String>,
+    kept: Vec<String>,
 }
 
-/// The transformer with an emulated device loop (see the file docs: a GPU mock).
+/// Emulated device memory of a kept output: host bytes whose address stands for the device pointer.
+struct EmulatedMemory(Vec<u64>, usize);
+
+impl DeviceMemory for EmulatedMemory {
+    fn device_ptr(&self) -> u64 {
+        self.0.as_ptr() as u64
+    }
+    fn bytes(&self) -> usize {
+        self.1
+    }
+}
+
+/// Emulated pinned memory (host memory marked pinned: the emulated DMA reads it as it is).
+struct EmulatedPinned;
+
+impl StagingAlloc for EmulatedPinned {
+    fn alloc(&self, bytes: usize) -> Result<Block, Error> {
+        let mut words = vec![0u64; bytes.div_ceil(8) + 32];
+        let base = words.as_mut_ptr() as *mut u8;
+        let pad = base.align_offset(256);
+        // SAFETY: `pad + bytes` lies inside `words`, which the block owns and never moves.
+        Ok(unsafe { Block::new(base.add(pad), bytes, true, Box::new(words)) })
+    }
+}
+
+/// An engine on an EMULATED device (see the file docs: a GPU mock). It runs the TensorRT backend's own
+/// programs (`run_program`, `loop_program`): buffers are host memory, "execute" is the wrapped ONNX Runtime
+/// engine, "step" the kernel's host build, staged rows are read where preprocessing wrote them, kept outputs
+/// stay in emulated device memory and are gathered from there.
 struct EmulatedDevice {
     inner: Box<dyn Engine>,
     profiles: Vec<ProfileShapes>,
@@ -70,42 +113,55 @@ impl EmulatedDevice {
         let profiles = vec![ProfileShapes { min: range(|n| n, 1), max: range(|n| n, 1 << 16) }];
         EmulatedDevice { profiles, bucketed: TrtOptions::default().bucketed_dims, inner, counters }
     }
-}
 
-impl Engine for EmulatedDevice {
-    fn component(&self) -> &str {
-        self.inner.component()
-    }
-    fn inputs(&self) -> &[TensorInfo] {
-        self.inner.inputs()
-    }
-    fn outputs(&self) -> &[TensorInfo] {
-        self.inner.outputs()
-    }
-    fn run(&mut self, inputs: &[(&str, &Tensor)]) -> Result<Outputs, Error> {
-        self.inner.run(inputs)
-    }
-    fn device_loop(&mut self) -> Option<&mut dyn DeviceLoop> {
-        Some(self)
-    }
-}
-
-impl DeviceLoop for EmulatedDevice {
-    fn run_loop(&mut self, job: &DenoiseLoop<'_>) -> Result<Vec<f32>, Error> {
+    /// Executes a program on emulated memory; returns the memory, the output shapes and what was kept.
+    fn exec(
+        &mut self,
+        plan: &RunPlan,
+        ops: Vec<LoopOp>,
+        time_input: Option<&str>,
+        proceed: Option<&dyn Fn(usize) -> bool>,
+    ) -> Result<Executed, Error> {
         let inputs = self.inner.inputs().to_vec();
         let outputs = self.inner.outputs().to_vec();
-        let (plan, ops) = loop_program(self.inner.component(), &inputs, &outputs, &self.profiles, &self.bucketed, job)?;
         let mut c = self.counters.lock().unwrap();
-        c.loops += 1;
-        let mut mem: HashMap<LoopBuf, Buf> = HashMap::new();
-        let mut result = None;
+        let mut done = Executed::default();
+        let mem = &mut done.mem;
         for op in ops {
             match op {
                 LoopOp::Upload { dst, bytes } => {
                     c.uploads += 1;
+                    if let LoopBuf::Input(i) = dst {
+                        c.host_uploads.push(inputs[i].name.clone());
+                    }
                     let buf = mem.entry(dst).or_insert_with(|| Buf::new(bytes.len()));
                     assert!(buf.len >= bytes.len(), "upload of {} bytes into a {} byte {dst:?}", bytes.len(), buf.len);
                     buf.bytes_mut()[..bytes.len()].copy_from_slice(&bytes);
+                }
+                LoopOp::UploadRows { dst, dst_offset, rows } => {
+                    let LoopBuf::Input(i) = dst else { panic!("rows into {dst:?}") };
+                    c.row_uploads.push(inputs[i].name.clone());
+                    let need = plan.shapes[i].iter().product::<usize>() * inputs[i].dtype.size();
+                    let buf = mem.entry(dst).or_insert_with(|| Buf::new(need));
+                    let mut off = dst_offset;
+                    for r in &rows {
+                        assert!(r.pinned(), "the staged path uploads pinned rows");
+                        buf.bytes_mut()[off..off + r.bytes()].copy_from_slice(r.as_bytes());
+                        off += r.bytes();
+                    }
+                }
+                LoopOp::Gather { dst, bytes, src, copies, elem } => {
+                    let LoopBuf::Input(i) = dst else { panic!("gather into {dst:?}") };
+                    c.gathers.push(inputs[i].name.clone());
+                    let Place::Device(m) = &src.place else { panic!("a device gather from host memory") };
+                    // SAFETY: emulated device memory is host memory, alive while `src` holds it.
+                    let from = unsafe { std::slice::from_raw_parts(m.device_ptr() as *const u8, m.bytes()) };
+                    let mut buf = Buf::new(bytes);
+                    for k in copies {
+                        buf.bytes_mut()[k.dst * elem..(k.dst + k.elems) * elem]
+                            .copy_from_slice(&from[k.src * elem..(k.src + k.elems) * elem]);
+                    }
+                    mem.insert(dst, buf);
                 }
                 LoopOp::Copy { src, src_offset, dst, bytes } => {
                     c.copies += 1;
@@ -120,16 +176,20 @@ impl DeviceLoop for EmulatedDevice {
                         .enumerate()
                         .map(|(i, t)| Tensor::from_bytes(t.dtype, &plan.shapes[i], mem[&LoopBuf::Input(i)].bytes()).unwrap())
                         .collect();
-                    let ti = inputs.iter().position(|t| t.name == job.time_input).unwrap();
-                    c.times.push(tensors[ti].clone().into_f32().unwrap().iter().copied().next().unwrap());
+                    if let Some(ti) = time_input.and_then(|n| inputs.iter().position(|t| t.name == n)) {
+                        c.times.push(tensors[ti].clone().into_f32().unwrap().iter().copied().next().unwrap());
+                    }
                     let named: Vec<(&str, &Tensor)> = inputs.iter().map(|t| t.name.as_str()).zip(&tensors).collect();
                     let out = self.inner.run(&named)?;
+                    let mut shapes = vec![vec![]; outputs.len()];
                     for (name, t) in out.0 {
                         let i = outputs.iter().position(|o| o.name == name).unwrap();
+                        shapes[i] = t.shape().to_vec();
                         let bytes = t.to_dtype(outputs[i].dtype).unwrap().to_bytes();
                         let buf = mem.entry(LoopBuf::Output(i)).or_insert_with(|| Buf::new(bytes.len()));
                         buf.bytes_mut()[..bytes.len()].copy_from_slice(&bytes);
                     }
+                    done.out_shapes = shapes;
                 }
                 LoopOp::Step { velocity, v_dtype, hidden, h_dtype, shape, dt } => {
                     c.steps += 1;
@@ -145,18 +205,97 @@ impl DeviceLoop for EmulatedDevice {
                 }
                 LoopOp::Download { src, bytes } => {
                     c.downloads += 1;
-                    result = Some(bytemuck::pod_collect_to_vec(&mem[&src].bytes()[..bytes]));
+                    done.result = Some(bytemuck::pod_collect_to_vec(&mem[&src].bytes()[..bytes]));
+                }
+                LoopOp::DownloadOutput(i) => {
+                    c.downloads += 1;
+                    c.output_downloads.push(outputs[i].name.clone());
+                    done.downloaded.push(i);
+                }
+                LoopOp::KeepOutput(i) => {
+                    c.kept.push(outputs[i].name.clone());
+                    let bytes = mem[&LoopBuf::Output(i)].bytes().to_vec();
+                    let mut words = vec![0u64; bytes.len().div_ceil(8)];
+                    bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(&bytes);
+                    let shape = done.out_shapes[i].clone();
+                    let memory = Arc::new(EmulatedMemory(words, bytes.len()));
+                    done.kept =
+                        Some(Kept { dtype: outputs[i].dtype, shape: shape.clone(), layout: shape, place: Place::Device(memory) });
                 }
                 LoopOp::Checkpoint { step } => {
                     // The device would synchronize its stream here; the emulator runs in order already.
                     c.checkpoints.push(step);
-                    if job.proceed.is_some_and(|go_on| !go_on(step)) {
+                    if proceed.is_some_and(|go_on| !go_on(step)) {
                         return Err(Error::Cancelled { step });
                     }
                 }
             }
         }
-        Ok(result.expect("the program downloads the latents"))
+        Ok(done)
+    }
+
+    fn run_given(&mut self, given: &[(&str, Input<'_>)], keep: Option<&str>) -> Result<(Outputs, Option<Kept>), Error> {
+        let io = (self.inner.inputs().to_vec(), self.inner.outputs().to_vec());
+        let (plan, ops) = run_program(self.inner.component(), (&io.0, &io.1), &self.profiles, &self.bucketed, given, keep)?;
+        let done = self.exec(&plan, ops, None, None)?;
+        let mut out = Vec::new();
+        for i in done.downloaded {
+            let bytes = done.mem[&LoopBuf::Output(i)].bytes();
+            let n = done.out_shapes[i].iter().product::<usize>() * io.1[i].dtype.size();
+            let t = Tensor::from_bytes(io.1[i].dtype, &done.out_shapes[i], &bytes[..n]).unwrap();
+            out.push((io.1[i].name.clone(), Tensor::F32(t.into_f32().unwrap())));
+        }
+        Ok((Outputs(out), done.kept))
+    }
+}
+
+/// Buffers and results of one emulated program.
+#[derive(Default)]
+struct Executed {
+    mem: HashMap<LoopBuf, Buf>,
+    out_shapes: Vec<Vec<usize>>,
+    downloaded: Vec<usize>,
+    kept: Option<Kept>,
+    result: Option<Vec<f32>>,
+}
+
+impl Engine for EmulatedDevice {
+    fn component(&self) -> &str {
+        self.inner.component()
+    }
+    fn inputs(&self) -> &[TensorInfo] {
+        self.inner.inputs()
+    }
+    fn outputs(&self) -> &[TensorInfo] {
+        self.inner.outputs()
+    }
+    fn run(&mut self, inputs: &[(&str, &Tensor)]) -> Result<Outputs, Error> {
+        let given: Vec<(&str, Input<'_>)> = inputs.iter().map(|(n, t)| (*n, Input::Host(t))).collect();
+        Ok(self.run_given(&given, None)?.0)
+    }
+    fn run_inputs(&mut self, inputs: &[(&str, Input<'_>)]) -> Result<Outputs, Error> {
+        Ok(self.run_given(inputs, None)?.0)
+    }
+    fn run_keep(&mut self, inputs: &[(&str, Input<'_>)], keep: &str) -> Result<(Outputs, Kept), Error> {
+        let (out, kept) = self.run_given(inputs, Some(keep))?;
+        Ok((out, kept.expect("kept")))
+    }
+    fn staging(&self) -> Option<Arc<dyn StagingAlloc>> {
+        Some(Arc::new(EmulatedPinned))
+    }
+    fn device_loop(&mut self) -> Option<&mut dyn DeviceLoop> {
+        Some(self)
+    }
+}
+
+impl DeviceLoop for EmulatedDevice {
+    fn run_loop(&mut self, job: &DenoiseLoop<'_>) -> Result<Vec<f32>, Error> {
+        let inputs = self.inner.inputs().to_vec();
+        let outputs = self.inner.outputs().to_vec();
+        let (plan, ops) = loop_program(self.inner.component(), &inputs, &outputs, &self.profiles, &self.bucketed, job)?;
+        self.counters.lock().unwrap().loops += 1;
+        let done = self.exec(&plan, ops, Some(job.time_input), job.proceed)?;
+        Ok(done.result.expect("the program downloads the latents"))
     }
 }
 
@@ -165,7 +304,8 @@ fn root() -> PathBuf {
 }
 
 fn open(bundle: &str) -> Pipeline {
-    let opts = PipelineOptions { backend: "ort".parse().unwrap(), ..Default::default() };
+    // Staging blocks of 4 rows (the server's BATCH_SIZE), so a batch's staged rows are adjacent.
+    let opts = PipelineOptions { backend: "ort".parse().unwrap(), staging_rows: 4, ..Default::default() };
     Pipeline::open(&root().join("engines").join(bundle), &opts).expect("open the tiny bundle")
 }
 
@@ -192,19 +332,39 @@ fn request(images: Vec<RgbImage>, prompt: &str, negative: Option<&str>, steps: u
     }
 }
 
-/// Runs `requests` as one batch on the CPU loop and on the emulated device loop; both must agree
-/// bit for bit, and the emulator must have run the loop as one program.
+/// The pipeline with its text encoder, VAE encoder and transformer on the emulated device (one log each).
+fn on_device(p: Pipeline) -> (Pipeline, [Arc<Mutex<Counters>>; 3]) {
+    let logs: [Arc<Mutex<Counters>>; 3] = Default::default();
+    let [te, ve, tr] = logs.clone();
+    let p = p
+        .wrap_engine("text_encoder", move |e| Box::new(EmulatedDevice::new(e, te)))
+        .wrap_engine("vae_encoder", move |e| Box::new(EmulatedDevice::new(e, ve)))
+        .wrap_transformer(move |t| Box::new(EmulatedDevice::new(t, tr)));
+    (p, logs)
+}
+
+/// Runs `requests` as one batch on the CPU path and on the emulated device; both must agree bit for bit.
+/// On the device: the loop runs as one program; the pixels of each request are written once, in the
+/// engines' dtypes, into pinned staging and uploaded from there (no host copy); the text embeddings never
+/// leave the device. Returns the transformer's log.
 fn same_as_cpu(bundle: &str, requests: Vec<EditRequest>) -> Counters {
+    same_as_cpu_on(&|| open(bundle), requests)
+}
+
+/// [`same_as_cpu`] on the pipelines `open` gives.
+fn same_as_cpu_on(open: &dyn Fn() -> Pipeline, requests: Vec<EditRequest>) -> Counters {
     let steps = requests[0].num_inference_steps as usize;
-    let mut cpu = open(bundle);
+    let images: usize = requests.iter().map(|r| r.images.len()).sum();
+    let mut cpu = open();
     let pre = cpu.preprocessor();
     let jobs = requests.clone().into_iter().map(|r| pre.prepare(r).unwrap()).collect();
     let want: Vec<RgbImage> = cpu.run_batch(jobs).into_iter().map(|r| r.unwrap().image).collect();
     assert_eq!(cpu.info().denoise_loop, "host");
+    // ONNX Runtime reads host tensors: each staged image is copied once on the host for the VL and VAE encoders.
+    let host = cpu.counters().snapshot();
+    assert_eq!((host.staged_host_copies, host.host_loop_steps), (2 * images as u64, steps as u64));
 
-    let counters = Arc::new(Mutex::new(Counters::default()));
-    let c2 = counters.clone();
-    let mut dev = open(bundle).wrap_transformer(move |t| Box::new(EmulatedDevice::new(t, c2)));
+    let (mut dev, [te, ve, tr]) = on_device(open());
     assert_eq!(dev.info().denoise_loop, "device", "/health reports where the loop runs");
     let pre = dev.preprocessor();
     let jobs = requests.into_iter().map(|r| pre.prepare(r).unwrap()).collect();
@@ -212,9 +372,21 @@ fn same_as_cpu(bundle: &str, requests: Vec<EditRequest>) -> Counters {
     assert_eq!(got.len(), want.len());
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(g.dimensions(), w.dimensions());
-        assert!(g.as_raw() == w.as_raw(), "job {i}: the device loop's image differs from the CPU loop's");
+        assert!(g.as_raw() == w.as_raw(), "job {i}: the device path's image differs from the CPU path's");
     }
-    let c = counters.lock().unwrap().clone();
+    // Host copies per request on the staged path: none (the upload from pinned staging is the only copy).
+    let counted = dev.counters().snapshot();
+    assert_eq!((counted.staged_host_copies, counted.host_loop_steps), (0, 0), "{counted:?}");
+    let (te, ve, c) = (te.lock().unwrap().clone(), ve.lock().unwrap().clone(), tr.lock().unwrap().clone());
+    // One copy per run of adjacent rows of one block: the VL patches of the batch's images, which share a size.
+    assert_eq!(te.row_uploads, ["pixel_values"], "the VL patches go up from their staged rows in one copy: {te:?}");
+    assert!(!te.host_uploads.contains(&"pixel_values".to_string()));
+    assert_eq!((te.kept, te.output_downloads.len()), (vec!["hidden_states".to_string()], 0), "text stays on the device");
+    let conditions = images / got.len();
+    assert_eq!(ve.row_uploads, vec!["image".to_string(); conditions], "one copy per condition image of the batch: {ve:?}");
+    assert!(!ve.host_uploads.contains(&"image".to_string()));
+    assert_eq!(c.gathers, ["encoder_hidden_states"], "gathered on the device from the kept text encoder output");
+    assert!(!c.host_uploads.contains(&"encoder_hidden_states".to_string()));
     assert_eq!((c.loops, c.executes, c.steps, c.downloads), (1, steps, steps, 1), "{c:?}");
     assert_eq!(c.copies, steps - 1, "one time-row copy per step after the first");
     assert_eq!(c.checkpoints, (1..steps).collect::<Vec<_>>(), "asked before every step after the first");
@@ -247,6 +419,34 @@ fn device_loop_equals_the_cpu_loop_for_edit_plus_with_zero_cond_t() {
         "tiny-2511",
         vec![request(vec![picture(64, 48, 3), picture(40, 56, 4)], "put both in one room", Some("ugly"), 2, 11)],
     );
+}
+
+/// The float16 bundle: its graphs run on ONNX Runtime with their float16 IO, so the staging rows, the
+/// transformer's inputs and the velocity are float16 and the step kernel reads and writes float16.
+#[test]
+fn device_path_on_the_float16_bundle_equals_its_cpu_path() {
+    let requests = vec![
+        request(vec![picture(64, 64, 6)], "add a hat", Some("blurry"), 3, 21),
+        request(vec![picture(64, 64, 4)], "make it night", Some("noise"), 3, 22),
+    ];
+    same_as_cpu("tiny-fp16", requests);
+}
+
+/// The bfloat16 bundle: float32 twins of its graphs behind its bfloat16 IO (tests/support16, since ONNX
+/// Runtime's CPU provider cannot run bfloat16 graphs); staging rows, kernel loads and stores are bfloat16.
+#[test]
+fn device_path_on_the_bfloat16_bundle_equals_its_cpu_path() {
+    let dir = tempfile::tempdir().unwrap();
+    support16::widen_bundle(&root().join("engines/tiny-bf16"), dir.path());
+    let open_bf16 = || {
+        let opts = PipelineOptions { backend: "ort".parse().unwrap(), staging_rows: 4, ..Default::default() };
+        let mut p = Pipeline::open(dir.path(), &opts).expect("open the widened bf16 bundle");
+        for c in ["text_encoder", "transformer", "vae_encoder", "vae_decoder"] {
+            p = p.wrap_engine(c, support16::Bf16Io::wrap);
+        }
+        p
+    };
+    same_as_cpu_on(&open_bf16, vec![request(vec![picture(80, 64, 3)], "paint it red", Some("dark"), 3, 31)]);
 }
 
 #[test]

@@ -93,6 +93,13 @@ async fn health_metrics_and_a_round_trip() {
     assert!(metric(&t, "qwen_edit_batch_size_count") >= 1.0);
     assert!(metric(&t, "qwen_edit_batch_inference_duration_seconds_count") >= 1.0);
     assert_eq!(metric(&t, "qwen_edit_queue_size"), 0.0);
+    // The engines' counters: ONNX Runtime steps on the host, captures no graph, copies staged pixels once.
+    assert_eq!(metric(&t, "qwen_edit_host_loop_steps_total"), 4.0 * STEPS as f64, "{t}");
+    assert_eq!(metric(&t, "qwen_edit_graph_captures_total"), 0.0);
+    assert_eq!(metric(&t, "qwen_edit_uncaptured_runs_total"), 0.0);
+    assert_eq!(metric(&t, "qwen_edit_staged_host_copies_total"), 8.0, "two staged tensors per one-image request");
+    let e = get(addr, "/health").await.json()["engine"].clone();
+    assert_eq!((e["host_loop_steps"].as_u64(), e["graph_replays"].as_u64()), (Some(4 * STEPS as u64), Some(0)), "{e}");
     stop(server).await;
 }
 

@@ -108,7 +108,7 @@ async fn abandoned_large_uploads_run_at_most_one_task_per_core_in_bounded_memory
 /// 503 before the body is read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn trickling_clients_do_not_starve_the_queue_and_a_full_queue_answers_before_the_body() {
-    let p = spawn(&[("MAX_QUEUE", "2"), ("BATCH_SIZE", "1"), ("BATCH_TIMEOUT_MS", "0")]).await;
+    let p = spawn(&[("MAX_QUEUE", "2"), ("MAX_N", "2"), ("BATCH_SIZE", "1"), ("BATCH_TIMEOUT_MS", "0")]).await;
     let addr = p.addr;
     let head =
         "POST /runsync HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n{\"input\": ";

@@ -185,9 +185,12 @@ fn dry_run_plans_every_component_without_a_gpu() {
     let te = report.components.iter().find(|c| c.component == "text_encoder").unwrap();
     assert_eq!(te.status, "planned");
     assert_eq!(te.onnx_sha256.len(), 64);
-    let ids = te.profiles[0].inputs.iter().find(|i| i.name == "input_ids").unwrap();
+    // One profile per batch-size group (profiles.batch_sizes = [1, 2]), tuned for 1 and for 2 requests.
+    assert_eq!(te.profiles.len(), 2);
+    let ids = |k: usize| te.profiles[k].inputs.iter().find(|i| i.name == "input_ids").unwrap().clone();
     // seq: 1 .. drop_tokens + max_text_tokens; batch: 1 .. 2 requests x 2 (CFG)
-    assert_eq!((ids.min.clone(), ids.max.clone()), (vec![1, 1], vec![4, 64 + 256]));
+    assert_eq!((ids(1).min, ids(1).max), (vec![1, 1], vec![4, 64 + 256]));
+    assert_eq!((ids(0).opt[0], ids(0).max[0], ids(1).opt[0]), (2, 2, 4));
     let tr = report.components.iter().find(|c| c.component == "transformer").unwrap();
     let hs = tr.profiles[0].inputs.iter().find(|i| i.name == "hidden_states").unwrap();
     // 64x64 output: 4x4 packed tokens + the 64x64 condition image (4x4); 80x48: 5x3 tokens + its
@@ -199,6 +202,19 @@ fn dry_run_plans_every_component_without_a_gpu() {
     // The report is JSON.
     let v = serde_json::to_value(&report).unwrap();
     assert_eq!(v["components"][0]["status"], "planned");
+}
+
+#[test]
+fn the_fp8_bundle_plans_an_fp8_transformer_with_the_fp8_tolerance() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/tiny-fp8");
+    let args = BuildArgs { bundle: dir.clone(), dry_run: true, ..BuildArgs::default() };
+    let report = builder::build(&args, &mut |_| {});
+    assert_eq!(report.exit_code, exit::OK, "{:?}", report.error);
+    for c in &report.components {
+        assert_eq!(c.precision, if c.component == "transformer" { "fp8" } else { "fp32" }, "{}", c.component);
+    }
+    assert_eq!(builder::default_tolerance("fp8"), (0.1, 0.1));
+    assert!(!dir.join("transformer.plan").exists() && !dir.join("tensorrt.timing.cache").exists());
 }
 
 #[test]

@@ -15,7 +15,7 @@ pub mod torch_resize;
 
 pub use decode::{decode, decode_memory, Limits};
 pub use encode::{encode, OutputFormat};
-pub use normalize::{postprocess, postprocess_value, preprocess_into, preprocess_into_f16};
+pub use normalize::{postprocess, postprocess_value, preprocess_into, preprocess_into_bf16, preprocess_into_f16};
 pub use probe::{probe, ImageFormat, ImageInfo};
 pub use resize::{resize, Filter};
 

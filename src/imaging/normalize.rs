@@ -10,7 +10,7 @@
 //!   `numpy_to_pil`: `(x * 255).round().astype("uint8")` with numpy's round-half-to-even.
 //!   NaN becomes 0 (what `astype(uint8)` gives for NaN on x86).
 
-use half::f16;
+use half::{bf16, f16};
 use image::RgbImage;
 
 use super::Error;
@@ -48,6 +48,12 @@ pub fn preprocess_into(img: &RgbImage, out: &mut [f32]) -> Result<(), Error> {
 pub fn preprocess_into_f16(img: &RgbImage, out: &mut [f16]) -> Result<(), Error> {
     let t32 = table_f32();
     planes(img, out, &std::array::from_fn(|i| f16::from_f32(t32[i])))
+}
+
+/// As [`preprocess_into`], rounded to bf16 (nearest, ties to even) for bfloat16 engines.
+pub fn preprocess_into_bf16(img: &RgbImage, out: &mut [bf16]) -> Result<(), Error> {
+    let t32 = table_f32();
+    planes(img, out, &std::array::from_fn(|i| bf16::from_f32(t32[i])))
 }
 
 /// Maps every byte of `img` through `table` into three planes (R, G, B) of `out`.

@@ -2,6 +2,7 @@
 //! preprocessor and the engine worker, what the pipeline reports about itself, and its options.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -11,9 +12,11 @@ use super::rope::{Rope, RopeSpec};
 use super::schedule::SchedulerConfig;
 use super::torch_cpu::CpuKernels;
 use super::vision::Vision;
-use crate::bundle::{self, Bundle, Variant};
+use crate::bundle::{self, Bundle, Precision, PrecisionMode, Variant};
 use crate::runtime::backend::{BackendChoice, BackendKind, BackendRequest};
+use crate::runtime::counters::RunCounters;
 use crate::runtime::loader::{self, EngineFiles, LoadOptions, OrtSettings, TrtOptions};
+use crate::runtime::staging::{HeapAlloc, StagingPool};
 use crate::runtime::{DType, Engine};
 
 /// At most this many input images per Edit Plus request (each adds VL and latent tokens).
@@ -36,6 +39,10 @@ pub struct PipelineOptions {
     /// The torch CPU kernel flavour of the seeded noise and the RoPE tables; `None` = what torch
     /// computes on this CPU ([`cpu_kernels`]). Set it to reproduce vectors made on another machine.
     pub kernels: Option<CpuKernels>,
+    /// `PRECISION_MODE`: `auto` runs what the bundle has; another mode must be what it has.
+    pub precision: PrecisionMode,
+    /// Rows per staging block of preprocessed pixels: the batch size the server forms (0 = 1).
+    pub staging_rows: usize,
 }
 
 /// What a loaded pipeline is and accepts; shown by /health and used for request defaults.
@@ -47,6 +54,8 @@ pub struct PipelineInfo {
     pub variant: &'static str,
     pub zero_cond_t: bool,
     pub dtype: DType,
+    /// What the transformer computes in: the dtype's precision, or `fp8` for an FP8-quantized bundle.
+    pub precision: Precision,
     pub backend: BackendKind,
     pub backend_reason: String,
     pub gpu_available: bool,
@@ -115,10 +124,21 @@ pub(crate) struct Model {
     pub kernels: CpuKernels,
     pub z_dim: usize,
     pub text_bucket: usize,
+    /// Where preprocessing writes the pixel tensors (the engines' staging memory), and in which dtypes:
+    /// the VAE encoder's `image` and the text encoder's `pixel_values`.
+    pub staging: Arc<StagingPool>,
+    pub vae_dtype: DType,
+    pub vl_dtype: DType,
 }
 
 impl Model {
-    fn new(bundle: &Bundle, choice: &BackendChoice, options: &PipelineOptions) -> Result<Model, LoadError> {
+    fn new(
+        bundle: &Bundle,
+        choice: &BackendChoice,
+        precision: Precision,
+        options: &PipelineOptions,
+        counters: &Arc<RunCounters>,
+    ) -> Result<Model, LoadError> {
         let m = bundle.manifest();
         let invalid = |reason: String| LoadError::Invalid { bundle: m.name.clone(), reason };
         m.vision.validate().map_err(|e| invalid(e.to_string()))?;
@@ -140,6 +160,7 @@ impl Model {
             variant: if plus { "edit-plus" } else { "edit" },
             zero_cond_t: t.zero_cond_t,
             dtype: m.dtype,
+            precision,
             backend: choice.backend,
             backend_reason: choice.reason.clone(),
             gpu_available: choice.gpu_available,
@@ -165,7 +186,23 @@ impl Model {
             kernels,
             z_dim: m.vae.z_dim,
             text_bucket: if options.text_bucket == 0 { DEFAULT_TEXT_BUCKET } else { options.text_bucket },
+            staging: StagingPool::new(Arc::new(HeapAlloc), options.staging_rows, counters.clone()),
+            vae_dtype: DType::F32,
+            vl_dtype: DType::F32,
         })
+    }
+
+    /// Stages pixels where `engines` read them: the VAE encoder's staging memory (pinned on a GPU), in the
+    /// dtypes of its `image` and of the text encoder's `pixel_values`; and says where the loop runs.
+    pub fn attach(&mut self, engines: &mut Engines, rows: usize) {
+        let float = |e: &dyn Engine, name: &str| {
+            e.inputs().iter().find(|t| t.name == name).map(|t| t.dtype).filter(|d| d.is_float()).unwrap_or(DType::F32)
+        };
+        self.vae_dtype = float(engines.vae_encoder.as_ref(), "image");
+        self.vl_dtype = float(engines.text_encoder.as_ref(), "pixel_values");
+        let alloc = engines.vae_encoder.staging().unwrap_or_else(|| Arc::new(HeapAlloc));
+        self.staging = StagingPool::new(alloc, rows, engines.counters.clone());
+        self.info.denoise_loop = if engines.transformer.device_loop().is_some() { "device" } else { "host" };
     }
 
     /// The scheduler config of a job.
@@ -184,6 +221,8 @@ pub(crate) struct Engines {
     pub transformer: Box<dyn Engine>,
     pub vae_encoder: Box<dyn Engine>,
     pub vae_decoder: Box<dyn Engine>,
+    /// What the engines did (shared with them) and the host loop's steps.
+    pub counters: Arc<RunCounters>,
 }
 
 /// Opens the bundle in `dir`: chooses the backend (auto: TensorRT when it can run here, else ONNX
@@ -191,6 +230,7 @@ pub(crate) struct Engines {
 /// manifest's IO contract.
 pub(crate) fn open(dir: &Path, options: &PipelineOptions) -> Result<(Model, Engines), LoadError> {
     let bundle = if options.verify_hashes { Bundle::open_verified(dir)? } else { Bundle::open(dir)? };
+    let precision = bundle.check_precision(options.precision)?;
     let files = bundle::COMPONENTS
         .iter()
         .map(|c| {
@@ -201,12 +241,15 @@ pub(crate) fn open(dir: &Path, options: &PipelineOptions) -> Result<(Model, Engi
                 plan: bundle.plan_path(c)?,
                 inputs: contract.inputs.clone(),
                 outputs: contract.outputs.clone(),
+                fp8: bundle.manifest().is_fp8(c),
             })
         })
         .collect::<Result<Vec<_>, bundle::Error>>()?;
     let choice = loader::choose(&files, options.backend)?;
-    let mut model = Model::new(&bundle, &choice, options)?;
-    let load = LoadOptions { backend: options.backend, ort: options.ort.clone(), trt: options.trt.clone() };
+    let counters = Arc::new(RunCounters::default());
+    let mut model = Model::new(&bundle, &choice, precision, options, &counters)?;
+    let load =
+        LoadOptions { backend: options.backend, ort: options.ort.clone(), trt: options.trt.clone(), counters: counters.clone() };
     let opened = loader::open(&files, &choice, &load)?;
     for e in &opened {
         bundle.check_engine(e.as_ref())?;
@@ -221,13 +264,13 @@ pub(crate) fn open(dir: &Path, options: &PipelineOptions) -> Result<(Model, Engi
         transformer: take("transformer"),
         vae_encoder: take("vae_encoder"),
         vae_decoder: take("vae_decoder"),
+        counters,
     };
-    if engines.transformer.device_loop().is_some() {
-        model.info.denoise_loop = "device";
-    }
+    model.attach(&mut engines, options.staging_rows);
     tracing::info!(
         bundle = %model.info.bundle,
         backend = %choice.backend,
+        precision = %precision,
         reason = %choice.reason,
         denoise_loop = model.info.denoise_loop,
         "pipeline loaded"

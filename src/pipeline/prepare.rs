@@ -12,8 +12,10 @@ use super::model::{Model, PipelineInfo};
 use super::prompt::PromptRow;
 use super::rope::RopeTables;
 use super::schedule::Schedule;
-use super::vision::{self, Vision, VisionImage};
+use super::vision::{self, ImageGrid};
 use crate::imaging::{self, Filter};
+use crate::runtime::staging::RowMut;
+use crate::runtime::StagedRow;
 
 /// A request after all per-job CPU work. Everything the engine worker needs that depends only on
 /// this job is here; the batch only stacks it.
@@ -22,10 +24,11 @@ pub struct Prepared {
     pub(crate) seed: u64,
     pub(crate) true_cfg_scale: f32,
     pub(crate) sizes: EditSizes,
-    /// Per input image: the VL processor's patches.
-    pub(crate) vl: Vec<VisionImage>,
-    /// Per input image: the VAE input, CHW in [-1, 1], at `sizes.vae[i]`.
-    pub(crate) vae: Vec<Vec<f32>>,
+    /// Per input image: the VL processor's patches ([patches, patch_dim]) in a staging row, in the text
+    /// encoder's dtype, and their grid.
+    pub(crate) vl: Vec<(ImageGrid, StagedRow)>,
+    /// Per input image: the VAE input, CHW in [-1, 1], at `sizes.vae[i]`, in a staging row in the VAE encoder's dtype.
+    pub(crate) vae: Vec<StagedRow>,
     /// Token ids of the prompt row, then of the negative row when true CFG runs.
     pub(crate) tokens: Vec<Vec<u32>>,
     /// The job's schedule (equal for every job of a batch: same steps, size and schedule type).
@@ -74,13 +77,13 @@ impl Preprocessor {
         let schedule = Schedule::new(m.scheduler(req.lightning), req.num_inference_steps as usize, sizes.image_seq_len())
             .map_err(invalid)?;
         // RoPE positions must fit the reference's table (checked before the images are resized).
-        m.rope.tables(&sizes.img_shapes, 1).map_err(invalid)?;
+        m.rope.check(&sizes.img_shapes, 1).map_err(invalid)?;
         let (vl, vae) = resize_images(&req.images, &sizes, m)?;
 
         let true_cfg = req.true_cfg_scale > 1.0 && req.negative_prompt.is_some();
         // Tokenize now, once: a prompt that is too long (or holds reserved tokens) is refused before queueing.
         let slots: Vec<usize> = (0..req.images.len()).collect();
-        let grids: Vec<_> = vl.iter().map(|v| v.grid).collect();
+        let grids: Vec<_> = vl.iter().map(|v| v.0).collect();
         let mut rows = vec![PromptRow { text: &req.prompt, images: &slots }];
         if true_cfg {
             rows.push(PromptRow { text: req.negative_prompt.as_deref().unwrap_or(""), images: &slots });
@@ -168,8 +171,11 @@ fn check_request(req: &EditRequest, info: &PipelineInfo) -> Result<(), EditError
     Ok(())
 }
 
-/// Per input image: the VL processor's patches and the VAE input (Lanczos, like the reference).
-fn resize_images(images: &[RgbImage], sizes: &EditSizes, m: &Model) -> Result<(Vec<VisionImage>, Vec<Vec<f32>>), EditError> {
+/// Per input image: the VL processor's patches and the VAE input (Lanczos, like the reference), each written
+/// once into a staging row in its engine's dtype (pinned memory on a GPU: the upload is then the only copy).
+type Staged = (Vec<(ImageGrid, StagedRow)>, Vec<StagedRow>);
+
+fn resize_images(images: &[RgbImage], sizes: &EditSizes, m: &Model) -> Result<Staged, EditError> {
     let plus = m.condition_area.is_some();
     let mut vl = Vec::with_capacity(images.len());
     let mut vae = Vec::with_capacity(images.len());
@@ -177,10 +183,15 @@ fn resize_images(images: &[RgbImage], sizes: &EditSizes, m: &Model) -> Result<(V
         let (vw, vh) = sizes.vae[i];
         let vae_img = lanczos(image, vw, vh)?;
         let vl_img = if plus { lanczos(image, sizes.vl[i].0, sizes.vl[i].1)? } else { vae_img.clone() };
-        vl.push(vl_patches(&vl_img, &m.vision)?);
-        let mut chw = vec![0f32; 3 * vw as usize * vh as usize];
-        imaging::preprocess_into(&vae_img, &mut chw).map_err(internal)?;
-        vae.push(chw);
+        vl.push(vl_patches(&vl_img, m)?);
+        let mut row = m.staging.row(m.vae_dtype, 3 * vw as usize * vh as usize)?;
+        match row.write()? {
+            RowMut::F32(out) => imaging::preprocess_into(&vae_img, out),
+            RowMut::F16(out) => imaging::preprocess_into_f16(&vae_img, out),
+            RowMut::BF16(out) => imaging::preprocess_into_bf16(&vae_img, out),
+        }
+        .map_err(internal)?;
+        vae.push(row);
     }
     Ok((vl, vae))
 }
@@ -203,8 +214,10 @@ fn initial_noise(given: Option<Array3<f32>>, seed: u64, sizes: &EditSizes, m: &M
     }
 }
 
-/// The VL processor's resize: smart_resize to multiples of 28, then the reference's resampling.
-fn vl_patches(image: &RgbImage, s: &Vision) -> Result<VisionImage, EditError> {
+/// The VL processor's resize: smart_resize to multiples of 28, then the reference's resampling; the patches
+/// go straight into a staging row in the text encoder's dtype.
+fn vl_patches(image: &RgbImage, m: &Model) -> Result<(ImageGrid, StagedRow), EditError> {
+    let s = &m.vision;
     let (w, h) = image.dimensions();
     let (tw, th) = vision::target_size(w, h, s).map_err(invalid)?;
     let resized;
@@ -214,7 +227,16 @@ fn vl_patches(image: &RgbImage, s: &Vision) -> Result<VisionImage, EditError> {
         resized = vision::resize(image, tw, th, s).map_err(internal)?;
         &resized
     };
-    vision::patchify(img.as_raw(), tw, th, s).map_err(internal)
+    let grid = vision::patch_grid(img.as_raw(), tw, th, s).map_err(internal)?;
+    let mut row = m.staging.row(m.vl_dtype, grid.patches() * s.patch_dim())?;
+    let rgb = img.as_raw();
+    match row.write()? {
+        RowMut::F32(out) => vision::patchify_into(rgb, tw, th, s, out, |v| v),
+        RowMut::F16(out) => vision::patchify_into(rgb, tw, th, s, out, half::f16::from_f32),
+        RowMut::BF16(out) => vision::patchify_into(rgb, tw, th, s, out, half::bf16::from_f32),
+    }
+    .map_err(internal)?;
+    Ok((grid, row))
 }
 
 fn lanczos(image: &RgbImage, w: u32, h: u32) -> Result<RgbImage, EditError> {

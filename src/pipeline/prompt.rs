@@ -22,7 +22,7 @@ use tokenizers::Tokenizer;
 
 use super::vision::{ImageGrid, Vision, VisionBatch};
 pub use crate::bundle::Prompt;
-use crate::runtime::Tensor;
+use crate::runtime::{RowCopy, Tensor};
 
 /// The image placeholder of the templates, expanded to one token per merged vision token.
 pub const IMAGE_TOKEN: &str = "<|image_pad|>";
@@ -174,6 +174,21 @@ impl TextBatch {
     /// Tokens each row keeps after the system prompt is dropped.
     pub fn kept_lengths(&self) -> Vec<usize> {
         self.lengths.iter().map(|l| l - self.drop_tokens).collect()
+    }
+
+    /// [`TextBatch::prompt_embeds`] as a gather, for hidden states that stay where the encoder computed them:
+    /// the embeddings' shape [batch, seq - drop_tokens, dim], the element copies out of the encoder's
+    /// [batch, seq, dim] output (the rest is zeros), and the mask.
+    pub fn embed_copies(&self, dim: usize) -> ([usize; 3], Vec<RowCopy>, Array2<i64>) {
+        let max = self.seq - self.drop_tokens;
+        let mut mask = Array2::<i64>::zeros((self.batch, max));
+        let mut copies = Vec::with_capacity(self.batch);
+        for (r, &len) in self.lengths.iter().enumerate() {
+            let kept = len - self.drop_tokens;
+            copies.push(RowCopy { src: (r * self.seq + self.drop_tokens) * dim, dst: r * max * dim, elems: kept * dim });
+            mask.slice_mut(ndarray::s![r, ..kept]).fill(1);
+        }
+        ([self.batch, max, dim], copies, mask)
     }
 
     /// The reference's post-processing of the encoder output `hidden` [batch, seq, dim]: per row the
@@ -492,11 +507,7 @@ impl PromptEncoder {
 
 /// The text encoder's named inputs (the `text_encoder` contract of engines/README.md). Takes the
 /// vision batch by value so its pixels move into the tensor; `text` stays for [`TextBatch::prompt_embeds`].
-pub fn text_encoder_inputs(text: &TextBatch, vision: VisionBatch) -> Result<Vec<(&'static str, Tensor)>, PromptError> {
-    let units = vision.units() as i64;
-    if let Some(&bad) = text.image_embed_index.iter().find(|&&i| i >= units) {
-        return Err(PromptError::Internal(format!("a placeholder takes vision token {bad} but the images give {units}")));
-    }
+pub fn text_encoder_inputs(text: &TextBatch, mut vision: VisionBatch) -> Result<Vec<(&'static str, Tensor)>, PromptError> {
     let patches = vision.patches();
     if vision.pixel_values.len() != patches * vision.patch_dim {
         return Err(PromptError::Internal(format!(
@@ -505,12 +516,25 @@ pub fn text_encoder_inputs(text: &TextBatch, vision: VisionBatch) -> Result<Vec<
             vision.patch_dim
         )));
     }
+    let (pixels, dim) = (std::mem::take(&mut vision.pixel_values), vision.patch_dim);
+    let mut inputs = text_encoder_index_inputs(text, vision)?;
+    inputs.insert(3, ("pixel_values", Tensor::f32(&[patches, dim], pixels)));
+    Ok(inputs)
+}
+
+/// [`text_encoder_inputs`] without `pixel_values` (which the caller gives as staged rows, already in the
+/// engine's dtype): the token, position and vision index tensors.
+pub fn text_encoder_index_inputs(text: &TextBatch, vision: VisionBatch) -> Result<Vec<(&'static str, Tensor)>, PromptError> {
+    let units = vision.units() as i64;
+    if let Some(&bad) = text.image_embed_index.iter().find(|&&i| i >= units) {
+        return Err(PromptError::Internal(format!("a placeholder takes vision token {bad} but the images give {units}")));
+    }
+    let patches = vision.patches();
     let (b, s) = (text.batch, text.seq);
     Ok(vec![
         ("input_ids", Tensor::i64(&[b, s], text.input_ids.clone())),
         ("attention_mask", Tensor::i64(&[b, s], text.attention_mask.clone())),
         ("position_ids", Tensor::i64(&[3, b, s], text.position_ids.clone())),
-        ("pixel_values", Tensor::f32(&[patches, vision.patch_dim], vision.pixel_values)),
         ("vision_pos_ids", Tensor::i64(&[patches, 2], vision.vision_pos_ids)),
         ("window_index", Tensor::i64(&[vision.window_index.len()], vision.window_index)),
         ("window_seg", Tensor::i64(&[patches], vision.window_seg)),

@@ -133,9 +133,9 @@ impl Rope {
         images.iter().map(|g| (g.height / 2).max(g.width / 2)).max().unwrap_or(0)
     }
 
-    /// The tables for `images` (target first, then condition images) and `txt_seq` text rows
-    /// (the padded text length the transformer sees).
-    pub fn tables(&self, images: &[LatentGrid], txt_seq: usize) -> Result<RopeTables, RopeError> {
+    /// Whether `images` and `txt_seq` text rows fit the reference's position table, without
+    /// computing the tables (a cheap check before a request's images are resized).
+    pub fn check(&self, images: &[LatentGrid], txt_seq: usize) -> Result<(), RopeError> {
         if images.is_empty() {
             return Err(RopeError::NoImages);
         }
@@ -156,7 +156,14 @@ impl Rope {
         if start + txt_seq > table {
             return Err(RopeError::TextTooLong { txt_seq, start, table });
         }
+        Ok(())
+    }
 
+    /// The tables for `images` (target first, then condition images) and `txt_seq` text rows
+    /// (the padded text length the transformer sees).
+    pub fn tables(&self, images: &[LatentGrid], txt_seq: usize) -> Result<RopeTables, RopeError> {
+        self.check(images, txt_seq)?;
+        let start = Self::text_start(images);
         let half = self.half_dim();
         let [f_dim, h_dim, w_dim] = [0, 1, 2].map(|a| self.inv_freq[a].len());
         let img_seq: usize = images.iter().map(LatentGrid::tokens).sum();

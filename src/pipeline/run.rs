@@ -13,10 +13,11 @@ use super::latents;
 use super::model::{self, Engines, LoadError, Model, PipelineInfo, PipelineOptions};
 use super::prepare::{Prepared, Preprocessor};
 use super::prompt::{self, PromptRow};
-use super::vision::{VisionBatch, VisionImage};
+use super::vision::VisionBatch;
 use crate::imaging;
+use crate::runtime::counters::{Counter, RunCounters};
 use crate::runtime::step::{self, StepShape};
-use crate::runtime::{DenoiseLoop, Engine, Tensor};
+use crate::runtime::{DenoiseLoop, Engine, Input, Kept, RowCopy, StagedRow, Tensor};
 
 /// The engines of one bundle. Owned by one engine worker; `run_batch` runs batches of prepared jobs.
 pub struct Pipeline {
@@ -77,15 +78,30 @@ pub enum Checkpoint {
     Done,
 }
 
-/// Prompt embeddings of a batch: [rows, txt_seq, dim] and the mask [rows, txt_seq] (1 = token).
+/// Prompt embeddings of a batch, [rows, txt_seq, dim], and the mask [rows, txt_seq] (1 = token).
 struct TextEmbeds {
-    embeds: Array3<f32>,
+    embeds: Embeds,
     mask: Array2<i64>,
 }
 
-fn run_one(engine: &mut dyn Engine, inputs: &[(&str, Tensor)], output: &str) -> Result<ArrayD<f32>, EditError> {
-    let refs: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (*n, t)).collect();
-    let mut out = engine.run(&refs)?;
+/// The embeddings on the host, or as a gather out of the text encoder's output kept where it was computed
+/// (on a GPU they never leave the device).
+enum Embeds {
+    Host(Tensor),
+    Kept { src: Kept, shape: [usize; 3], copies: Vec<RowCopy> },
+}
+
+impl TextEmbeds {
+    fn input(&self) -> Input<'_> {
+        match &self.embeds {
+            Embeds::Host(t) => Input::Host(t),
+            Embeds::Kept { src, shape, copies } => Input::Gather { shape, src, copies },
+        }
+    }
+}
+
+fn run_one(engine: &mut dyn Engine, inputs: &[(&str, Input<'_>)], output: &str) -> Result<ArrayD<f32>, EditError> {
+    let mut out = engine.run_inputs(inputs)?;
     let t =
         out.take(output).ok_or_else(|| EditError::Internal(format!("{} returned no `{output}` output", engine.component())))?;
     t.into_f32().map_err(|e| EditError::Internal(format!("{}: {e}", engine.component())))
@@ -108,13 +124,31 @@ impl Pipeline {
         self.last_stages
     }
 
+    /// What the engines did (graph captures, replays, ...) and the host loop's steps, shared with them.
+    pub fn counters(&self) -> Arc<RunCounters> {
+        self.engines.counters.clone()
+    }
+
     /// Replaces the transformer with `wrap(transformer)`: instrumentation, and the emulated device
     /// loop of tests/device_loop.rs (which checks the GPU loop's program without a GPU).
     pub fn wrap_transformer(self, wrap: impl FnOnce(Box<dyn Engine>) -> Box<dyn Engine>) -> Pipeline {
-        let Pipeline { model, mut engines, last_stages } = self;
-        engines.transformer = wrap(engines.transformer);
+        self.wrap_engine("transformer", wrap)
+    }
+
+    /// Replaces engine `component` with `wrap(engine)` (the emulated device of tests/device_loop.rs); the
+    /// preprocessor taken after this stages pixels where the new engines read them.
+    pub fn wrap_engine(self, component: &str, wrap: impl FnOnce(Box<dyn Engine>) -> Box<dyn Engine>) -> Pipeline {
+        let Pipeline { model, engines, last_stages } = self;
+        let Engines { mut text_encoder, mut transformer, mut vae_encoder, mut vae_decoder, counters } = engines;
+        match component {
+            "text_encoder" => text_encoder = wrap(text_encoder),
+            "vae_encoder" => vae_encoder = wrap(vae_encoder),
+            "vae_decoder" => vae_decoder = wrap(vae_decoder),
+            _ => transformer = wrap(transformer),
+        }
+        let mut engines = Engines { text_encoder, transformer, vae_encoder, vae_decoder, counters };
         let mut model = (*model).clone();
-        model.info.denoise_loop = if engines.transformer.device_loop().is_some() { "device" } else { "host" };
+        model.attach(&mut engines, model.staging.rows_per_block());
         Pipeline { model: Arc::new(model), engines, last_stages }
     }
 
@@ -215,12 +249,14 @@ impl Pipeline {
     /// encoded once and shared by its rows. The rows were tokenized when the jobs were prepared.
     fn encode_text(&mut self, jobs: &[&Prepared], mut trace: Option<&mut Trace>) -> Result<TextEmbeds, EditError> {
         let m = self.model.clone();
-        let mut vl_refs: Vec<&VisionImage> = Vec::new();
+        let mut vl_rows: Vec<&StagedRow> = Vec::new();
+        let mut grids = Vec::new();
         let mut slots: Vec<Vec<usize>> = Vec::with_capacity(jobs.len());
         for j in jobs {
-            let start = vl_refs.len();
-            vl_refs.extend(j.vl.iter());
-            slots.push((start..vl_refs.len()).collect());
+            let start = vl_rows.len();
+            vl_rows.extend(j.vl.iter().map(|(_, row)| row));
+            grids.extend(j.vl.iter().map(|(g, _)| *g));
+            slots.push((start..vl_rows.len()).collect());
         }
         let cfg = jobs[0].key.true_cfg;
         let mut rows: Vec<PromptRow<'_>> = Vec::new();
@@ -232,7 +268,6 @@ impl Pipeline {
                 ids.push(tokens);
             }
         }
-        let grids: Vec<_> = vl_refs.iter().map(|v| v.grid).collect();
         let text = m.prompt.assemble(&rows, &ids, &grids, m.text_bucket)?;
         if text.seq - text.drop_tokens != jobs[0].key.text_len {
             return Err(internal(format!("batch text length {} != key's {}", text.seq - text.drop_tokens, jobs[0].key.text_len)));
@@ -241,22 +276,29 @@ impl Pipeline {
             let dims = IxDyn(&[text.batch, text.seq]);
             t.input_ids = Some(ArrayD::from_shape_vec(dims.clone(), text.input_ids.clone()).map_err(internal)?);
             t.attention_mask = Some(ArrayD::from_shape_vec(dims, text.attention_mask.clone()).map_err(internal)?);
-            for v in &vl_refs {
-                let dim = v.pixel_values.len() / v.grid.patches().max(1);
-                let shape = IxDyn(&[v.grid.patches(), dim]);
-                t.pixel_values.push(ArrayD::from_shape_vec(shape, v.pixel_values.clone()).map_err(internal)?);
+            for (row, g) in vl_rows.iter().zip(&grids) {
+                let shape = IxDyn(&[g.patches(), m.vision.patch_dim()]);
+                t.pixel_values.push(ArrayD::from_shape_vec(shape, row.to_f32()).map_err(internal)?);
             }
         }
-        let vision = VisionBatch::new(&vl_refs, &m.vision).map_err(internal)?;
-        let inputs = prompt::text_encoder_inputs(&text, vision)?;
-        let hidden = run_one(self.engines.text_encoder.as_mut(), &inputs, "hidden_states")?;
+        let vision = VisionBatch::from_grids(&grids, &m.vision).map_err(internal)?;
+        let pixel_shape = [vision.patches(), m.vision.patch_dim()];
+        let index = prompt::text_encoder_index_inputs(&text, vision)?;
+        let mut inputs: Vec<(&str, Input<'_>)> = index.iter().map(|(n, t)| (*n, Input::Host(t))).collect();
+        inputs.push(("pixel_values", Input::Staged { shape: &pixel_shape, rows: &vl_rows }));
+        let encoder = self.engines.text_encoder.as_mut();
+        let Some(t) = trace else {
+            // The hidden states stay where the encoder computed them; the transformer gathers its rows from there.
+            let (_, kept) = encoder.run_keep(&inputs, "hidden_states")?;
+            let (shape, copies, mask) = text.embed_copies(kept.shape.last().copied().unwrap_or(0));
+            return Ok(TextEmbeds { embeds: Embeds::Kept { src: kept, shape, copies }, mask });
+        };
+        let hidden = run_one(encoder, &inputs, "hidden_states")?;
         let hidden = hidden.into_dimensionality::<Ix3>().map_err(internal)?;
         let (embeds, mask) = text.prompt_embeds(hidden.view())?;
-        if let Some(t) = trace {
-            t.prompt_embeds = Some(embeds.clone().into_dyn());
-            t.prompt_mask = Some(mask.clone().into_dyn());
-        }
-        Ok(TextEmbeds { embeds, mask })
+        t.prompt_embeds = Some(embeds.clone().into_dyn());
+        t.prompt_mask = Some(mask.clone().into_dyn());
+        Ok(TextEmbeds { embeds: Embeds::Host(Tensor::F32(embeds.into_dyn())), mask })
     }
 
     /// VAE encoder: the i-th condition image of every job has the same size (batch key), so each is
@@ -265,12 +307,9 @@ impl Pipeline {
         let b = jobs.len();
         let mut parts = Vec::new();
         for (i, &(w, h)) in jobs[0].key.condition_sizes.iter().enumerate() {
-            let (w, h) = (w as usize, h as usize);
-            let mut data = Vec::with_capacity(b * 3 * w * h);
-            for j in jobs {
-                data.extend_from_slice(&j.vae[i]);
-            }
-            let image = Tensor::f32(&[b, 3, h, w], data);
+            // Each job's row was written in the engine's dtype when it was prepared: stacked, not copied.
+            let rows: Vec<&StagedRow> = jobs.iter().map(|j| &j.vae[i]).collect();
+            let image = Input::Staged { shape: &[b, 3, h as usize, w as usize], rows: &rows };
             let lat = run_one(self.engines.vae_encoder.as_mut(), &[("image", image)], "latent")?;
             let mut lat = lat.into_dimensionality::<Ix4>().map_err(internal)?;
             self.model.stats.normalize(lat.view_mut()).map_err(internal)?;
@@ -320,8 +359,10 @@ impl Pipeline {
         let dts = (0..steps).map(|i| schedule.dt(i)).collect::<Result<Vec<f32>, _>>().map_err(internal)?;
         let scales: Vec<f32> = jobs.iter().map(|j| j.true_cfg_scale).collect();
         let scales = cfg.then_some(&scales[..]);
-        let fixed = self.transformer_inputs(jobs, text, rows, seq, img_seq);
-        let fixed: Vec<(&str, &Tensor)> = fixed.iter().map(|(n, t)| (*n, t)).collect();
+        let tables = self.transformer_inputs(jobs, rows, seq, img_seq);
+        let mask = Tensor::I64(text.mask.clone().into_dyn());
+        let mut fixed: Vec<(&str, Input<'_>)> = tables.iter().map(|(n, t)| (*n, Input::Host(t))).collect();
+        fixed.extend([("encoder_hidden_states", text.input()), ("encoder_hidden_states_mask", Input::Host(&mask))]);
         let xs = x.as_slice_mut().ok_or_else(|| internal("latents not contiguous"))?;
         let state = Tensor::F32(hs.into_dyn());
         let proceed = |k: usize| control(Checkpoint::Step(k));
@@ -352,25 +393,17 @@ impl Pipeline {
             (trace, _) => {
                 let host = HostLoop { fixed: &fixed, shape, timesteps: &timesteps, dts: &dts, scales, proceed: &proceed };
                 host.run(self.engines.transformer.as_mut(), state, xs, trace)?;
+                self.engines.counters.add(Counter::HostLoopSteps, steps as u64);
             }
         }
         Ok(x)
     }
 
-    /// The transformer inputs that are the same at every step: text embeddings and mask, the RoPE
-    /// tables (computed when the jobs were prepared), and `modulate_index` for `zero_cond_t` models.
-    fn transformer_inputs(
-        &self,
-        jobs: &[&Prepared],
-        text: TextEmbeds,
-        rows: usize,
-        seq: usize,
-        img_seq: usize,
-    ) -> Vec<(&'static str, Tensor)> {
+    /// The transformer inputs that are the same at every step besides the text: the RoPE tables (computed
+    /// when the jobs were prepared), and `modulate_index` for `zero_cond_t` models.
+    fn transformer_inputs(&self, jobs: &[&Prepared], rows: usize, seq: usize, img_seq: usize) -> Vec<(&'static str, Tensor)> {
         let tables = &jobs[0].rope;
         let mut fixed = vec![
-            ("encoder_hidden_states", Tensor::F32(text.embeds.into_dyn())),
-            ("encoder_hidden_states_mask", Tensor::I64(text.mask.into_dyn())),
             ("img_cos", Tensor::F32(tables.img_cos.clone().into_dyn())),
             ("img_sin", Tensor::F32(tables.img_sin.clone().into_dyn())),
             ("txt_cos", Tensor::F32(tables.txt_cos.clone().into_dyn())),
@@ -392,7 +425,8 @@ impl Pipeline {
         let mut lat: Array4<f32> = latents::unpack_latents(x.view(), lh, lw).map_err(internal)?;
         self.model.stats.denormalize(lat.view_mut()).map_err(internal)?;
         let decode_in = trace.as_ref().map(|_| lat.clone().into_dyn());
-        let decoded = run_one(self.engines.vae_decoder.as_mut(), &[("latent", Tensor::F32(lat.into_dyn()))], "image")?;
+        let latent = Tensor::F32(lat.into_dyn());
+        let decoded = run_one(self.engines.vae_decoder.as_mut(), &[("latent", Input::Host(&latent))], "image")?;
         if let Some(t) = trace {
             t.decode_in = decode_in;
             t.decoded = Some(decoded.clone());
@@ -415,7 +449,7 @@ impl Pipeline {
 
 /// The denoising loop on the host: per step the transformer, then the shared CFG + Euler step.
 struct HostLoop<'a> {
-    fixed: &'a [(&'a str, &'a Tensor)],
+    fixed: &'a [(&'a str, Input<'a>)],
     shape: StepShape,
     timesteps: &'a [f32],
     dts: &'a [f32],
@@ -440,9 +474,9 @@ impl HostLoop<'_> {
             }
             let t = Tensor::f32(&[rows], vec![t; rows]);
             let mut inputs = self.fixed.to_vec();
-            inputs.extend([("hidden_states", &hs), ("timestep", &t)]);
+            inputs.extend([("hidden_states", Input::Host(&hs)), ("timestep", Input::Host(&t))]);
             let velocity =
-                transformer.run(&inputs)?.take("sample").ok_or_else(|| internal("transformer returned no `sample`"))?;
+                transformer.run_inputs(&inputs)?.take("sample").ok_or_else(|| internal("transformer returned no `sample`"))?;
             let velocity = velocity.into_f32().map_err(internal)?;
             let velocity = velocity.as_standard_layout();
             let v = velocity.as_slice().ok_or_else(|| internal("velocity not contiguous"))?;

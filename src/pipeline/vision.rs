@@ -228,6 +228,14 @@ pub fn resize(image: &RgbImage, width: u32, height: u32, s: &Vision) -> Result<R
 /// resize. Rows are in merge-block order, each row `(channel, frame, y, x)`; the frame is duplicated
 /// `temporal_patch_size` times.
 pub fn patchify(rgb: &[u8], width: u32, height: u32, s: &Vision) -> Result<VisionImage, VisionError> {
+    let grid = patch_grid(rgb, width, height, s)?;
+    let mut out = vec![0f32; grid.patches() * s.patch_dim()];
+    patchify_into(rgb, width, height, s, &mut out, |v| v)?;
+    Ok(VisionImage { grid, width, height, pixel_values: out })
+}
+
+/// The grid of an image [`patchify`] accepts (resized to [`target_size`], RGB8 of that size).
+pub fn patch_grid(rgb: &[u8], width: u32, height: u32, s: &Vision) -> Result<ImageGrid, VisionError> {
     s.validate()?;
     let need = width as usize * height as usize * 3;
     if rgb.len() != need {
@@ -237,12 +245,28 @@ pub fn patchify(rgb: &[u8], width: u32, height: u32, s: &Vision) -> Result<Visio
     if (want_width, want_height) != (width, height) {
         return Err(VisionError::NotResized { width, height, want_width, want_height });
     }
+    let p = s.patch_size;
+    Ok(ImageGrid { t: 1, h: height as usize / p, w: width as usize / p })
+}
+
+/// [`patchify`] written straight into `out` ([patches, patch_dim]) in another element type: `conv` maps each
+/// f32 value (the engine's dtype, so preprocessing writes the staging row once).
+pub fn patchify_into<T: Copy>(
+    rgb: &[u8],
+    width: u32,
+    height: u32,
+    s: &Vision,
+    out: &mut [T],
+    conv: impl Fn(f32) -> T,
+) -> Result<ImageGrid, VisionError> {
+    let grid = patch_grid(rgb, width, height, s)?;
     let (p, m, tp) = (s.patch_size, s.merge_size, s.temporal_patch_size);
-    let (w, h) = (width as usize, height as usize);
-    let grid = ImageGrid { t: 1, h: h / p, w: w / p };
+    let w = width as usize;
     let dim = s.patch_dim();
-    let tables = value_tables(s);
-    let mut out = vec![0f32; grid.patches() * dim];
+    if out.len() != grid.patches() * dim {
+        return Err(VisionError::Settings(format!("{} values for {} patches of {dim}", out.len(), grid.patches())));
+    }
+    let tables: Vec<Vec<T>> = value_tables(s).iter().map(|t| t.iter().map(|&v| conv(v)).collect()).collect();
     let mut r = 0;
     for bh in 0..grid.h / m {
         for bw in 0..grid.w / m {
@@ -270,7 +294,7 @@ pub fn patchify(rgb: &[u8], width: u32, height: u32, s: &Vision) -> Result<Visio
             }
         }
     }
-    Ok(VisionImage { grid, width, height, pixel_values: out })
+    Ok(grid)
 }
 
 /// The whole processor for one RGB image: `smart_resize`, the backend's exact bicubic resize (skipped

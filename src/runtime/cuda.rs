@@ -7,6 +7,7 @@ use cudarc::driver::{
 use std::sync::Arc;
 
 use super::nvrtc::{self, Nvrtc};
+use super::staging::{Block, DeviceMemory, RowCopy, StagedRow, StagingAlloc, ROW_ALIGN};
 use super::step::{self, StepShape};
 use super::{DType, Error};
 
@@ -111,6 +112,56 @@ impl Device {
             .map_err(|e| driver("cuMemcpyHtoDAsync", e))
     }
 
+    /// Enqueues staged `rows`, adjacent in one staging block, -> `dst` at `dst_offset`: one copy straight from
+    /// the pinned rows (a row that is not pinned is copied by the driver through its own buffer: counted).
+    pub fn upload_rows(&self, rows: &[StagedRow], dst: &DeviceBuffer, dst_offset: usize) -> Result<(), Error> {
+        let Some(first) = rows.first() else { return Ok(()) };
+        let bytes: usize = rows.iter().map(StagedRow::bytes).sum();
+        if dst_offset.checked_add(bytes).is_none_or(|end| end > dst.bytes) {
+            return Err(Error::Run {
+                component: "cuda".into(),
+                reason: format!("{bytes} staged bytes at {dst_offset} overflow a {} byte buffer", dst.bytes),
+            });
+        }
+        if !first.pinned() {
+            rows.iter().for_each(StagedRow::count_driver_copy);
+        }
+        // SAFETY: the rows are adjacent in one live block (runtime::staging::upload_runs), so `bytes` from the
+        // first row's start lie inside it; the rows are held by the job until the run synchronises.
+        let src = unsafe { std::slice::from_raw_parts(first.as_bytes().as_ptr(), bytes) };
+        unsafe { cu::memcpy_htod_async(dst.ptr + dst_offset as u64, src, self.stream.cu_stream()) }
+            .map_err(|e| driver("cuMemcpyHtoDAsync (staged rows)", e))
+    }
+
+    /// Enqueues: zero the first `bytes` of `dst`, then `copies` (elements of `elem` bytes) from `src`.
+    pub fn gather(
+        &self,
+        dst: &DeviceBuffer,
+        bytes: usize,
+        src: (u64, usize),
+        copies: &[RowCopy],
+        elem: usize,
+    ) -> Result<(), Error> {
+        let fits = |off: usize, n: usize, len: usize| {
+            off.checked_mul(elem).and_then(|o| o.checked_add(n * elem)).is_some_and(|e| e <= len)
+        };
+        if bytes > dst.bytes || copies.iter().any(|c| !fits(c.src, c.elems, src.1) || !fits(c.dst, c.elems, bytes)) {
+            return Err(Error::Run {
+                component: "cuda".into(),
+                reason: format!("a gather does not fit its buffers ({} -> {bytes})", src.1),
+            });
+        }
+        let stream = self.stream.cu_stream();
+        // SAFETY: every range was checked to lie inside live device allocations; all stream-ordered.
+        unsafe { cu::memset_d8_async(dst.ptr, 0, bytes, stream) }.map_err(|e| driver("cuMemsetD8Async", e))?;
+        for c in copies {
+            let (s, d) = (src.0 + (c.src * elem) as u64, dst.ptr + (c.dst * elem) as u64);
+            unsafe { cu::memcpy_dtod_async(d, s, c.elems * elem, stream) }
+                .map_err(|e| driver("cuMemcpyDtoDAsync (gather)", e))?;
+        }
+        Ok(())
+    }
+
     /// Enqueues `src` -> `staging` (first `bytes`) on the stream; read it after `synchronize`.
     pub fn download(&self, src: &DeviceBuffer, bytes: usize, staging: &mut PinnedBuffer) -> Result<(), Error> {
         if bytes > staging.bytes || bytes > src.bytes {
@@ -149,8 +200,10 @@ impl Device {
         let ptx = nvrtc
             .compile(step::SOURCE, "denoise_step.cu", &nvrtc::step_options(Some(cc)))
             .or_else(|_| nvrtc.compile(step::SOURCE, "denoise_step.cu", &nvrtc::step_options(None)))?;
-        let module =
-            self.ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| driver("cuModuleLoadData (step kernel)", e))?;
+        let isa = nvrtc::ptx_isa(&ptx);
+        let module = self.ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| {
+            driver(&format!("cuModuleLoadData (step kernel, PTX ISA {isa:?} from {}; a driver too old for it?)", nvrtc.path()), e)
+        })?;
         let func = module.load_function(step::KERNEL).map_err(|e| driver("cuModuleGetFunction (step kernel)", e))?;
         Ok(StepKernel { func, compute_capability: cc })
     }
@@ -215,6 +268,28 @@ impl StepKernel {
     }
 }
 
+/// Page-locked staging memory of a device's context (for preprocessing on any thread).
+pub struct PinnedAlloc {
+    device: Arc<Device>,
+}
+
+impl PinnedAlloc {
+    pub fn new(device: Arc<Device>) -> PinnedAlloc {
+        PinnedAlloc { device }
+    }
+}
+
+impl StagingAlloc for PinnedAlloc {
+    fn alloc(&self, bytes: usize) -> Result<Block, Error> {
+        // Write-combined: preprocessing only writes it, the DMA engine reads it.
+        let mut mem = self.device.pinned(bytes + ROW_ALIGN, false)?;
+        let base = mem.mem.as_mut_ptr().map_err(|e| driver("pinned buffer", e))?;
+        let pad = base.align_offset(ROW_ALIGN);
+        // SAFETY: `pad + bytes` lies inside the allocation, which the block owns and never moves.
+        Ok(unsafe { Block::new(base.add(pad), bytes, true, Box::new(mem)) })
+    }
+}
+
 /// Device memory allocated once (at the largest size a profile allows) and reused by every run.
 pub struct DeviceBuffer {
     ptr: u64,
@@ -227,6 +302,15 @@ impl DeviceBuffer {
         self.ptr
     }
     pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl DeviceMemory for DeviceBuffer {
+    fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
+    fn bytes(&self) -> usize {
         self.bytes
     }
 }

@@ -2,20 +2,26 @@
 //! `ort` runs the ONNX graphs on CPU (the reference); `tensorrt` runs compiled engines on a GPU.
 
 pub mod backend;
+pub mod counters;
 pub mod cuda;
 pub mod loader;
 pub mod nvrtc;
 pub mod ort;
+pub mod qdq;
 pub mod shim;
 #[cfg(qe_trt)]
 mod shim_ffi;
+pub mod staging;
 pub mod step;
 pub mod tensor;
 pub mod tensorrt;
+pub mod trt_facts;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::sync::Arc;
 
+pub use staging::{Input, Kept, Place, RowCopy, StagedRow, StagingAlloc, StagingPool};
 pub use tensor::{DType, Tensor};
 
 /// One dimension of a declared tensor shape: fixed, or dynamic with a symbolic name.
@@ -101,7 +107,7 @@ impl Outputs {
 /// rows of `hidden_states` for the next step.
 pub struct DenoiseLoop<'a> {
     /// Inputs that are the same at every step (text embeddings and mask, RoPE tables, ...).
-    pub fixed: &'a [(&'a str, &'a Tensor)],
+    pub fixed: &'a [(&'a str, Input<'a>)],
     /// The input rebuilt from the latents every step, and its value at step 0
     /// ([rows, img_seq, channels]: latents, then the condition-image tokens).
     pub state_input: &'a str,
@@ -175,26 +181,76 @@ pub trait Engine: Send {
     fn device_loop(&mut self) -> Option<&mut dyn DeviceLoop> {
         None
     }
+    /// Runs on inputs that may also be staged rows or gathers of a kept output ([`Input`]). The default, for a
+    /// backend that reads host memory, makes each a host tensor (stacking staged rows is a counted host copy)
+    /// and calls [`Engine::run`]; the GPU backend uploads staged rows as they are and gathers on its device.
+    fn run_inputs(&mut self, inputs: &[(&str, Input<'_>)]) -> Result<Outputs, Error> {
+        let owned: Vec<Option<Tensor>> = inputs
+            .iter()
+            .map(|(_, i)| match i {
+                Input::Host(_) => Ok(None),
+                other => staging::host_tensor(other).map(Some),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|reason| Error::Contract { component: self.component().to_string(), reason })?;
+        let refs: Vec<(&str, &Tensor)> = inputs
+            .iter()
+            .zip(&owned)
+            .filter_map(|((n, i), o)| match (i, o) {
+                (Input::Host(t), _) => Some((*n, *t)),
+                (_, Some(t)) => Some((*n, t)),
+                _ => None,
+            })
+            .collect();
+        self.run(&refs)
+    }
+    /// [`Engine::run_inputs`] that keeps output `keep` where it was computed (device memory on a GPU, for a
+    /// later engine's [`Input::Gather`]) and returns the other outputs. The default keeps it on the host.
+    fn run_keep(&mut self, inputs: &[(&str, Input<'_>)], keep: &str) -> Result<(Outputs, Kept), Error> {
+        let mut out = self.run_inputs(inputs)?;
+        let t = out.take(keep).ok_or_else(|| Error::Run {
+            component: self.component().to_string(),
+            reason: format!("no output `{keep}` to keep"),
+        })?;
+        let shape = t.shape().to_vec();
+        Ok((out, Kept { dtype: t.dtype(), layout: shape.clone(), shape, place: Place::Host(Arc::new(t)) }))
+    }
+    /// Memory preprocessing should stage this engine's inputs in (the GPU backend's pinned memory); `None`:
+    /// ordinary host memory.
+    fn staging(&self) -> Option<Arc<dyn StagingAlloc>> {
+        None
+    }
 }
 
 /// Checks `inputs` against an engine's declared inputs: every declared input present once,
 /// no unknown names, rank and fixed dims matching, dtype equal or a float the engine converts.
 pub fn check_inputs(component: &str, declared: &[TensorInfo], inputs: &[(&str, &Tensor)]) -> Result<(), Error> {
+    let specs: Vec<(&str, DType, &[usize])> = inputs.iter().map(|(n, t)| (*n, t.dtype(), t.shape())).collect();
+    check_specs(component, declared, &specs)
+}
+
+/// [`check_inputs`] for [`Input`]s.
+pub fn check_given(component: &str, declared: &[TensorInfo], inputs: &[(&str, Input<'_>)]) -> Result<(), Error> {
+    let specs: Vec<(&str, DType, &[usize])> = inputs.iter().map(|(n, i)| (*n, i.dtype(), i.shape())).collect();
+    check_specs(component, declared, &specs)
+}
+
+fn check_specs(component: &str, declared: &[TensorInfo], inputs: &[(&str, DType, &[usize])]) -> Result<(), Error> {
     let err = |reason: String| Error::Contract { component: component.to_string(), reason };
-    for (name, t) in inputs {
-        let Some(info) = declared.iter().find(|i| i.name == *name) else {
+    for &(name, dtype, shape) in inputs {
+        let Some(info) = declared.iter().find(|i| i.name == name) else {
             return Err(err(format!("unknown input `{name}`")));
         };
-        let dtype_ok = t.dtype() == info.dtype || (t.dtype().is_float() && info.dtype.is_float());
+        let dtype_ok = dtype == info.dtype || (dtype.is_float() && info.dtype.is_float());
         if !dtype_ok {
-            return Err(err(format!("input `{name}` is {} but the graph takes {}", t.dtype(), info.dtype)));
+            return Err(err(format!("input `{name}` is {dtype} but the graph takes {}", info.dtype)));
         }
-        if !info.accepts(t.shape()) {
-            return Err(err(format!("input `{name}` has shape {:?}, graph declares {info}", t.shape())));
+        if !info.accepts(shape) {
+            return Err(err(format!("input `{name}` has shape {shape:?}, graph declares {info}")));
         }
     }
     for info in declared {
-        match inputs.iter().filter(|(n, _)| *n == info.name).count() {
+        match inputs.iter().filter(|(n, _, _)| *n == info.name).count() {
             0 => return Err(err(format!("missing input `{}`", info.name))),
             1 => {}
             _ => return Err(err(format!("input `{}` given twice", info.name))),

@@ -22,6 +22,37 @@ pub fn candidates() -> Vec<String> {
     c
 }
 
+/// Tries each NVRTC candidate in turn until one gives a kernel the driver loads: `open` loads the library,
+/// `build` compiles and loads the kernel with it. A newer NVRTC may compile PTX that an older driver cannot
+/// load (NVRTC 13 on a driver before r580), so a load failure moves on to the next candidate (NVRTC 12)
+/// instead of giving up. Returns the kernel and the candidate that made it, or every candidate's failure.
+pub fn first_loadable<N, K>(
+    candidates: &[String],
+    mut open: impl FnMut(&str) -> Result<N, Error>,
+    mut build: impl FnMut(&N) -> Result<K, Error>,
+) -> Result<(K, String), String> {
+    let mut tried = Vec::new();
+    for c in candidates {
+        match open(c).and_then(|n| build(&n)) {
+            Ok(k) => {
+                if !tried.is_empty() {
+                    tracing::info!(nvrtc = %c, passed_over = %tried.join("; "), "step kernel built with a fallback NVRTC");
+                }
+                return Ok((k, c.clone()));
+            }
+            Err(e) => tried.push(format!("{c}: {e}")),
+        }
+    }
+    Err(format!("no NVRTC candidate gave a loadable step kernel ({})", tried.join("; ")))
+}
+
+/// The PTX ISA version a PTX text declares (`.version 9.0`): what the driver must support to load it.
+pub fn ptx_isa(ptx: &str) -> Option<(u32, u32)> {
+    let line = ptx.lines().map(str::trim).find(|l| l.starts_with(".version "))?;
+    let (major, minor) = line.trim_start_matches(".version ").trim().split_once('.')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
 /// Compiler options for the step kernel: IEEE float32 exactly as the host computes it (no fused
 /// multiply-add, no flush to zero, correctly rounded division and sqrt), for `arch` (`compute_XY`).
 pub fn step_options(compute_capability: Option<(i32, i32)>) -> Vec<String> {
@@ -189,6 +220,45 @@ mod tests {
             // --fmad=false: the device rounds each product like the host does.
             assert!(!ptx.contains("fma.rn.f32"), "the step kernel must not fuse multiply-adds");
         }
+    }
+
+    #[test]
+    fn a_kernel_the_driver_cannot_load_falls_back_to_the_next_nvrtc() {
+        // An EMULATED driver (no GPU here): it loads PTX up to ISA 8.7 (CUDA 12.8), as an r570 driver does.
+        let driver_loads = |isa: (u32, u32)| -> Result<(u32, u32), Error> {
+            if isa <= (8, 7) {
+                Ok(isa)
+            } else {
+                Err(Error::Run { component: "cuda".into(), reason: "CUDA_ERROR_UNSUPPORTED_PTX_VERSION".into() })
+            }
+        };
+        let isa_of = |c: &str| -> Result<(u32, u32), Error> {
+            match c {
+                "libnvrtc.so.13" => Ok((9, 0)),
+                "libnvrtc.so.12" => Ok((8, 7)),
+                other => Err(missing(format!("{other}: cannot open shared object file"))),
+            }
+        };
+        let c: Vec<String> = ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"].map(String::from).to_vec();
+        let (isa, used) = first_loadable(&c, isa_of, |&isa| driver_loads(isa)).unwrap();
+        assert_eq!((isa, used.as_str()), ((8, 7), "libnvrtc.so.12"));
+        // Nothing loadable: every attempt is in the error.
+        let e = first_loadable(&c[..1], isa_of, |&isa| driver_loads(isa)).unwrap_err();
+        assert!(e.contains("libnvrtc.so.13") && e.contains("UNSUPPORTED_PTX_VERSION"), "{e}");
+        let e = first_loadable(&c[2..], isa_of, |&isa| driver_loads(isa)).unwrap_err();
+        assert!(e.contains("cannot open"), "{e}");
+    }
+
+    #[test]
+    fn the_real_kernel_declares_its_ptx_isa() {
+        let Some(nvrtc) = test_nvrtc() else { return };
+        let ptx = nvrtc.compile(crate::runtime::step::SOURCE, "denoise_step.cu", &step_options(Some((8, 0)))).unwrap();
+        let (major, _) = ptx_isa(&ptx).expect("PTX has a .version line");
+        let (nv_major, _) = nvrtc.version().unwrap();
+        // NVRTC 13 emits PTX ISA 9.x, NVRTC 12 8.x: what decides which drivers can load it.
+        assert_eq!(major as i32, nv_major - 4, "NVRTC {nv_major} emitted PTX ISA {major}");
+        assert_eq!(ptx_isa(".version 8.5\n.target sm_80"), Some((8, 5)));
+        assert_eq!(ptx_isa("no header"), None);
     }
 
     #[test]

@@ -46,7 +46,7 @@ mod ffi {
     pub struct IoTensor {
         pub name: String,
         pub is_input: bool,
-        pub dtype: String,
+        pub dtype: i32,
         pub shape: Vec<i64>,
         pub linear: bool,
         pub on_device: bool,
@@ -156,7 +156,7 @@ mod ffi {
         }
     }
     impl Engine {
-        pub fn io_tensors(&self) -> Vec<IoTensor> {
+        pub fn io_tensors(&self) -> Result<Vec<IoTensor>> {
             match *self {}
         }
         pub fn num_profiles(&self) -> i32 {
@@ -265,6 +265,32 @@ pub fn header_version() -> Option<TrtVersion> {
     TrtVersion::from_int(ffi::header_version())
 }
 
+/// Hooks into the shim's error path for tests (no GPU needed): its logger's per-thread error buffer and the
+/// UTF-8 check of the tensor names TensorRT gives.
+#[cfg(qe_trt)]
+pub mod test_hooks {
+    use super::{ffi, lift, ShimError};
+
+    /// Logs `msg` at `severity` through the shim's TensorRT logger, on this thread.
+    pub fn log(severity: i32, msg: &str) {
+        ffi::logger_log_for_test(severity, msg);
+    }
+    /// The errors this thread logged since the last take, as a thrown message would carry them.
+    pub fn take() -> String {
+        ffi::logger_take_for_test()
+    }
+    /// A name as the shim turns TensorRT's names into Rust strings.
+    pub fn utf8_name(bytes: &[u8]) -> Result<String, ShimError> {
+        lift(ffi::utf8_name_for_test(bytes))
+    }
+}
+
+/// A few TensorRT/CUDA values as the compiled C++ sees them (for the check of the generated facts).
+#[cfg(qe_trt)]
+pub fn compiled_facts() -> ffi::CompiledFacts {
+    ffi::compiled_facts()
+}
+
 fn env_first(var: &str) -> Vec<String> {
     std::env::var(var).ok().filter(|v| !v.trim().is_empty()).into_iter().collect()
 }
@@ -311,10 +337,10 @@ pub enum CudaStatus {
     Error { reason: String },
 }
 
-// cudaError_t values used to classify (stable across CUDA 11-13).
-const CUDA_ERROR_INSUFFICIENT_DRIVER: i32 = 35;
-const CUDA_ERROR_STUB_LIBRARY: i32 = 34;
-const CUDA_ERROR_NO_DEVICE: i32 = 100;
+// cudaError_t values used to classify, from the CUDA headers (runtime::trt_facts).
+const CUDA_ERROR_INSUFFICIENT_DRIVER: i32 = super::trt_facts::FACTS.cuda_insufficient_driver;
+const CUDA_ERROR_STUB_LIBRARY: i32 = super::trt_facts::FACTS.cuda_stub_library;
+const CUDA_ERROR_NO_DEVICE: i32 = super::trt_facts::FACTS.cuda_no_device;
 
 /// Classifies a probe: no driver / no device / error / ready, with a reason a person can act on.
 pub fn classify_cuda(info: &CudaInfo, library: &str) -> CudaStatus {
@@ -413,8 +439,9 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
-    pub fn io_tensors(&self) -> Vec<IoTensor> {
-        self.inner.io_tensors()
+    /// The engine's IO tensors; a name TensorRT gives that is not UTF-8 is an error, not an abort.
+    pub fn io_tensors(&self) -> Result<Vec<IoTensor>, ShimError> {
+        lift(self.inner.io_tensors())
     }
     pub fn num_profiles(&self) -> usize {
         usize::try_from(self.inner.num_profiles()).unwrap_or(0)
@@ -568,6 +595,36 @@ mod tests {
         }
         assert!(parser_candidates().iter().any(|s| s.starts_with("libnvonnxparser.so.")));
         assert!(cudart_candidates().iter().any(|s| s == "libcudart.so.12"));
+    }
+
+    #[cfg(qe_trt)]
+    #[test]
+    fn the_logger_keeps_each_threads_errors_apart() {
+        // Two threads fail at once: each one's message holds its own errors only.
+        let run = |tag: &'static str| {
+            std::thread::spawn(move || {
+                test_hooks::take();
+                for k in 0..3 {
+                    test_hooks::log(1, &format!("{tag} error {k}"));
+                    std::thread::yield_now();
+                }
+                test_hooks::log(2, &format!("{tag} warning")); // warnings are logged, not kept
+                test_hooks::take()
+            })
+        };
+        let (a, b) = (run("a"), run("b"));
+        let (a, b) = (a.join().unwrap(), b.join().unwrap());
+        assert_eq!(a, "a error 0; a error 1; a error 2");
+        assert_eq!(b, "b error 0; b error 1; b error 2");
+        assert_eq!(test_hooks::take(), "", "taking clears; this thread logged nothing");
+    }
+
+    #[cfg(qe_trt)]
+    #[test]
+    fn a_name_that_is_not_utf8_is_an_error_not_an_abort() {
+        assert_eq!(test_hooks::utf8_name("latent".as_bytes()).unwrap(), "latent");
+        let e = test_hooks::utf8_name(&[b'x', 0xff, 0xfe]).unwrap_err().to_string();
+        assert!(e.contains("not UTF-8") && e.contains("78fffe"), "{e}");
     }
 
     #[test]

@@ -23,12 +23,23 @@ pub(crate) mod ffi {
         total_bytes: usize,
     }
 
-    /// One IO tensor of an engine (shape has -1 for dynamic dims).
+    /// Values as the compiled C++ sees them (runtime::trt_facts checks bindgen's against them).
+    #[derive(Debug, Clone)]
+    struct CompiledFacts {
+        half: i32,
+        bf16: i32,
+        int64: i32,
+        severity_error: i32,
+        cuda_insufficient_driver: i32,
+        cuda_no_device: i32,
+    }
+
+    /// One IO tensor of an engine (shape has -1 for dynamic dims; dtype: TensorRT's DataType code).
     #[derive(Debug, Clone)]
     struct IoTensor {
         name: String,
         is_input: bool,
-        dtype: String,
+        dtype: i32,
         shape: Vec<i64>,
         linear: bool,
         on_device: bool,
@@ -84,6 +95,10 @@ pub(crate) mod ffi {
         type BuilderLib;
 
         fn header_version() -> i32;
+        fn logger_log_for_test(severity: i32, msg: &str);
+        fn logger_take_for_test() -> String;
+        fn compiled_facts() -> CompiledFacts;
+        fn utf8_name_for_test(bytes: &[u8]) -> Result<String>;
 
         fn cuda_load(candidates: &[String]) -> Result<UniquePtr<CudaRt>>;
         fn path(self: &CudaRt) -> String;
@@ -98,7 +113,7 @@ pub(crate) mod ffi {
         fn runtime_new(trt: &TrtLib, cuda: &CudaRt, ordinal: i32) -> Result<UniquePtr<Runtime>>;
         fn deserialize(self: &Runtime, plan: &[u8]) -> Result<UniquePtr<Engine>>;
 
-        fn io_tensors(self: &Engine) -> Vec<IoTensor>;
+        fn io_tensors(self: &Engine) -> Result<Vec<IoTensor>>;
         fn num_profiles(self: &Engine) -> i32;
         fn profile(self: &Engine, name: &str, profile: i32) -> Result<ProfileRange>;
         fn device_memory_size(self: &Engine) -> i64;
@@ -152,13 +167,14 @@ unsafe impl Send for ffi::Context {}
 unsafe impl Send for ffi::Graph {}
 unsafe impl Send for ffi::BuilderLib {}
 
-/// TensorRT's logger, forwarded to `tracing` (severity: 0 internal error .. 4 verbose).
+/// TensorRT's logger, forwarded to `tracing` (severity: `ILogger::Severity`, from the headers).
 fn trt_log(severity: i32, msg: &[u8]) {
     let msg = String::from_utf8_lossy(msg);
+    let s = super::trt_facts::FACTS.severity;
     match severity {
-        0 | 1 => tracing::error!(target: "tensorrt", "{msg}"),
-        2 => tracing::warn!(target: "tensorrt", "{msg}"),
-        3 => tracing::info!(target: "tensorrt", "{msg}"),
+        v if v == s.internal_error || v == s.error => tracing::error!(target: "tensorrt", "{msg}"),
+        v if v == s.warning => tracing::warn!(target: "tensorrt", "{msg}"),
+        v if v == s.info => tracing::info!(target: "tensorrt", "{msg}"),
         _ => tracing::debug!(target: "tensorrt", "{msg}"),
     }
 }

@@ -6,12 +6,17 @@
 //! calls it on SIGTERM/SIGINT) closes the listener (new connections are refused), turns `/health`
 //! to `draining`, lets in-flight requests and every queued job finish (keep-alive connections close
 //! after their current response; connections with no request in flight close at once, see
-//! `conn`), stops the engine worker, and `Server::wait` reports whether all of that happened within
+//! `conn`; /v2 jobs still queued fail with `not_ready`, running ones finish and their webhooks are
+//! sent), stops the engine worker, and `Server::wait` reports whether all of that happened within
 //! `SHUTDOWN_TIMEOUT`. At most `MAX_CONNECTIONS` connections are open at once; a response a client
 //! does not read for `RESPONSE_WRITE_TIMEOUT` closes its connection.
 
 mod conn;
+mod openai;
+pub mod openapi;
 mod routes;
+mod v2;
+mod wire;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -24,8 +29,10 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use crate::config::{LogFormat, ServeArgs, Settings};
+use crate::config::{ServeArgs, Settings};
+use crate::lifecycle::{init_logging, shutdown_signal};
 use crate::metrics::Metrics;
+use crate::service::jobs::JobStore;
 use crate::service::{EditService, Phase, StartError};
 
 /// Errors of starting or running the server.
@@ -53,6 +60,8 @@ pub enum Drain {
 /// Shared by every connection: the edit service and what only HTTP needs.
 pub struct AppState {
     service: Arc<EditService>,
+    /// The async jobs of the /v2 layout.
+    jobs: Arc<JobStore>,
     api_key_digest: Option<[u8; 32]>,
     started: Instant,
     ids: AtomicU64,
@@ -60,15 +69,17 @@ pub struct AppState {
 }
 
 impl AppState {
-    fn new(service: Arc<EditService>) -> AppState {
+    fn new(service: Arc<EditService>) -> Result<AppState, String> {
         let api_key_digest = service.settings().api_key.as_deref().map(digest);
-        AppState {
+        let jobs = JobStore::start(service.clone())?;
+        Ok(AppState {
             service,
+            jobs,
             api_key_digest,
             started: Instant::now(),
             ids: AtomicU64::new(1),
             open_connections: AtomicUsize::new(0),
-        }
+        })
     }
     fn connections(&self) -> usize {
         self.open_connections.load(Ordering::Relaxed)
@@ -81,7 +92,7 @@ impl AppState {
     }
 }
 
-pub(crate) fn digest(s: &str) -> [u8; 32] {
+fn digest(s: &str) -> [u8; 32] {
     Sha256::digest(s.as_bytes()).into()
 }
 
@@ -101,7 +112,7 @@ impl Server {
         let addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: settings.addr, source })?;
         let metrics = Arc::new(Metrics::new(settings.batch_size));
         let (service, finished) = EditService::start(settings, metrics.clone()).await?;
-        let state = Arc::new(AppState::new(service.clone()));
+        let state = Arc::new(AppState::new(service.clone()).map_err(ServeError::Setup)?);
         let (stop, stop_rx) = watch::channel(false);
 
         // A model that fails to load stops the server.
@@ -215,15 +226,17 @@ async fn serve(
         tracing::info!(queued = service.queue_depth(), "shutting down: finishing in-flight requests and queued jobs");
     }
     let _ = drain_tx.send(true);
+    state.jobs.close();
     let deadline = tokio::time::Instant::now() + service.settings().shutdown_timeout;
     // Every connection gives its slot back when it ends.
     let connections_done = tokio::time::timeout_at(deadline, slots.acquire_many(max as u32)).await.is_ok();
+    let jobs_drained = tokio::time::timeout_at(deadline, state.jobs.drained()).await.is_ok();
     service.close();
     let jobs_done = tokio::time::timeout_at(deadline, finished).await.is_ok();
     if let Some(e) = failed {
         return Err(ServeError::Load(e));
     }
-    if connections_done && jobs_done {
+    if connections_done && jobs_drained && jobs_done {
         tracing::info!("shutdown complete");
         Ok(Drain::Clean)
     } else {
@@ -232,40 +245,6 @@ async fn serve(
             "shutdown timed out (SHUTDOWN_TIMEOUT) with requests still running; exiting anyway"
         );
         Ok(Drain::TimedOut)
-    }
-}
-
-/// Sets up `tracing` (RUST_LOG filter, default `info`) in text or JSON, on stderr.
-pub fn init_logging(format: LogFormat) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
-}
-
-async fn shutdown_signal() -> &'static str {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-            (Ok(mut term), Ok(mut int)) => tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = int.recv() => "SIGINT",
-            },
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-                "Ctrl-C"
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-        "Ctrl-C"
     }
 }
 

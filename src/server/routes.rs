@@ -1,21 +1,19 @@
-//! The routes: `POST /run` and `/runsync` (one edit), `GET /health`, `GET /metrics`; every response
-//! gets `X-Process-Time` (milliseconds) and a log line, slow ones a warning.
+//! The routes: `POST /run` and `/runsync` (one edit), `GET /health`, `GET /ping`, `GET /metrics`,
+//! RunPod's `/v2/...` layout (`v2.rs`), OpenAI's `POST /v1/images/edits` (`openai.rs`) and
+//! `GET /openapi.json` (`openapi.rs`); every response gets `X-Process-Time` (milliseconds) and a log
+//! line, slow ones a warning.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use subtle::ConstantTimeEq;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
 
+use super::wire::{authorize, error_response, json_response, method_not_allowed, read_body, Body, BodyLimits, BoxError};
 use super::AppState;
-use crate::config::{Settings, BODY_RATE_GRACE};
 use crate::metrics::Metrics;
-use crate::service::{Admission, ApiError, Phase};
-
-pub type Body = Full<Bytes>;
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::service::{ApiError, Phase};
 
 /// Serves one request.
 pub async fn handle<B>(state: Arc<AppState>, req: Request<B>) -> Response<Body>
@@ -29,14 +27,33 @@ where
     let path = req.uri().path().to_string();
     let mut response = match (&method, path.as_str()) {
         (&Method::GET, "/health") => health(&state),
+        (&Method::GET, "/ping") => ping(&state),
         (&Method::GET, "/metrics") => metrics(&state),
-        (&Method::POST, "/run" | "/runsync") => run(&state, req, started).await,
-        (_, "/health" | "/metrics") => method_not_allowed("GET"),
+        (&Method::GET, "/openapi.json") => super::openapi::response(),
+        (&Method::POST, "/run" | "/runsync") => counted(&state, started, edit(&state, req, started), error_response).await,
+        (&Method::POST, "/v1/images/edits") => {
+            counted(&state, started, super::openai::edits(&state, req, started), super::openai::openai_error).await
+        }
+        (_, "/health" | "/metrics" | "/ping" | "/openapi.json") => method_not_allowed("GET"),
         (_, "/run" | "/runsync") => method_not_allowed("POST"),
+        (_, "/v1/images/edits") => {
+            let mut r = super::openai::openai_error(&ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use POST on /v1/images/edits",
+            ));
+            r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+            r
+        }
+        (_, p) if p.starts_with("/v2/") => super::v2::handle(&state, req, &path).await,
         _ => error_response(&ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
-            format!("no route {path}; the API is POST /run, POST /runsync, GET /health and GET /metrics"),
+            format!(
+                "no route {path}; the API is POST /run, POST /runsync, POST /v1/images/edits, GET /health, GET /ping, \
+                 GET /metrics, GET /openapi.json and RunPod's /v2/{{endpoint_id}}/... (run, runsync, status, cancel, \
+                 health, purge-queue)"
+            ),
         )),
     };
     let elapsed = started.elapsed();
@@ -45,44 +62,15 @@ where
         response.headers_mut().insert("x-process-time", v);
     }
     let status = response.status().as_u16();
-    if elapsed >= state.settings().slow_request && path != "/health" && path != "/metrics" {
+    let poll = matches!(path.as_str(), "/health" | "/metrics" | "/ping") || super::v2::is_poll(&path);
+    if elapsed >= state.settings().slow_request && !poll {
         tracing::warn!(request_id = id, %method, path, status, ms, "slow request");
-    } else if path == "/health" || path == "/metrics" {
+    } else if poll {
         tracing::debug!(request_id = id, %method, path, status, ms, "request");
     } else {
         tracing::info!(request_id = id, %method, path, status, ms, "request");
     }
     response
-}
-
-fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
-}
-
-/// The JSON error response, with `Retry-After` / `WWW-Authenticate` where they belong.
-pub fn error_response(e: &ApiError) -> Response<Body> {
-    let mut r = json_response(e.status, e.body().into_bytes());
-    if let Some(after) = e.retry_after {
-        let secs = after.as_secs_f64().ceil().max(1.0) as u64;
-        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    }
-    if e.status == StatusCode::UNAUTHORIZED {
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    }
-    r
-}
-
-fn method_not_allowed(allow: &'static str) -> Response<Body> {
-    let mut r = error_response(&ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        format!("use {allow} on this route"),
-    ));
-    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
-    r
 }
 
 fn health(state: &AppState) -> Response<Body> {
@@ -102,13 +90,15 @@ fn health(state: &AppState) -> Response<Body> {
         "backend": model.map_or_else(|| format!("{:?}", s.backend).to_lowercase(), |m| m.backend.clone()),
         "backend_reason": st.backend_reason,
         "denoise_loop": model.map(|m| m.denoise_loop.clone()),
+        "engine": state.service.metrics().engine_counters(),
         "queue_depth": st.queue_depth,
         "max_queue": s.max_queue,
         "batch_size": s.batch_size,
         "batch_timeout_ms": s.batch_timeout.as_millis() as u64,
         "bundle": s.bundle.display().to_string(),
         "lightning_enabled": s.lightning,
-        "precision": s.precision,
+        "precision": model.map(|m| m.precision.clone()),
+        "precision_mode": s.precision,
         "uptime_seconds": state.started.elapsed().as_secs_f64(),
         "version": env!("CARGO_PKG_VERSION"),
         "memory": st.memory,
@@ -131,6 +121,7 @@ fn health(state: &AppState) -> Response<Body> {
                 "default_true_cfg_scale": m.default_true_cfg_scale,
                 "lightning_fused": m.lightning_fused,
                 "max_text_tokens": m.max_text_tokens,
+                "dtype": m.dtype,
             }),
         );
     }
@@ -138,6 +129,24 @@ fn health(state: &AppState) -> Response<Body> {
         obj.insert("error".into(), e.clone().into());
     }
     json_response(code, body.to_string().into_bytes())
+}
+
+/// `GET /ping` for RunPod load-balancing endpoints: 200 when ready, 204 while the model loads, 503
+/// when draining or failed.
+fn ping(state: &AppState) -> Response<Body> {
+    match state.service.phase() {
+        Phase::Ready => json_response(StatusCode::OK, br#"{"status":"healthy"}"#.to_vec()),
+        Phase::Loading => {
+            let mut r = Response::new(Full::new(Bytes::new()));
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            r
+        }
+        Phase::Draining => json_response(StatusCode::SERVICE_UNAVAILABLE, br#"{"status":"draining"}"#.to_vec()),
+        Phase::Failed(e) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "failed", "error": e}).to_string().into_bytes(),
+        ),
+    }
 }
 
 fn metrics(state: &AppState) -> Response<Body> {
@@ -187,13 +196,16 @@ impl Drop for Outcome {
     }
 }
 
-async fn run<B>(state: &Arc<AppState>, req: Request<B>, started: Instant) -> Response<Body>
-where
-    B: hyper::body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
+/// An edit route's answer, counted in the metrics and logged; `render` writes the error body (the
+/// RunPod-style one or OpenAI's).
+async fn counted(
+    state: &Arc<AppState>,
+    started: Instant,
+    work: impl std::future::Future<Output = Result<Response<Body>, ApiError>>,
+    render: fn(&ApiError) -> Response<Body>,
+) -> Response<Body> {
     let outcome = Outcome { metrics: state.service.metrics().clone(), started, done: false };
-    match edit(state, req, started).await {
+    match work.await {
         Ok(r) => {
             outcome.finish(r.status(), None);
             r
@@ -205,115 +217,9 @@ where
                 tracing::debug!(status = e.status.as_u16(), error_type = e.error_type, "{}", e.message);
             }
             outcome.finish(e.status, Some(e.error_type));
-            error_response(&e)
+            render(&e)
         }
     }
-}
-
-/// Checks `Authorization: Bearer <API_KEY>` in constant time (digests compared, so lengths leak nothing).
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(want) = &state.api_key_digest else { return Ok(()) };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    let ok = given.is_some_and(|g| bool::from(super::digest(g).ct_eq(want)));
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            if given.is_some() { "the API key is wrong" } else { "an API key is required: send Authorization: Bearer <API_KEY>" },
-        ))
-    }
-}
-
-/// How a request body must arrive.
-#[derive(Clone, Copy, Debug)]
-pub struct BodyLimits {
-    /// `MAX_BODY_BYTES`.
-    pub max: usize,
-    /// `BODY_READ_TIMEOUT`: the whole body, however fast.
-    pub timeout: Duration,
-    /// `BODY_MIN_RATE` (bytes per second) after `grace`.
-    pub min_rate: u64,
-    pub grace: Duration,
-}
-
-impl BodyLimits {
-    pub fn of(s: &Settings) -> BodyLimits {
-        BodyLimits { max: s.max_body_bytes, timeout: s.body_read_timeout, min_rate: s.body_min_rate, grace: BODY_RATE_GRACE }
-    }
-
-    /// When `received` bytes, begun at `start`, must have become more: after the grace, the body
-    /// must keep up with `min_rate`; never later than the whole body's timeout.
-    fn deadline(&self, start: Instant, received: usize) -> (Instant, bool) {
-        let earned = Duration::from_secs_f64(received as f64 / self.min_rate.max(1) as f64);
-        let by_rate = self.grace.saturating_add(earned);
-        if by_rate < self.timeout {
-            (start + by_rate, true)
-        } else {
-            (start + self.timeout, false)
-        }
-    }
-}
-
-/// Reads the body up to `limits.max` bytes (413 beyond; a declared Content-Length over it is
-/// refused unread), counting it against the request's memory as it arrives, and cuts it off with
-/// 408 `body_timeout` when it arrives slower than `BODY_MIN_RATE` or not within `BODY_READ_TIMEOUT`.
-pub async fn read_body<B>(req: Request<B>, limits: BodyLimits, admission: Option<&Admission>) -> Result<Bytes, ApiError>
-where
-    B: hyper::body::Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    let max = limits.max;
-    let too_large =
-        || ApiError::too_large(format!("the request body is larger than {max} bytes (MAX_BODY_BYTES); send a smaller image"));
-    let declared =
-        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return Err(too_large());
-    }
-    let start = Instant::now();
-    let mut body = Box::pin(req.into_body());
-    let mut buf: Vec<u8> = Vec::with_capacity(declared.map_or(64 << 10, |n| n as usize));
-    if let Some(a) = admission {
-        a.receiving(buf.capacity())?;
-    }
-    loop {
-        let (deadline, by_rate) = limits.deadline(start, buf.len());
-        let frame = match tokio::time::timeout_at(deadline.into(), body.frame()).await {
-            Ok(None) => break,
-            Ok(Some(Ok(frame))) => frame,
-            Ok(Some(Err(e))) => return Err(ApiError::invalid_json(format!("could not read the request body: {}", e.into()))),
-            Err(_) => {
-                let message = if by_rate {
-                    format!(
-                        "the request body arrived slower than {} bytes/s (BODY_MIN_RATE; {} bytes in {:.1} s)",
-                        limits.min_rate,
-                        buf.len(),
-                        start.elapsed().as_secs_f64()
-                    )
-                } else {
-                    format!("the request body did not arrive within {:.0} s (BODY_READ_TIMEOUT)", limits.timeout.as_secs_f64())
-                };
-                return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", message));
-            }
-        };
-        if let Some(data) = frame.data_ref() {
-            if buf.len() + data.len() > max {
-                return Err(too_large());
-            }
-            if let Some(a) = admission {
-                a.receiving((buf.len() + data.len()).max(buf.capacity()))?;
-            }
-            buf.extend_from_slice(data);
-        }
-    }
-    Ok(Bytes::from(buf))
 }
 
 /// `POST /run`: auth, admission (503 at once when there is no room), the body, then the service.
@@ -322,7 +228,7 @@ where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    authorize(state, req.headers())?;
+    authorize(state, req.headers(), false)?;
     let admission = state.service.admit()?;
     let body = read_body(req, BodyLimits::of(state.settings()), Some(&admission)).await?;
     let response = state.service.edit(admission, body, started).await?;
@@ -332,7 +238,10 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Settings;
+    use http_body_util::BodyExt;
     use std::future::Future;
+    use std::time::Duration;
 
     /// An AppState whose model never finishes loading (no pipeline is involved in these tests).
     fn state(settings: Settings) -> (Arc<AppState>, std::sync::mpsc::Sender<()>) {
@@ -341,7 +250,7 @@ mod tests {
             let _ = wait.recv();
             Err("test state: no model".to_string())
         });
-        (Arc::new(AppState::new(service)), hold)
+        (Arc::new(AppState::new(service).unwrap()), hold)
     }
 
     fn req(method: Method, path: &str, body: &str) -> Request<Full<Bytes>> {
@@ -359,10 +268,14 @@ mod tests {
         let r = handle(st.clone(), req(Method::GET, "/health", "")).await;
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert!(r.headers().contains_key("x-process-time"));
+        let p = handle(st.clone(), req(Method::GET, "/ping", "")).await;
+        assert_eq!(p.status(), StatusCode::NO_CONTENT, "/ping: 204 while loading");
+        assert!(p.into_body().collect().await.unwrap().to_bytes().is_empty());
         let v = json(r).await;
         assert_eq!(v["status"], "loading");
         assert_eq!(v["queue_depth"], 0);
         assert!(v["gpu_available"].is_boolean() && v["backend"].is_string() && v["backend_reason"].is_string(), "{v}");
+        assert!(v["engine"].is_null(), "no engine counters before a model loads: {v}");
 
         let r = handle(st.clone(), req(Method::POST, "/run", "{}")).await;
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -375,6 +288,10 @@ mod tests {
         assert_eq!(json(r).await["status"], "draining");
         let r = handle(st.clone(), req(Method::POST, "/runsync", "{}")).await;
         assert_eq!(json(r).await["error_type"], "not_ready");
+        let p = handle(st.clone(), req(Method::GET, "/ping", "")).await;
+        assert_eq!((p.status(), json(p).await["status"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("draining")));
+        let r = handle(st.clone(), req(Method::POST, "/v2/ep/run", r#"{"input": {}}"#)).await;
+        assert_eq!((r.status(), json(r).await["error_type"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("not_ready")));
 
         crate::service::set_phase(&st.service, Phase::Failed("bundle missing".into()));
         let v = json(handle(st.clone(), req(Method::GET, "/health", "")).await).await;

@@ -9,18 +9,19 @@
 //! Public addresses may be reached on `URL_ALLOWED_PORTS` only (80 and 443 by default), so the
 //! server cannot be made to probe arbitrary ports; opened private networks take any port. Errors
 //! name the host as the URL gives it, never the addresses a name resolves to.
+//! The same guard posts `/v2` webhooks (`post_json`: one vetted POST per attempt, no redirects).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use url::{Host, Url};
 
-use crate::config::PrivateUrls;
+use crate::config::{PrivateUrls, Settings};
 
 /// Limits and policy of a fetch.
 #[derive(Clone, Debug)]
@@ -36,6 +37,35 @@ pub struct FetchPolicy {
     pub max_redirects: usize,
     /// Ports a public address may be reached on (`None`: any).
     pub allowed_ports: Option<Vec<u16>>,
+}
+
+impl FetchPolicy {
+    /// The policy the settings describe (`ALLOW_PRIVATE_URLS`, `URL_*`).
+    pub fn from_settings(settings: &Settings) -> FetchPolicy {
+        FetchPolicy {
+            private: settings.private_urls.clone(),
+            max_bytes: settings.url_max_bytes,
+            total_timeout: settings.url_timeout,
+            connect_timeout: settings.url_connect_timeout,
+            retries: settings.url_retries,
+            allowed_ports: settings.url_allowed_ports.clone(),
+            ..FetchPolicy::default()
+        }
+    }
+}
+
+/// A TLS client configuration trusting the webpki (Mozilla) roots. Fails only if the TLS provider
+/// cannot offer the default protocol versions (a build problem, reported at start-up).
+pub fn webpki_tls() -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS set-up: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 impl Default for FetchPolicy {
@@ -205,15 +235,7 @@ impl Fetcher {
     /// A fetcher that trusts the webpki (Mozilla) roots. Fails only if the TLS provider cannot
     /// offer the default protocol versions (a build problem, reported at start-up).
     pub fn new(policy: FetchPolicy) -> Result<Fetcher, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS set-up for image_url: {e}"))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Ok(Fetcher::with_tls(policy, Arc::new(config)))
+        Ok(Fetcher::with_tls(policy, webpki_tls().map_err(|e| format!("{e} (for image_url)"))?))
     }
 
     /// A fetcher with its own TLS configuration (tests, private CAs).
@@ -257,11 +279,66 @@ impl Fetcher {
         }
     }
 
+    /// Checks what can be checked of `url` without the network: an http(s) URL without credentials,
+    /// and, when its host is an IP address, an address the policy lets through.
+    pub fn vet(&self, url: &str) -> Result<Url, FetchError> {
+        let parsed = Url::parse(url.trim()).map_err(|e| FetchError::InvalidUrl(format!("`{}`: {e}", clip(url))))?;
+        check_url(&parsed)?;
+        let ip = match parsed.host() {
+            Some(Host::Ipv4(ip)) => Some(IpAddr::V4(ip)),
+            Some(Host::Ipv6(ip)) => Some(IpAddr::V6(ip)),
+            _ => None,
+        };
+        if let Some(ip) = ip {
+            check_address(ip, &self.policy.private).map_err(FetchError::Blocked)?;
+        }
+        Ok(parsed)
+    }
+
+    /// POSTs a JSON `body` to `url` under the same guard as `fetch` (every attempt resolves and vets
+    /// the host again); redirects are not followed. Retries transient failures (connection errors,
+    /// 408, 429, 5xx) like `fetch`; returns the final status (2xx) or why it failed.
+    pub async fn post_json(&self, url: &str, body: Bytes) -> Result<u16, FetchError> {
+        let target = self.vet(url)?;
+        let total = self.policy.total_timeout;
+        let deadline = Instant::now() + total;
+        let work = async {
+            let mut attempt = 0u32;
+            loop {
+                let result: Result<u16, AttemptError> = match self.request(&target, http::Method::POST, body.clone()).await {
+                    Ok(r) if r.status().is_success() => Ok(r.status().as_u16()),
+                    Ok(r) => {
+                        let status = r.status();
+                        let e = FetchError::Failed(format!("the server answered {status} for {}", clip(url)));
+                        Err(AttemptError { error: e, transient: matches!(status.as_u16(), 408 | 429 | 500..=599) })
+                    }
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(status) => return Ok(status),
+                    Err(e) if e.transient && attempt < self.policy.retries => {
+                        let wait = self.policy.backoff.saturating_mul(1u32 << attempt.min(16));
+                        if Instant::now() + wait >= deadline {
+                            return Err(e.error);
+                        }
+                        tokio::time::sleep(wait).await;
+                        attempt += 1;
+                    }
+                    Err(e) => return Err(e.error),
+                }
+            }
+        };
+        match tokio::time::timeout(total, work).await {
+            Ok(r) => r,
+            Err(_) => Err(FetchError::Failed(format!("timed out after {:.1} s (URL_TIMEOUT)", total.as_secs_f64()))),
+        }
+    }
+
     async fn fetch_once(&self, start: &Url) -> Result<Bytes, AttemptError> {
         let mut url = start.clone();
         let mut hops = 0usize;
         loop {
-            let response = self.request(&url).await?;
+            let response = self.request(&url, http::Method::GET, Bytes::new()).await?;
             let status = response.status();
             if status.is_redirection() && status != http::StatusCode::NOT_MODIFIED {
                 let location = response.headers().get(http::header::LOCATION).and_then(|v| v.to_str().ok()).ok_or_else(|| {
@@ -311,8 +388,13 @@ impl Fetcher {
         Ok(Bytes::from(out))
     }
 
-    /// One GET to the vetted address of `url`'s host.
-    async fn request(&self, url: &Url) -> Result<http::Response<hyper::body::Incoming>, AttemptError> {
+    /// One request (GET, or POST with a JSON body) to the vetted address of `url`'s host.
+    async fn request(
+        &self,
+        url: &Url,
+        method: http::Method,
+        body: Bytes,
+    ) -> Result<http::Response<hyper::body::Incoming>, AttemptError> {
         let host = url.host().ok_or_else(|| permanent(FetchError::InvalidUrl("no host".into())))?;
         let port = url.port_or_known_default().ok_or_else(|| permanent(FetchError::InvalidUrl("no port".into())))?;
         let addr = self.resolve(&host, port).await?;
@@ -333,12 +415,17 @@ impl Fetcher {
             Some(p) => format!("{}:{p}", host_for_header(&host)),
             None => host_for_header(&host),
         };
-        let req = http::Request::get(path)
+        let mut req = http::Request::builder()
+            .method(method.clone())
+            .uri(path)
             .header(http::header::HOST, host_header)
-            .header(http::header::USER_AGENT, concat!("qwen-edit/", env!("CARGO_PKG_VERSION")))
-            .header(http::header::ACCEPT, "image/png, image/jpeg, image/webp, image/*;q=0.8")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| permanent(FetchError::InvalidUrl(e.to_string())))?;
+            .header(http::header::USER_AGENT, concat!("qwen-edit/", env!("CARGO_PKG_VERSION")));
+        req = if method == http::Method::GET {
+            req.header(http::header::ACCEPT, "image/png, image/jpeg, image/webp, image/*;q=0.8")
+        } else {
+            req.header(http::header::CONTENT_TYPE, "application/json")
+        };
+        let req = req.body(Full::new(body)).map_err(|e| permanent(FetchError::InvalidUrl(e.to_string())))?;
 
         if url.scheme() == "https" {
             let name = match &host {
@@ -391,7 +478,7 @@ impl Fetcher {
     }
 }
 
-async fn send<S>(io: TokioIo<S>, req: http::Request<Empty<Bytes>>) -> Result<http::Response<hyper::body::Incoming>, AttemptError>
+async fn send<S>(io: TokioIo<S>, req: http::Request<Full<Bytes>>) -> Result<http::Response<hyper::body::Incoming>, AttemptError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -742,6 +829,37 @@ mod tests {
         let f = Fetcher::new(policy(loopback_only())).unwrap();
         assert_eq!(f.fetch(&format!("http://{addr}/declared")).await.unwrap_err(), FetchError::TooLarge { max: 1000 });
         assert_eq!(f.fetch(&format!("http://{addr}/streamed")).await.unwrap_err(), FetchError::TooLarge { max: 1000 });
+    }
+
+    #[tokio::test]
+    async fn webhook_posts_are_guarded_retried_and_never_redirected() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let (addr, count) = fixture(move |n, req| {
+            s.lock().unwrap().push(req.clone());
+            Some(match (n, req.starts_with("POST /moved")) {
+                (_, true) => redirect("/elsewhere"),
+                (0, _) => b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n".to_vec(),
+                _ => ok(b""),
+            })
+        })
+        .await;
+        let f = Fetcher::new(policy(loopback_only())).unwrap();
+        let status = f.post_json(&format!("http://{addr}/hook"), Bytes::from_static(b"{\"id\":\"j\"}")).await.unwrap();
+        assert_eq!((status, count.load(Ordering::SeqCst)), (200, 2), "a 503 is retried");
+        let first = seen.lock().unwrap()[0].to_ascii_lowercase();
+        assert!(first.starts_with("post /hook ") && first.contains("content-type: application/json"), "{first}");
+        let e = f.post_json(&format!("http://{addr}/moved"), Bytes::new()).await.unwrap_err();
+        assert!(matches!(&e, FetchError::Failed(m) if m.contains("302")), "redirects are not followed: {e:?}");
+        assert_eq!(count.load(Ordering::SeqCst), 3);
+        // The guard: refused before connecting.
+        let deny = Fetcher::new(policy(PrivateUrls::Deny)).unwrap();
+        assert!(matches!(deny.post_json(&format!("http://{addr}/hook"), Bytes::new()).await, Err(FetchError::Blocked(_))));
+        assert!(deny.vet("http://localhost:1/").is_ok(), "names are resolved and vetted when posting");
+        assert!(matches!(deny.post_json("http://localhost:1/", Bytes::new()).await, Err(FetchError::Blocked(_))));
+        assert!(matches!(deny.vet("ftp://example.com/"), Err(FetchError::InvalidUrl(_))));
+        assert!(matches!(deny.vet("http://[::1]/"), Err(FetchError::Blocked(_))));
+        assert_eq!(count.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]

@@ -1,8 +1,9 @@
 //! Turns the request's image sources into decoded, upright RGB images in two phases: first every
-//! source to its encoded bytes (base64, raw or a `data:image/...;base64,` URI; or an SSRF-guarded
-//! `image_url` fetch) with its header probed and checked against the size limits; then, once the
-//! caller has reserved the memory the headers say the pixels need, `imaging::decode`. CPU work runs
-//! on the request's [`CpuPool`], holding its [`Reservation`].
+//! source to its encoded bytes (base64, raw or a `data:image/...;base64,` URI; an SSRF-guarded
+//! `image_url` fetch; an `image_path` file under `IMAGE_PATH_ROOT`; a front end's upload) with its
+//! header probed and checked against the size limits; then, once the caller has reserved the memory
+//! the headers say the pixels need, `imaging::decode`. CPU and file work runs on the request's
+//! [`CpuPool`], holding its [`Reservation`].
 
 use std::sync::Arc;
 
@@ -10,6 +11,8 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
 use base64::Engine as _;
 use http::StatusCode;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
 
 use super::error::ApiError;
 use super::fetch::{FetchError, Fetcher};
@@ -98,6 +101,100 @@ pub struct Encoded {
     pub info: ImageInfo,
 }
 
+/// Where `image_path` may read: the canonical `IMAGE_PATH_ROOT` (`None`: image_path is off) and the
+/// largest file (`URL_MAX_BYTES`, the same cap as an `image_url` download).
+#[derive(Clone, Debug, Default)]
+pub struct PathPolicy {
+    pub root: Option<PathBuf>,
+    pub max_bytes: usize,
+}
+
+/// Reads an `image_path` file (blocking: call off the reactor). Only a regular file under the root
+/// after resolving symlinks and `..` is read; anything else (outside the root, absent, a directory,
+/// a device, a FIFO, a socket, unreadable) gets the same 422, so that a client cannot learn what
+/// exists outside the root. The opened file itself is checked again (its type, and on Linux the path
+/// the kernel gives for it), so a symlink swapped in after the path was resolved does not escape.
+pub fn read_path(policy: &PathPolicy, requested: &str) -> Result<Vec<u8>, ApiError> {
+    let Some(root) = &policy.root else {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "path_not_allowed",
+            "image_path is off on this server: set IMAGE_PATH_ROOT to a directory to read image files under it",
+        ));
+    };
+    let refused = || {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "path_not_allowed",
+            format!("image_path `{}` is not a readable regular file under IMAGE_PATH_ROOT", clip(requested)),
+        )
+    };
+    if requested.contains('\0') {
+        return Err(refused());
+    }
+    let asked = Path::new(requested);
+    let joined = if asked.is_absolute() { asked.to_path_buf() } else { root.join(asked) };
+    let canonical = joined.canonicalize().map_err(|_| refused())?;
+    if !canonical.starts_with(root) {
+        return Err(refused());
+    }
+    let file = open_no_follow(&canonical).map_err(|_| refused())?;
+    let meta = file.metadata().map_err(|_| refused())?;
+    if !meta.is_file() || !opened_under(&file, root) {
+        return Err(refused());
+    }
+    let max = policy.max_bytes;
+    let too_large = || ApiError::too_large(format!("the file at image_path is larger than the {max} byte limit (URL_MAX_BYTES)"));
+    if meta.len() > max as u64 {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(max as u64 + 1).read_to_end(&mut bytes).map_err(|_| refused())?;
+    if bytes.len() > max {
+        return Err(too_large());
+    }
+    Ok(bytes)
+}
+
+/// Opens for reading without following a final symlink, and without blocking on a FIFO.
+fn open_no_follow(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC);
+    }
+    options.open(path)
+}
+
+/// Whether the opened file is under `root` by the kernel's account of it (Linux `/proc/self/fd`);
+/// true where the kernel gives no account (the resolved path was checked already).
+fn opened_under(file: &std::fs::File, root: &Path) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        if let Ok(actual) = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())) {
+            return actual.starts_with(root);
+        }
+    }
+    let _ = (file, root);
+    true
+}
+
+fn clip(s: &str) -> String {
+    const MAX: usize = 200;
+    let mut end = s.len().min(MAX);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    if end < s.len() {
+        format!("{}...", &s[..end])
+    } else {
+        s.to_string()
+    }
+}
+
 impl Encoded {
     /// An upper bound of the memory decoding it takes (`imaging::decode_memory`).
     pub fn decode_memory(&self) -> u64 {
@@ -109,6 +206,7 @@ impl Encoded {
 pub struct Loader<'a> {
     pub fetcher: &'a Fetcher,
     pub limits: imaging::Limits,
+    pub paths: &'a PathPolicy,
     pub pool: &'a Arc<CpuPool>,
     pub cancel: &'a Cancel,
     pub memory: &'a Reservation,
@@ -121,7 +219,7 @@ fn label(i: usize) -> impl Fn(ApiError) -> ApiError {
 impl Loader<'_> {
     /// Phase one: every source's bytes, in order, each probed and checked against the size limits
     /// (413 `image_too_large` before any pixel memory is reserved). The caller has reserved the
-    /// base64-decoded sizes and `URL_MAX_BYTES` per URL.
+    /// base64-decoded sizes, the uploads' sizes and `URL_MAX_BYTES` per URL or file.
     pub async fn encoded(&self, sources: Vec<ImageSource>) -> Result<Vec<Encoded>, ApiError> {
         let mut out = Vec::with_capacity(sources.len());
         for (i, source) in sources.into_iter().enumerate() {
@@ -140,6 +238,11 @@ impl Loader<'_> {
                     Ok(bytes) => probe(bytes.to_vec()),
                     Err(e) => Err(e.into()),
                 },
+                ImageSource::Bytes(b) => self.pool.run(self.cancel, Some(self.memory), move || probe(b.to_vec())).await,
+                ImageSource::Path(p) => {
+                    let policy = self.paths.clone();
+                    self.pool.run(self.cancel, Some(self.memory), move || probe(read_path(&policy, &p)?)).await
+                }
             };
             out.push(encoded.map_err(label(i))?);
         }
@@ -195,6 +298,74 @@ mod tests {
         assert_eq!(t("data:image/png;base64"), (400, "invalid_base64"));
         assert_eq!(t("data:image/png;base64,"), (400, "invalid_base64"));
         assert_eq!(t("data:text/plain;base64,QUJD"), (415, "unsupported_image_format"));
+    }
+
+    /// A root with `a.png`, a subdirectory, a FIFO and symlinks (inside and out), beside a file outside.
+    fn path_fixture() -> (tempfile::TempDir, PathPolicy, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        let png = png_1x1();
+        std::fs::write(root.join("sub/a.png"), &png).unwrap();
+        std::fs::write(dir.path().join("secret.png"), &png).unwrap();
+        std::os::unix::fs::symlink(root.join("sub/a.png"), root.join("inside-link.png")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret.png"), root.join("outside-link.png")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", root.join("zero")).unwrap();
+        let fifo = std::ffi::CString::new(root.join("fifo").to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0, "mkfifo");
+        let policy = PathPolicy { root: Some(root.canonicalize().unwrap()), max_bytes: 1 << 20 };
+        (dir, policy, png)
+    }
+
+    #[test]
+    fn image_path_reads_regular_files_under_the_root_only() {
+        let (dir, policy, png) = path_fixture();
+        let root = policy.root.clone().unwrap();
+        assert_eq!(read_path(&policy, "sub/a.png").unwrap(), png);
+        assert_eq!(read_path(&policy, "./sub/../sub/a.png").unwrap(), png, "`..` that stays inside is fine");
+        assert_eq!(read_path(&policy, root.join("sub/a.png").to_str().unwrap()).unwrap(), png, "absolute, under the root");
+        assert_eq!(read_path(&policy, "inside-link.png").unwrap(), png, "a symlink that stays inside");
+
+        // Everything else gets the same 422, whether or not the target exists.
+        let secret = dir.path().join("secret.png");
+        let refused = [
+            "../secret.png",               // `..` out of the root (exists)
+            "../missing.png",              // `..` out of the root (does not exist)
+            "sub/../../secret.png",        // `..` in the middle
+            secret.to_str().unwrap(),      // an absolute path elsewhere (exists)
+            "/etc/passwd",                 // an absolute path elsewhere (exists)
+            "/no/such/file.png",           // an absolute path elsewhere (does not exist)
+            "outside-link.png",            // a symlink out of the root
+            "zero",                        // a symlink to a device
+            "fifo",                        // a FIFO under the root
+            "sub",                         // a directory
+            "missing.png",                 // absent under the root
+            "sub/a.png\0../../secret.png", // an embedded NUL
+        ];
+        let mut messages = Vec::new();
+        for p in refused {
+            let e = read_path(&policy, p).expect_err(p);
+            assert_eq!((e.status.as_u16(), e.error_type), (422, "path_not_allowed"), "{p}: {}", e.message);
+            messages.push(e.message.replace(&clip(p), "<path>"));
+        }
+        assert!(messages.iter().all(|m| *m == messages[0]), "one message for every refusal: {messages:?}");
+        assert!(!messages[0].contains("exist"), "{}", messages[0]);
+
+        // A device node under the root (here the root is /dev itself) is refused too.
+        let dev = PathPolicy { root: Some(PathBuf::from("/dev").canonicalize().unwrap()), max_bytes: 1024 };
+        let e = read_path(&dev, "null").unwrap_err();
+        assert_eq!((e.status.as_u16(), e.error_type), (422, "path_not_allowed"));
+
+        // Over the size cap: 413, like a download over URL_MAX_BYTES.
+        let small = PathPolicy { max_bytes: 10, ..policy.clone() };
+        assert_eq!(read_path(&small, "sub/a.png").unwrap_err().error_type, "payload_too_large");
+    }
+
+    #[test]
+    fn image_path_is_off_without_a_root() {
+        let e = read_path(&PathPolicy::default(), "a.png").unwrap_err();
+        assert_eq!((e.status.as_u16(), e.error_type), (422, "path_not_allowed"));
+        assert!(e.message.contains("IMAGE_PATH_ROOT"), "{}", e.message);
     }
 
     #[test]

@@ -10,11 +10,14 @@
 //! admission.receiving(bytes_so_far)?;        // optional, while a streamed body arrives: counts it
 //!                                            // against REQUEST_MEMORY (503/413 when it cannot)
 //! let response = service.edit(admission, body, started).await?;
+//! // or, for a front end that parsed the fields itself (a form) and wants `n` images:
+//! let responses = service.edit_fields(admission, n, input, started).await?;
 //! ```
 //!
 //! The [`Admission`] holds a body-reading slot (released when `edit` starts) and the request's
 //! memory reservation (released when the request ends). A queue place is taken only by a received,
-//! decoded and prepared job, inside `edit`. Dropping the `edit` future (client gone, a front end's
+//! decoded and prepared job, inside `edit`; `n` images of one request take `n` places at once (all or
+//! none) and run as one group, in one batch when `n <= BATCH_SIZE` (else consecutive full batches). Dropping the `edit` future (client gone, a front end's
 //! cancel, a worker's job stop) cancels the request: its blocking work not yet started is skipped,
 //! work that runs finishes its step and goes no further, its queued job is removed, a batch whose
 //! every job is gone stops at its next stage or denoising step, and its CPU permits, queue place and
@@ -22,9 +25,10 @@
 //! the same effect on the work.
 //!
 //! Steps inside `edit`: parsing and validation (`schema`; arrays capped while parsed), the images'
-//! bytes (`images`: base64, SSRF-guarded `image_url` fetches) with their headers probed, the memory
-//! admission (the job's batch memory against the batch budget: 413 `over_memory_limit` when even
-//! one such job cannot run; its pixels, prepared tensors and result against REQUEST_MEMORY: 503),
+//! bytes (`images`: base64, SSRF-guarded `image_url` fetches, `image_path` files under
+//! `IMAGE_PATH_ROOT`, uploads) with their headers probed, the memory admission (the job's batch
+//! memory against the batch budget: 413 `over_memory_limit` when even one such job cannot run; its
+//! pixels, and the prepared tensors and result of each of its `n` jobs, against REQUEST_MEMORY: 503),
 //! decoding, preparation (the pipeline's `Preprocessor`), a queue place (503 when `MAX_QUEUE` jobs
 //! wait), the batch, and the encoding of the result. CPU work runs on the [`work::CpuPool`] (one
 //! task per core). The service knows JSON, images and jobs; it knows no HTTP transport and no tensors.
@@ -32,8 +36,10 @@
 pub mod error;
 pub mod fetch;
 pub mod images;
+pub mod jobs;
 pub mod model;
 pub mod plan;
+mod records;
 pub mod schema;
 pub mod work;
 
@@ -53,9 +59,10 @@ use crate::pipeline::{BatchKey, EditError, EditOutput, Preprocessor};
 use crate::sysmem::{self, human};
 pub use error::ApiError;
 use fetch::{FetchPolicy, Fetcher};
+use images::PathPolicy;
 pub use model::ModelInfo;
 use plan::{MemoryPlan, ResolutionFit};
-pub use schema::EditResponse;
+pub use schema::{EditResponse, RawInput};
 use work::{CpuPool, MemoryBudget, Reservation};
 
 /// Where the service is in its life.
@@ -116,6 +123,8 @@ pub struct EditService {
     body_slots: Arc<Semaphore>,
     budget: Arc<MemoryBudget>,
     memory_limit: u64,
+    /// Where `image_path` may read.
+    paths: PathPolicy,
     image_limits: imaging::Limits,
     gpu_available: bool,
     gpu_reason: String,
@@ -165,7 +174,7 @@ impl EditService {
         let open_settings = settings.clone();
         let (batcher, loaded, finished) = Batcher::start(policy(&settings), metrics.clone(), move || model::open(&open_settings))
             .map_err(StartError::Worker)?;
-        let fetcher = Fetcher::new(fetch_policy(&settings)).map_err(StartError::Setup)?;
+        let fetcher = Fetcher::new(FetchPolicy::from_settings(&settings)).map_err(StartError::Setup)?;
         let service = Arc::new(EditService::new(settings, metrics, batcher, fetcher, gpu_available, gpu_reason));
         let s = service.clone();
         tokio::spawn(async move {
@@ -206,6 +215,7 @@ impl EditService {
             batcher,
             metrics,
             fetcher,
+            paths: PathPolicy { root: settings.image_path_root.clone(), max_bytes: settings.url_max_bytes },
             pool: Arc::new(CpuPool::new(cores)),
             body_slots: Arc::new(Semaphore::new(settings.max_body_readers)),
             budget: MemoryBudget::new(requests),
@@ -223,6 +233,7 @@ impl EditService {
     }
 
     fn model_loaded(&self, l: model::Loaded) {
+        self.metrics.set_engine_counters(l.counters);
         let info = l.info;
         let limits = schema::Limits {
             default_steps: info.default_steps,
@@ -439,18 +450,6 @@ fn policy(settings: &Settings) -> BatchPolicy {
         batch_timeout: settings.batch_timeout,
         max_queue: settings.max_queue,
         watchdog: Watchdog { factor: settings.watchdog_factor, ..Watchdog::default() },
-    }
-}
-
-fn fetch_policy(settings: &Settings) -> FetchPolicy {
-    FetchPolicy {
-        private: settings.private_urls.clone(),
-        max_bytes: settings.url_max_bytes,
-        total_timeout: settings.url_timeout,
-        connect_timeout: settings.url_connect_timeout,
-        retries: settings.url_retries,
-        allowed_ports: settings.url_allowed_ports.clone(),
-        ..FetchPolicy::default()
     }
 }
 

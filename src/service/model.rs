@@ -2,10 +2,13 @@
 //! it), its memory probed there (`pipeline::memory`), described for /health and request validation
 //! (`ModelInfo`), and the batch runner it gives.
 
+use std::sync::Arc;
+
 use super::work::Reservation;
 use crate::batcher::Failure;
 use crate::config::Settings;
 use crate::pipeline::{EditError, EditOutput, MemoryModel, Pipeline, PipelineInfo, PipelineOptions, Prepared, Preprocessor};
+use crate::runtime::counters::RunCounters;
 
 /// What the front ends need to know about the loaded model.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -30,6 +33,10 @@ pub struct ModelInfo {
     pub max_text_tokens: usize,
     /// `device` or `host`: where the denoising loop runs between transformer calls.
     pub denoise_loop: String,
+    /// What the transformer computes in (`fp32`, `fp16`, `bf16` or `fp8`).
+    pub precision: String,
+    /// The bundle's graph dtype (`float32`, ...): the precision of everything but FP8 layers.
+    pub dtype: String,
 }
 
 /// What the worker hands back once the pipeline is open.
@@ -40,6 +47,8 @@ pub struct Loaded {
     pub resolutions: Vec<(u32, u32)>,
     /// The measured memory model, or why there is none.
     pub memory: Result<MemoryModel, String>,
+    /// The engines' counters (graph captures, replays, ...), for /metrics and /health.
+    pub counters: Arc<RunCounters>,
 }
 
 /// A queued job: the prepared job and its request's memory, counted until the job is done even
@@ -64,7 +73,12 @@ impl From<Failure> for EditError {
 
 /// Opens the bundle (call on the engine worker thread).
 pub fn open(settings: &Settings) -> Result<(BatchFn, Loaded), String> {
-    let options = PipelineOptions { backend: settings.backend, ..PipelineOptions::default() };
+    let options = PipelineOptions {
+        backend: settings.backend,
+        staging_rows: settings.batch_size,
+        precision: settings.precision,
+        ..PipelineOptions::default()
+    };
     let mut pipeline = Pipeline::open(&settings.bundle, &options)
         .map_err(|e| format!("cannot open the model bundle {}: {e}", settings.bundle.display()))?;
     let info = describe(pipeline.info(), settings);
@@ -75,11 +89,13 @@ pub fn open(settings: &Settings) -> Result<(BatchFn, Loaded), String> {
         let side = ((pipeline.info().image_area as f64).sqrt() as u32) / 16 * 16;
         resolutions.push((side, side));
     }
+    let counters = pipeline.counters();
+    counters.reset(); // the memory probe's runs are not served work: /metrics counts requests' work only
     let run: BatchFn = Box::new(move |jobs: &[Job], proceed: &dyn Fn() -> bool| {
         let refs: Vec<&Prepared> = jobs.iter().map(|j| &j.prepared).collect();
         pipeline.run_batch_with(&refs, &|_| proceed())
     });
-    Ok((run, Loaded { info, preprocessor, resolutions, memory }))
+    Ok((run, Loaded { info, preprocessor, resolutions, memory, counters }))
 }
 
 fn describe(info: &PipelineInfo, settings: &Settings) -> ModelInfo {
@@ -97,5 +113,7 @@ fn describe(info: &PipelineInfo, settings: &Settings) -> ModelInfo {
         lightning_fused: info.lightning_fused,
         max_text_tokens: info.max_text_tokens,
         denoise_loop: info.denoise_loop.to_string(),
+        precision: info.precision.to_string(),
+        dtype: serde_json::to_value(info.dtype).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
     }
 }

@@ -1,36 +1,26 @@
 //! One TensorRT engine on a worker's device and stream: IO buffers sized once from the profiles, pinned
 //! staging, CUDA graph capture and replay, and the execution of the device loop's program.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::graphs::{GraphExec, Graphs, OutShapes};
 use super::plan::TrtOptions;
 use super::plan::{
-    buffer_sizes, crop_tensor, engine_io, loop_program, order_inputs, plan_run, staged_inputs, GraphKey, LoopBuf, LoopOp,
-    LruCache, ProfileShapes, RunPlan,
+    buffer_sizes, check_outputs_fit, crop_tensor, engine_io, loop_program, run_program, LoopBuf, LoopOp, ProfileShapes, RunPlan,
 };
-use crate::runtime::cuda::{Device, DeviceBuffer, PinnedBuffer, StepKernel};
+use crate::runtime::counters::{Counter, RunCounters};
+use crate::runtime::cuda::{Device, DeviceBuffer, PinnedAlloc, PinnedBuffer, StepKernel};
 use crate::runtime::shim::{self, ContextHandle, EngineHandle, GraphHandle};
+use crate::runtime::staging::{Input, Kept, Place, StagingAlloc};
 use crate::runtime::{DType, DenoiseLoop, DeviceLoop, Dim, Engine, Error, Outputs, Tensor, TensorInfo};
 
-struct GraphEntry {
-    // Field order = drop order: the graph before the context it was captured from.
-    graph: GraphHandle,
-    _context: ContextHandle,
-    out_shapes: Vec<Vec<usize>>,
-}
-
-/// Counters for logs and /health.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct TrtStats {
-    pub runs: u64,
-    pub graph_replays: u64,
-    pub graph_captures: u64,
-    pub capture_failures: u64,
-    pub plain_enqueues: u64,
-    pub graphs_cached: usize,
-    /// Whole denoising loops run on the device (each counts its steps in `runs` too).
-    pub device_loops: u64,
+/// What a program left: the output shapes, the downloads (buffer, bytes) and the kept output.
+#[derive(Default)]
+struct Executed {
+    out_shapes: Option<OutShapes>,
+    downloads: Vec<(LoopBuf, usize)>,
+    kept: Option<Kept>,
 }
 
 /// One TensorRT engine on one worker's device and stream.
@@ -41,8 +31,7 @@ pub struct TrtEngine {
     profiles: Vec<ProfileShapes>,
     bucketed: Vec<String>,
     // Drop order matters: graphs and contexts before the engine, everything before the buffers.
-    graphs: LruCache<GraphKey, GraphEntry>,
-    uncapturable: HashSet<GraphKey>,
+    graphs: Graphs<ContextHandle, GraphHandle>,
     base: Vec<Option<ContextHandle>>,
     engine: EngineHandle,
     in_bufs: Vec<(DeviceBuffer, PinnedBuffer)>,
@@ -50,9 +39,11 @@ pub struct TrtEngine {
     activation: DeviceBuffer,
     /// The device loop's own buffers (latents, time table, CFG scales), grown on demand.
     scratch: HashMap<LoopBuf, (DeviceBuffer, PinnedBuffer)>,
+    /// Device buffers of kept outputs; one no longer held elsewhere is reused.
+    kept: Vec<Arc<DeviceBuffer>>,
     step_kernel: Option<Arc<StepKernel>>,
     device: Arc<Device>,
-    stats: TrtStats,
+    counters: Arc<RunCounters>,
 }
 
 impl TrtEngine {
@@ -63,9 +54,11 @@ impl TrtEngine {
         contract: Option<(&[TensorInfo], &[TensorInfo])>,
         options: &TrtOptions,
         step_kernel: Option<Arc<StepKernel>>,
+        counters: Arc<RunCounters>,
     ) -> Result<TrtEngine, Error> {
         let load_err = |reason: String| Error::Load { component: component.into(), path: String::new(), reason };
-        let (inputs, outputs) = engine_io(&engine.io_tensors(), contract).map_err(load_err)?;
+        let io = engine.io_tensors().map_err(|e| load_err(e.to_string()))?;
+        let (inputs, outputs) = engine_io(&io, contract).map_err(load_err)?;
         let profiles = read_profiles(&engine, &inputs).map_err(load_err)?;
 
         device.bind()?;
@@ -95,22 +88,23 @@ impl TrtEngine {
             outputs,
             profiles,
             bucketed: options.bucketed_dims.clone(),
-            graphs: LruCache::new(options.graph_cache),
-            uncapturable: HashSet::new(),
+            graphs: Graphs::new(component, options.graph_cache, counters.clone()),
             base,
             engine,
             in_bufs,
             out_bufs,
             activation,
             scratch: HashMap::new(),
+            kept: Vec::new(),
             step_kernel,
             device,
-            stats: TrtStats::default(),
+            counters,
         })
     }
 
-    pub fn stats(&self) -> TrtStats {
-        TrtStats { graphs_cached: self.graphs.len(), ..self.stats }
+    /// Graphs captured and cached now.
+    pub fn graphs_cached(&self) -> usize {
+        self.graphs.len()
     }
 
     /// Optimization profiles of the engine (min/max input shapes).
@@ -122,61 +116,91 @@ impl TrtEngine {
         Error::Run { component: self.component.clone(), reason: reason.to_string() }
     }
 
-    fn execute(&mut self, plan: &RunPlan) -> Result<Vec<Vec<usize>>, Error> {
-        let stream = self.device.stream_handle();
-        let key = GraphKey { profile: plan.profile, shapes: plan.shapes.clone() };
-        if let Some(entry) = self.graphs.get(&key) {
-            entry.graph.launch(stream).map_err(|e| Error::Run { component: self.component.clone(), reason: e.to_string() })?;
-            self.stats.graph_replays += 1;
-            return Ok(entry.out_shapes.clone());
+    /// One run of `plan` on the stream: a graph replay, a capture or an uncaptured enqueue ([`Graphs`]).
+    fn execute(&mut self, plan: &RunPlan) -> Result<OutShapes, Error> {
+        let out_bytes: Vec<usize> = self.out_bufs.iter().map(|(d, _)| d.bytes()).collect();
+        let mut exec = ShimExec {
+            engine: &self.engine,
+            base: &mut self.base,
+            io: (&self.inputs, &self.outputs),
+            bufs: (&self.in_bufs, &self.out_bufs),
+            out_bytes: &out_bytes,
+            activation: &self.activation,
+            stream: self.device.stream_handle(),
+        };
+        self.graphs.execute(&mut exec, plan).map_err(|reason| Error::Run { component: self.component.clone(), reason })
+    }
+}
+
+/// An engine's IO buffers with their pinned staging.
+type IoBufs<'a> = &'a [(DeviceBuffer, PinnedBuffer)];
+
+/// The engine's contexts, graphs and buffers as a [`GraphExec`] (the real device, through the shim).
+struct ShimExec<'a> {
+    engine: &'a EngineHandle,
+    base: &'a mut [Option<ContextHandle>],
+    io: (&'a [TensorInfo], &'a [TensorInfo]),
+    bufs: (IoBufs<'a>, IoBufs<'a>),
+    out_bytes: &'a [usize],
+    activation: &'a DeviceBuffer,
+    stream: usize,
+}
+
+impl ShimExec<'_> {
+    fn shapes_on(&self, ctx: &mut ContextHandle, shapes: &[Vec<usize>]) -> Result<OutShapes, shim::ShimError> {
+        for (t, s) in self.io.0.iter().zip(shapes) {
+            ctx.set_input_shape(&t.name, s)?;
         }
-        let capture = self.graphs.capacity > 0 && !self.uncapturable.contains(&key);
-        if capture {
-            // A dedicated context per graph: a captured graph keeps referring to its context's state.
-            let mut ctx = self
-                .engine
-                .create_context(plan.profile, stream, self.activation.ptr() as usize, self.activation.bytes().max(1))
-                .map_err(|e| self.run_err(e))?;
-            bind_addresses(&mut ctx, &self.inputs, &self.outputs, &self.in_bufs, &self.out_bufs).map_err(|e| self.run_err(e))?;
-            for (t, s) in self.inputs.iter().zip(&plan.shapes) {
-                ctx.set_input_shape(&t.name, s).map_err(|e| self.run_err(e))?;
-            }
-            // The warm-up enqueue computes this run's result; the capture records the next ones.
-            ctx.enqueue(stream).map_err(|e| self.run_err(e))?;
-            self.stats.plain_enqueues += 1;
-            let out_shapes = self
-                .outputs
-                .iter()
-                .map(|t| ctx.tensor_shape(&t.name))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| self.run_err(e))?;
-            match ctx.capture(stream) {
-                Ok(graph) => {
-                    self.stats.graph_captures += 1;
-                    // Evicted graphs are idle: each run synchronises before it returns.
-                    let evicted = self.graphs.insert(key, GraphEntry { graph, _context: ctx, out_shapes: out_shapes.clone() });
-                    drop(evicted);
-                }
-                Err(e) => {
-                    self.stats.capture_failures += 1;
-                    tracing::warn!(component = %self.component, error = %e, "CUDA graph capture failed; this shape runs without a graph");
-                    self.uncapturable.insert(key);
-                }
-            }
-            return Ok(out_shapes);
+        self.io.1.iter().map(|t| ctx.tensor_shape(&t.name)).collect()
+    }
+
+    fn base(&mut self, profile: usize) -> Result<&mut ContextHandle, String> {
+        self.base.get_mut(profile).and_then(Option::as_mut).ok_or_else(|| format!("no context for profile {profile}"))
+    }
+}
+
+impl GraphExec for ShimExec<'_> {
+    type Context = ContextHandle;
+    type Graph = GraphHandle;
+
+    fn new_context(&mut self, profile: usize, shapes: &[Vec<usize>]) -> Result<(ContextHandle, OutShapes), String> {
+        // A dedicated context per graph: a captured graph keeps referring to its context's state.
+        let mut ctx = self
+            .engine
+            .create_context(profile, self.stream, self.activation.ptr() as usize, self.activation.bytes().max(1))
+            .map_err(|e| e.to_string())?;
+        bind_addresses(&mut ctx, self.io.0, self.io.1, self.bufs.0, self.bufs.1).map_err(|e| e.to_string())?;
+        let out = self.shapes_on(&mut ctx, shapes).map_err(|e| e.to_string())?;
+        Ok((ctx, out))
+    }
+
+    fn set_base_shapes(&mut self, profile: usize, shapes: &[Vec<usize>]) -> Result<OutShapes, String> {
+        let mut ctx =
+            self.base.get_mut(profile).and_then(Option::take).ok_or_else(|| format!("no context for profile {profile}"))?;
+        let out = self.shapes_on(&mut ctx, shapes).map_err(|e| e.to_string());
+        self.base[profile] = Some(ctx);
+        out
+    }
+
+    fn check_outputs(&self, shapes: &OutShapes) -> Result<(), String> {
+        check_outputs_fit(self.io.1, shapes, self.out_bytes)
+    }
+
+    fn enqueue(&mut self, profile: usize, context: Option<&mut ContextHandle>) -> Result<(), String> {
+        let stream = self.stream;
+        match context {
+            Some(ctx) => ctx.enqueue(stream),
+            None => self.base(profile)?.enqueue(stream),
         }
-        let component = self.component.clone();
-        let run_err = |e: shim::ShimError| Error::Run { component: component.clone(), reason: e.to_string() };
-        let ctx = self.base.get_mut(plan.profile).and_then(Option::as_mut).ok_or_else(|| Error::Run {
-            component: component.clone(),
-            reason: format!("no context for profile {}", plan.profile),
-        })?;
-        for (t, s) in self.inputs.iter().zip(&plan.shapes) {
-            ctx.set_input_shape(&t.name, s).map_err(run_err)?;
-        }
-        ctx.enqueue(stream).map_err(run_err)?;
-        self.stats.plain_enqueues += 1;
-        self.outputs.iter().map(|t| ctx.tensor_shape(&t.name)).collect::<Result<Vec<_>, _>>().map_err(run_err)
+        .map_err(|e| e.to_string())
+    }
+
+    fn capture(&mut self, context: &mut ContextHandle) -> Result<GraphHandle, String> {
+        context.capture(self.stream).map_err(|e| e.to_string())
+    }
+
+    fn launch(&mut self, graph: &GraphHandle) -> Result<(), String> {
+        graph.launch(self.stream).map_err(|e| e.to_string())
     }
 }
 
@@ -200,71 +224,153 @@ impl TrtEngine {
         .ok_or_else(|| self.run_err(format!("the loop addresses {b:?}, which does not exist")))
     }
 
-    /// Executes a loop program on the stream; one synchronisation at the end, and one at each
-    /// checkpoint (a loop that can be stopped: the host waits for the step, then asks `proceed`).
+    /// Executes a program (a run's or the loop's) on the stream; one synchronisation at the end, and one at
+    /// each checkpoint (a loop that can be stopped: the host waits for the step, then asks `proceed`).
     fn run_ops(
         &mut self,
         plan: &RunPlan,
         ops: Vec<LoopOp>,
-        kernel: &StepKernel,
+        kernel: Option<&StepKernel>,
         proceed: Option<&dyn Fn(usize) -> bool>,
-    ) -> Result<Vec<u8>, Error> {
-        let mut out_shapes: Option<Vec<Vec<usize>>> = None;
-        let mut result = None;
+    ) -> Result<Executed, Error> {
+        let mut done = Executed::default();
         for op in ops {
-            match op {
-                LoopOp::Upload { dst, bytes } => {
-                    if !matches!(dst, LoopBuf::Input(_) | LoopBuf::Output(_)) {
-                        self.scratch_at_least(dst, bytes.len())?;
-                    }
-                    let bufs = match dst {
-                        LoopBuf::Input(i) => self.in_bufs.get_mut(i),
-                        LoopBuf::Output(i) => self.out_bufs.get_mut(i),
-                        other => self.scratch.get_mut(&other),
-                    };
-                    let Some((dev, pinned)) = bufs else {
-                        return Err(Error::Run { component: self.component.clone(), reason: format!("no buffer {dst:?}") });
-                    };
-                    self.device.upload(&bytes, pinned, dev)?;
+            if let LoopOp::Checkpoint { step } = op {
+                self.device.synchronize()?;
+                if proceed.is_some_and(|go_on| !go_on(step)) {
+                    return Err(Error::Cancelled { step });
                 }
-                LoopOp::Copy { src, src_offset, dst, bytes } => {
-                    self.device.copy(self.buffer(src)?, src_offset, self.buffer(dst)?, bytes)?;
-                }
-                LoopOp::Execute => {
-                    out_shapes = Some(self.execute(plan)?);
-                    self.stats.runs += 1;
-                }
-                LoopOp::Step { velocity, v_dtype, hidden, h_dtype, shape, dt } => {
-                    let want = [shape.rows(), shape.img_seq, shape.channels];
-                    let got = out_shapes.as_ref().and_then(|s| s.get(velocity));
-                    if got.map(Vec::as_slice) != Some(&want[..]) {
-                        return Err(self.run_err(format!("the velocity has shape {got:?}, the step needs {want:?}")));
-                    }
-                    let scales = if shape.cfg { Some(self.buffer(LoopBuf::Scales)?) } else { None };
-                    let v = (self.buffer(LoopBuf::Output(velocity))?, v_dtype);
-                    let h = (self.buffer(LoopBuf::Input(hidden))?, h_dtype);
-                    self.device.launch_step(kernel, shape, v, self.buffer(LoopBuf::Latents)?, h, scales, dt)?;
-                }
-                LoopOp::Download { src, bytes } => {
-                    let Some((dev, pinned)) = self.scratch.get_mut(&src) else {
-                        return Err(Error::Run { component: self.component.clone(), reason: format!("cannot download {src:?}") });
-                    };
-                    self.device.download(dev, bytes, pinned)?;
-                    result = Some((src, bytes));
-                }
-                LoopOp::Checkpoint { step } => {
-                    self.device.synchronize()?;
-                    if proceed.is_some_and(|go_on| !go_on(step)) {
-                        return Err(Error::Cancelled { step });
-                    }
-                }
+                continue;
             }
+            self.run_op(plan, op, kernel, &mut done)?;
         }
         self.device.synchronize()?;
-        let (src, bytes) = result.ok_or_else(|| self.run_err("the loop program downloads nothing"))?;
-        let (_, pinned) = self.scratch.get(&src).ok_or_else(|| self.run_err("the result buffer went missing"))?;
-        Ok(pinned.read(bytes)?.to_vec())
+        Ok(done)
     }
+
+    fn run_op(&mut self, plan: &RunPlan, op: LoopOp, kernel: Option<&StepKernel>, done: &mut Executed) -> Result<(), Error> {
+        match op {
+            LoopOp::Upload { dst, bytes } => {
+                if !matches!(dst, LoopBuf::Input(_) | LoopBuf::Output(_)) {
+                    self.scratch_at_least(dst, bytes.len())?;
+                }
+                let bufs = match dst {
+                    LoopBuf::Input(i) => self.in_bufs.get_mut(i),
+                    LoopBuf::Output(i) => self.out_bufs.get_mut(i),
+                    other => self.scratch.get_mut(&other),
+                };
+                let (dev, pinned) =
+                    bufs.ok_or_else(|| Error::Run { component: self.component.clone(), reason: format!("no buffer {dst:?}") })?;
+                self.device.upload(&bytes, pinned, dev)?;
+            }
+            LoopOp::UploadRows { dst, dst_offset, rows } => self.device.upload_rows(&rows, self.buffer(dst)?, dst_offset)?,
+            LoopOp::Gather { dst, bytes, src, copies, elem } => {
+                let Place::Device(mem) = &src.place else { return Err(self.run_err("a device gather from host memory")) };
+                self.device.gather(self.buffer(dst)?, bytes, (mem.device_ptr(), mem.bytes()), &copies, elem)?;
+            }
+            LoopOp::Copy { src, src_offset, dst, bytes } => {
+                self.device.copy(self.buffer(src)?, src_offset, self.buffer(dst)?, bytes)?
+            }
+            LoopOp::Execute => done.out_shapes = Some(self.execute(plan)?),
+            LoopOp::Step { velocity, v_dtype, hidden, h_dtype, shape, dt } => {
+                let kernel = kernel.ok_or_else(|| self.run_err("a step without a step kernel"))?;
+                let want = [shape.rows(), shape.img_seq, shape.channels];
+                let got = done.out_shapes.as_ref().and_then(|s| s.get(velocity));
+                if got.map(Vec::as_slice) != Some(&want[..]) {
+                    return Err(self.run_err(format!("the velocity has shape {got:?}, the step needs {want:?}")));
+                }
+                let scales = if shape.cfg { Some(self.buffer(LoopBuf::Scales)?) } else { None };
+                let v = (self.buffer(LoopBuf::Output(velocity))?, v_dtype);
+                let h = (self.buffer(LoopBuf::Input(hidden))?, h_dtype);
+                self.device.launch_step(kernel, shape, v, self.buffer(LoopBuf::Latents)?, h, scales, dt)?;
+            }
+            LoopOp::Download { src, bytes } => {
+                let (dev, pinned) = self.scratch.get_mut(&src).ok_or_else(|| Error::Run {
+                    component: self.component.clone(),
+                    reason: format!("cannot download {src:?}"),
+                })?;
+                self.device.download(dev, bytes, pinned)?;
+                done.downloads.push((src, bytes));
+            }
+            LoopOp::DownloadOutput(i) => {
+                let n = self.output_bytes(i, done)?;
+                let (dev, pinned) = &mut self.out_bufs[i];
+                self.device.download(dev, n, pinned)?;
+                done.downloads.push((LoopBuf::Output(i), n));
+            }
+            LoopOp::KeepOutput(i) => done.kept = Some(self.keep_output(plan, i, done)?),
+            LoopOp::Checkpoint { .. } => return Err(self.run_err("a checkpoint outside run_ops")),
+        }
+        Ok(())
+    }
+
+    /// Bytes of output `i` as executed.
+    fn output_bytes(&self, i: usize, done: &Executed) -> Result<usize, Error> {
+        let shape = done.out_shapes.as_ref().and_then(|s| s.get(i)).ok_or_else(|| self.run_err("an output before the run"))?;
+        Ok(shape.iter().product::<usize>() * self.outputs[i].dtype.size())
+    }
+
+    /// Output `i` copied into a device buffer of its own (reusing one nobody holds any more).
+    fn keep_output(&mut self, plan: &RunPlan, i: usize, done: &Executed) -> Result<Kept, Error> {
+        let n = self.output_bytes(i, done)?;
+        let layout = done.out_shapes.as_ref().map(|s| s[i].clone()).unwrap_or_default();
+        let free = self.kept.iter().position(|b| Arc::strong_count(b) == 1 && b.bytes() >= n);
+        let buf = match free {
+            Some(k) => self.kept[k].clone(),
+            None => {
+                let b = Arc::new(self.device.alloc(n)?);
+                self.kept.push(b.clone());
+                b
+            }
+        };
+        self.device.copy(&self.out_bufs[i].0, 0, &buf, n)?;
+        let info = &self.outputs[i];
+        let shape = real_shape(info, &layout, plan);
+        Ok(Kept { dtype: info.dtype, shape, layout, place: Place::Device(buf) })
+    }
+
+    /// Runs `given`, keeping output `keep` on the device; the other outputs come back cropped, as f32.
+    fn run_given(&mut self, given: &[(&str, Input<'_>)], keep: Option<&str>) -> Result<(Outputs, Option<Kept>), Error> {
+        let io = (&self.inputs[..], &self.outputs[..]);
+        let (plan, ops) = run_program(&self.component, io, &self.profiles, &self.bucketed, given, keep)?;
+        self.device.bind()?;
+        let done = match self.run_ops(&plan, ops, None, None) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = self.device.synchronize(); // leave the stream idle for the next run
+                return Err(e);
+            }
+        };
+        let shapes = done.out_shapes.clone().unwrap_or_default();
+        let mut out = Vec::with_capacity(done.downloads.len());
+        for &(buf, n) in &done.downloads {
+            let LoopBuf::Output(i) = buf else { continue };
+            let info = &self.outputs[i];
+            let mut t = Tensor::from_bytes(info.dtype, &shapes[i], self.out_bufs[i].1.read(n)?).map_err(|e| self.run_err(e))?;
+            // Crop bucketed dims back to the real lengths.
+            let real = real_shape(info, &shapes[i], &plan);
+            if real != shapes[i] {
+                t = crop_tensor(&t, &real).map_err(|e| self.run_err(e))?;
+            }
+            if t.dtype().is_float() && t.dtype() != DType::F32 {
+                t = t.to_dtype(DType::F32).map_err(|e| self.run_err(e))?;
+            }
+            out.push((info.name.clone(), t));
+        }
+        Ok((Outputs(out), done.kept))
+    }
+}
+
+/// An output's shape with its bucketed dims back at their real lengths.
+fn real_shape(info: &TensorInfo, shape: &[usize], plan: &RunPlan) -> Vec<usize> {
+    info.shape
+        .iter()
+        .zip(shape)
+        .map(|(d, &n)| match d {
+            Dim::Dynamic(name) => plan.padded.get(name).map(|&(r, _)| r).unwrap_or(n),
+            Dim::Fixed(_) => n,
+        })
+        .collect()
 }
 
 impl DeviceLoop for TrtEngine {
@@ -272,10 +378,15 @@ impl DeviceLoop for TrtEngine {
         let kernel = self.step_kernel.clone().ok_or_else(|| self.run_err("no step kernel on this worker (NVRTC missing)"))?;
         let (plan, ops) = loop_program(&self.component, &self.inputs, &self.outputs, &self.profiles, &self.bucketed, job)?;
         self.device.bind()?;
-        match self.run_ops(&plan, ops, &kernel, job.proceed) {
-            Ok(bytes) => {
-                self.stats.device_loops += 1;
-                Ok(bytemuck::pod_collect_to_vec(&bytes))
+        let result = self.run_ops(&plan, ops, Some(&kernel), job.proceed).and_then(|done| {
+            let &(src, bytes) = done.downloads.first().ok_or_else(|| self.run_err("the loop program downloads nothing"))?;
+            let (_, pinned) = self.scratch.get(&src).ok_or_else(|| self.run_err("the result buffer went missing"))?;
+            Ok(bytemuck::pod_collect_to_vec::<u8, f32>(pinned.read(bytes)?))
+        });
+        match result {
+            Ok(latents) => {
+                self.counters.add(Counter::DeviceLoopSteps, job.dts.len() as u64);
+                Ok(latents)
             }
             Err(e) => {
                 let _ = self.device.synchronize(); // leave the stream idle for the next run
@@ -375,67 +486,20 @@ impl Engine for TrtEngine {
     }
 
     fn run(&mut self, inputs: &[(&str, &Tensor)]) -> Result<Outputs, Error> {
-        let ordered = order_inputs(&self.component, &self.inputs, inputs)?;
-        let shapes: Vec<Vec<usize>> = ordered.iter().map(|t| t.shape().to_vec()).collect();
-        let plan = plan_run(&self.inputs, &shapes, &self.profiles, &self.bucketed)
-            .map_err(|reason| Error::Contract { component: self.component.clone(), reason })?;
-        self.stats.runs += 1;
-        self.device.bind()?;
+        let given: Vec<(&str, Input<'_>)> = inputs.iter().map(|(n, t)| (*n, Input::Host(t))).collect();
+        Ok(self.run_given(&given, None)?.0)
+    }
 
-        // Host -> device: converted at the seam, padded to the bucket, staged in pinned memory.
-        let staged = staged_inputs(&self.inputs, &ordered, &plan)
-            .map_err(|reason| Error::Contract { component: self.component.clone(), reason })?;
-        for (bytes, (dev, pinned)) in staged.iter().zip(&mut self.in_bufs) {
-            self.device.upload(bytes, pinned, dev)?;
-        }
+    fn run_inputs(&mut self, inputs: &[(&str, Input<'_>)]) -> Result<Outputs, Error> {
+        Ok(self.run_given(inputs, None)?.0)
+    }
 
-        let out_shapes = match self.execute(&plan) {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = self.device.synchronize(); // leave the stream idle for the next run
-                return Err(e);
-            }
-        };
+    fn run_keep(&mut self, inputs: &[(&str, Input<'_>)], keep: &str) -> Result<(Outputs, Kept), Error> {
+        let (out, kept) = self.run_given(inputs, Some(keep))?;
+        Ok((out, kept.ok_or_else(|| self.run_err(format!("output `{keep}` was not kept")))?))
+    }
 
-        // Device -> host.
-        let mut sizes = Vec::with_capacity(out_shapes.len());
-        for (i, (info, shape)) in self.outputs.iter().zip(&out_shapes).enumerate() {
-            let n = shape.iter().product::<usize>() * info.dtype.size();
-            let (dev, pinned) = &mut self.out_bufs[i];
-            if n > dev.bytes() {
-                let _ = self.device.synchronize();
-                return Err(Error::Run {
-                    component: self.component.clone(),
-                    reason: format!("output `{}` of shape {shape:?} exceeds its {} byte buffer", info.name, dev.bytes()),
-                });
-            }
-            self.device.download(dev, n, pinned)?;
-            sizes.push(n);
-        }
-        self.device.synchronize()?;
-
-        let mut out = Vec::with_capacity(self.outputs.len());
-        for (i, (info, shape)) in self.outputs.iter().zip(&out_shapes).enumerate() {
-            let bytes = self.out_bufs[i].1.read(sizes[i])?;
-            let mut t = Tensor::from_bytes(info.dtype, shape, bytes).map_err(|e| self.run_err(e))?;
-            // Crop bucketed dims back to the real lengths.
-            let real: Vec<usize> = info
-                .shape
-                .iter()
-                .zip(shape)
-                .map(|(d, &n)| match d {
-                    Dim::Dynamic(name) => plan.padded.get(name).map(|&(r, _)| r).unwrap_or(n),
-                    Dim::Fixed(_) => n,
-                })
-                .collect();
-            if real != *shape {
-                t = crop_tensor(&t, &real).map_err(|e| self.run_err(e))?;
-            }
-            if t.dtype().is_float() && t.dtype() != DType::F32 {
-                t = t.to_dtype(DType::F32).map_err(|e| self.run_err(e))?;
-            }
-            out.push((info.name.clone(), t));
-        }
-        Ok(Outputs(out))
+    fn staging(&self) -> Option<Arc<dyn StagingAlloc>> {
+        Some(Arc::new(PinnedAlloc::new(self.device.clone())))
     }
 }

@@ -7,8 +7,9 @@ use std::hash::Hash;
 use ndarray::{ArrayD, IxDyn, SliceInfoElem};
 
 use crate::runtime::shim;
+use crate::runtime::staging::{self, upload_runs, Input, Kept, Place, RowCopy, StagedRow};
 use crate::runtime::step::{self, StepShape};
-use crate::runtime::{check_inputs, DType, DenoiseLoop, Dim, Error, Tensor, TensorInfo};
+use crate::runtime::{check_given, check_inputs, DType, DenoiseLoop, Dim, Error, Tensor, TensorInfo};
 
 /// Bucket sizes for a padded dim: 16, 24, 32, 48, 64, 96, ... (powers of two and 1.5x between),
 /// so padding wastes at most a third of the length and shapes repeat across requests.
@@ -229,6 +230,21 @@ pub fn buffer_sizes(dtypes: &[DType], shapes: &[Vec<Vec<usize>>]) -> Result<Vec<
     Ok(out.into_iter().map(|b| b.max(1).div_ceil(256) * 256).collect())
 }
 
+/// Whether outputs of `shapes` fit their buffers of `bytes` (in `outputs` order): checked before the
+/// engine is enqueued, so an output larger than its buffer is an error and never a write past it.
+pub fn check_outputs_fit(outputs: &[TensorInfo], shapes: &[Vec<usize>], bytes: &[usize]) -> Result<(), String> {
+    if shapes.len() != outputs.len() || bytes.len() != outputs.len() {
+        return Err(format!("{} output shapes and {} buffers for {} outputs", shapes.len(), bytes.len(), outputs.len()));
+    }
+    for ((info, shape), &have) in outputs.iter().zip(shapes).zip(bytes) {
+        let need = shape.iter().try_fold(info.dtype.size(), |acc, &d| acc.checked_mul(d));
+        if need.is_none_or(|n| n > have) {
+            return Err(format!("output `{}` of shape {shape:?} exceeds its {have} byte buffer", info.name));
+        }
+    }
+    Ok(())
+}
+
 /// Identifies one captured CUDA graph: the profile and the exact (padded) input shapes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct GraphKey {
@@ -310,11 +326,17 @@ pub enum LoopBuf {
     Scales,
 }
 
-/// One stream-ordered device operation of the loop.
+/// One stream-ordered device operation of a run or of the loop.
 #[derive(Clone, Debug, PartialEq)]
 pub enum LoopOp {
     /// Host bytes into a buffer (through pinned staging), from its start.
     Upload { dst: LoopBuf, bytes: Vec<u8> },
+    /// Staged rows (preprocessed pixels, in the engine's dtype, in pinned memory) into a buffer at `dst_offset`
+    /// bytes, adjacent rows of one block in one copy: the only copy these values make.
+    UploadRows { dst: LoopBuf, dst_offset: usize, rows: Vec<StagedRow> },
+    /// Zeroes the first `bytes` of `dst`, then copies `copies` (elements of `elem` bytes) from a kept output
+    /// on the device (the text embeddings, gathered without leaving the GPU).
+    Gather { dst: LoopBuf, bytes: usize, src: Kept, copies: Vec<RowCopy>, elem: usize },
     /// Device-to-device copy into the start of `dst`.
     Copy { src: LoopBuf, src_offset: usize, dst: LoopBuf, bytes: usize },
     /// The engine on what its input buffers hold (a CUDA graph replay once captured).
@@ -326,6 +348,11 @@ pub enum LoopOp {
     /// Wait for the stream (every launch so far has finished), then ask the loop whether to go on
     /// with step `step` ([`DenoiseLoop::proceed`]). Only in programs of loops that can be stopped.
     Checkpoint { step: usize },
+    /// Output `i` (its executed size) back to the host.
+    DownloadOutput(usize),
+    /// Output `i` (its executed size) copied into device memory of its own, which outlives the run: the kept
+    /// output, for a later engine's gather.
+    KeepOutput(usize),
 }
 
 /// The engine's inputs in its own order, from named tensors (checked against the declarations).
@@ -340,20 +367,121 @@ pub fn order_inputs<'a>(
     )
 }
 
-/// The bytes each input buffer gets: the tensor converted to the engine's dtype, padded to the plan's shape.
-pub fn staged_inputs(inputs: &[TensorInfo], ordered: &[&Tensor], plan: &RunPlan) -> Result<Vec<Vec<u8>>, String> {
-    inputs
-        .iter()
-        .zip(ordered)
-        .zip(&plan.shapes)
-        .map(|((info, t), shape)| {
-            let mut t = t.to_dtype(info.dtype).map_err(|e| format!("`{}`: {e}", info.name))?;
-            if t.shape() != shape.as_slice() {
-                t = pad_tensor(&t, shape, pad_value(&info.name))?;
+/// The engine's inputs in its own order, from named [`Input`]s (checked against the declarations).
+pub fn order_given<'a>(component: &str, declared: &[TensorInfo], inputs: &[(&str, Input<'a>)]) -> Result<Vec<Input<'a>>, Error> {
+    check_given(component, declared, inputs)?;
+    declared.iter().map(|info| inputs.iter().find(|(n, _)| *n == info.name).map(|(_, t)| *t)).collect::<Option<_>>().ok_or_else(
+        || Error::Contract { component: component.into(), reason: "an input went missing after the contract check".into() },
+    )
+}
+
+/// `offset` (an element of a tensor of shape `logical`) in the same tensor laid out as `layout` (each dim
+/// at least as large: bucketed dims padded at their end).
+fn relayout(mut offset: usize, logical: &[usize], layout: &[usize]) -> usize {
+    let (mut stride_l, mut stride_m): (usize, usize) = (logical.iter().product(), layout.iter().product());
+    let mut out = 0;
+    for (&l, &m) in logical.iter().zip(layout) {
+        stride_l /= l.max(1);
+        stride_m /= m.max(1);
+        out += (offset / stride_l.max(1)) * stride_m;
+        offset %= stride_l.max(1);
+    }
+    out
+}
+
+/// Elements that stay contiguous in both layouts: from the last dim that differs on.
+fn contiguous_block(logical: &[usize], layout: &[usize]) -> usize {
+    match (0..logical.len()).rev().find(|&k| logical[k] != layout[k]) {
+        Some(j) => logical[j..].iter().product::<usize>().max(1),
+        None => usize::MAX,
+    }
+}
+
+/// `copy` (element offsets in a source of shape `src.0` and a destination of shape `dst.0`) as copies between
+/// the same tensors laid out as `src.1` and `dst.1` (bucketed dims padded): split where padding breaks
+/// contiguity, each piece moved to the padded layouts.
+pub fn remap_copy(copy: RowCopy, src: (&[usize], &[usize]), dst: (&[usize], &[usize])) -> Vec<RowCopy> {
+    let (bs, bd) = (contiguous_block(src.0, src.1), contiguous_block(dst.0, dst.1));
+    let mut out = Vec::new();
+    let (mut s, mut d, mut left) = (copy.src, copy.dst, copy.elems);
+    while left > 0 {
+        let n = left.min(bs - s % bs).min(bd - d % bd);
+        out.push(RowCopy { src: relayout(s, src.0, src.1), dst: relayout(d, dst.0, dst.1), elems: n });
+        (s, d, left) = (s + n, d + n, left - n);
+    }
+    out
+}
+
+/// The upload of each input (in the engine's order) for `plan`: host tensors converted, padded and uploaded;
+/// staged rows in the engine's dtype uploaded as they are; gathers of a kept device output done on the
+/// device. Anything else (a staged row of another dtype, a kept output on the host) goes through the host.
+pub fn input_ops(inputs: &[TensorInfo], given: &[Input<'_>], plan: &RunPlan) -> Result<Vec<LoopOp>, String> {
+    let mut ops = Vec::with_capacity(given.len());
+    for (i, ((info, input), shape)) in inputs.iter().zip(given).zip(&plan.shapes).enumerate() {
+        let dst = LoopBuf::Input(i);
+        match input {
+            Input::Staged { shape: s, rows } if *s == shape.as_slice() && rows.iter().all(|r| r.dtype() == info.dtype) => {
+                let row_bytes: Vec<usize> = rows.iter().map(|r| r.bytes()).collect();
+                for (first, n) in upload_runs(rows) {
+                    let dst_offset = row_bytes[..first].iter().sum();
+                    ops.push(LoopOp::UploadRows {
+                        dst,
+                        dst_offset,
+                        rows: rows[first..first + n].iter().map(|r| (*r).clone()).collect(),
+                    });
+                }
             }
-            Ok(t.to_bytes())
-        })
-        .collect()
+            Input::Gather { shape: s, src, copies }
+                if src.dtype == info.dtype && matches!(src.place, Place::Device(_)) && s.len() == shape.len() =>
+            {
+                staging::check_gather(s, src, copies)?;
+                let copies =
+                    copies.iter().flat_map(|c| remap_copy(*c, (&src.shape, &src.layout), (s, shape.as_slice()))).collect();
+                let bytes = shape.iter().product::<usize>() * info.dtype.size();
+                ops.push(LoopOp::Gather { dst, bytes, src: (*src).clone(), copies, elem: info.dtype.size() });
+            }
+            Input::Host(t) => ops.push(LoopOp::Upload { dst, bytes: upload_bytes(info, t, shape)? }),
+            other => {
+                let t = staging::host_tensor(other).map_err(|e| format!("`{}`: {e}", info.name))?;
+                ops.push(LoopOp::Upload { dst, bytes: upload_bytes(info, &t, shape)? });
+            }
+        }
+    }
+    Ok(ops)
+}
+
+/// A host tensor as the bytes of its input buffer: converted to the engine's dtype, padded to `shape`.
+fn upload_bytes(info: &TensorInfo, t: &Tensor, shape: &[usize]) -> Result<Vec<u8>, String> {
+    let mut t = t.to_dtype(info.dtype).map_err(|e| format!("`{}`: {e}", info.name))?;
+    if t.shape() != shape {
+        t = pad_tensor(&t, shape, pad_value(&info.name))?;
+    }
+    Ok(t.to_bytes())
+}
+
+/// One run of an engine as a program: the plan (profile, padding), the uploads of `given`, the execution, and
+/// every output downloaded except `keep`, which stays on the device ([`LoopOp::KeepOutput`]).
+pub fn run_program(
+    component: &str,
+    (inputs, outputs): (&[TensorInfo], &[TensorInfo]),
+    profiles: &[ProfileShapes],
+    bucketed: &[String],
+    given: &[(&str, Input<'_>)],
+    keep: Option<&str>,
+) -> Result<(RunPlan, Vec<LoopOp>), Error> {
+    let err = |reason: String| Error::Contract { component: component.into(), reason };
+    let ordered = order_given(component, inputs, given)?;
+    let shapes: Vec<Vec<usize>> = ordered.iter().map(|t| t.shape().to_vec()).collect();
+    let plan = plan_run(inputs, &shapes, profiles, bucketed).map_err(err)?;
+    let mut ops = input_ops(inputs, &ordered, &plan).map_err(err)?;
+    ops.push(LoopOp::Execute);
+    if let Some(k) = keep.filter(|k| !outputs.iter().any(|o| o.name == *k)) {
+        return Err(err(format!("no output `{k}` to keep")));
+    }
+    for (i, o) in outputs.iter().enumerate() {
+        ops.push(if keep == Some(o.name.as_str()) { LoopOp::KeepOutput(i) } else { LoopOp::DownloadOutput(i) });
+    }
+    Ok((plan, ops))
 }
 
 /// The whole denoising loop for an engine with `inputs`/`outputs` and `profiles`: the run plan
@@ -385,10 +513,10 @@ pub fn loop_program(
         }
     }
     let t0 = Tensor::f32(&[rows], vec![job.timesteps[0]; rows]);
-    let mut named: Vec<(&str, &Tensor)> = job.fixed.to_vec();
-    named.push((job.state_input, job.state));
-    named.push((job.time_input, &t0));
-    let ordered = order_inputs(component, inputs, &named)?;
+    let mut named: Vec<(&str, Input<'_>)> = job.fixed.to_vec();
+    named.push((job.state_input, Input::Host(job.state)));
+    named.push((job.time_input, Input::Host(&t0)));
+    let ordered = order_given(component, inputs, &named)?;
     let shapes: Vec<Vec<usize>> = ordered.iter().map(|t| t.shape().to_vec()).collect();
     let plan = plan_run(inputs, &shapes, profiles, bucketed).map_err(err)?;
     // The kernel addresses the state and the velocity as [rows, img_seq, channels]: never padded.
@@ -399,12 +527,7 @@ pub fn loop_program(
             job.state_input, plan.shapes[si], job.time_input, plan.shapes[ti]
         )));
     }
-    let mut ops: Vec<LoopOp> = staged_inputs(inputs, &ordered, &plan)
-        .map_err(err)?
-        .into_iter()
-        .enumerate()
-        .map(|(i, bytes)| LoopOp::Upload { dst: LoopBuf::Input(i), bytes })
-        .collect();
+    let mut ops = input_ops(inputs, &ordered, &plan).map_err(err)?;
     ops.push(LoopOp::Upload { dst: LoopBuf::Latents, bytes: bytemuck::cast_slice(job.latents).to_vec() });
     let steps = job.timesteps.len();
     let row_bytes = rows * t_dtype.size();
@@ -435,23 +558,11 @@ pub fn loop_program(
     Ok((plan, ops))
 }
 
-fn parse_dtype(s: &str) -> Option<DType> {
-    Some(match s {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        "i64" => DType::I64,
-        "i32" => DType::I32,
-        "bool" => DType::Bool,
-        _ => return None,
-    })
-}
-
 /// TensorInfo of an engine tensor: dtype from the engine; dynamic dims named after the contract
 /// (when it has the tensor with the same rank), else `d<axis>`.
 fn engine_info(io: &shim::IoTensor, contract: Option<&[TensorInfo]>) -> Result<TensorInfo, String> {
-    let dtype = parse_dtype(&io.dtype)
-        .ok_or_else(|| format!("`{}` has element type {} which the seam does not carry", io.name, io.dtype))?;
+    let dtype = crate::runtime::trt_facts::dtype(io.dtype)
+        .map_err(|name| format!("`{}` has element type {name} which the seam does not carry", io.name))?;
     let named = contract.and_then(|c| c.iter().find(|t| t.name == io.name && t.shape.len() == io.shape.len()));
     let shape = io
         .shape
@@ -620,6 +731,55 @@ mod tests {
     }
 
     #[test]
+    fn gathers_follow_the_padding_of_both_sides() {
+        let rc = |src, dst, elems| RowCopy { src, dst, elems };
+        // Source [2, 3, 2] kept padded to [2, 4, 2]; destination unpadded: rows move, tokens stay contiguous.
+        let src = (&[2, 3, 2][..], &[2, 4, 2][..]);
+        let same = (&[2, 3, 2][..], &[2, 3, 2][..]);
+        assert_eq!(remap_copy(rc(6, 0, 6), src, same), [rc(8, 0, 6)]);
+        // A copy across the row boundary splits where the padding is.
+        assert_eq!(remap_copy(rc(4, 4, 4), src, same), [rc(4, 4, 2), rc(8, 6, 2)]);
+        // Both sides padded differently: [2, 2, 2] into [2, 3, 2] (text bucket of the transformer).
+        let dst = (&[2, 2, 2][..], &[2, 3, 2][..]);
+        assert_eq!(remap_copy(rc(2, 2, 4), src, dst), [rc(2, 2, 2), rc(4, 6, 2)]);
+        // No padding: the copy as it is.
+        assert_eq!(remap_copy(rc(1, 2, 5), same, same), [rc(1, 2, 5)]);
+    }
+
+    #[test]
+    fn a_run_keeps_one_output_on_the_device_and_downloads_the_rest() {
+        let inputs = [info("x", vec![dynamic("batch"), Dim::Fixed(2)])];
+        let outputs = [info("a", vec![dynamic("batch"), Dim::Fixed(2)]), info("b", vec![dynamic("batch")])];
+        let profiles = vec![ProfileShapes { min: vec![vec![1, 2]], max: vec![vec![8, 2]] }];
+        let x = Tensor::f32(&[1, 2], vec![1.0, 2.0]);
+        let io = (&inputs[..], &outputs[..]);
+        let (_, ops) = run_program("c", io, &profiles, &[], &[("x", Input::Host(&x))], Some("a")).unwrap();
+        assert_eq!(ops[1..], [LoopOp::Execute, LoopOp::KeepOutput(0), LoopOp::DownloadOutput(1)]);
+        assert!(run_program("c", io, &profiles, &[], &[("x", Input::Host(&x))], Some("z")).is_err());
+        // A gather from a kept output on the host (another backend's) goes up through the host.
+        let host = Kept {
+            dtype: DType::F32,
+            shape: vec![1, 4],
+            layout: vec![1, 4],
+            place: Place::Host(std::sync::Arc::new(Tensor::f32(&[1, 4], vec![5.0, 6.0, 7.0, 8.0]))),
+        };
+        let copies = [RowCopy { src: 2, dst: 0, elems: 2 }];
+        let g = Input::Gather { shape: &[1, 2], src: &host, copies: &copies };
+        let (_, ops) = run_program("c", io, &profiles, &[], &[("x", g)], None).unwrap();
+        assert_eq!(ops[0], LoopOp::Upload { dst: LoopBuf::Input(0), bytes: bytemuck::cast_slice(&[7.0f32, 8.0]).to_vec() });
+    }
+
+    #[test]
+    fn outputs_are_checked_against_their_buffers() {
+        let outs = [info("sample", vec![dynamic("batch"), Dim::Fixed(4)])];
+        assert!(check_outputs_fit(&outs, &[vec![2, 4]], &[32]).is_ok());
+        let e = check_outputs_fit(&outs, &[vec![3, 4]], &[32]).unwrap_err();
+        assert!(e.contains("`sample`") && e.contains("32 byte buffer"), "{e}");
+        assert!(check_outputs_fit(&outs, &[vec![usize::MAX, 4]], &[32]).is_err(), "overflow is an error");
+        assert!(check_outputs_fit(&outs, &[], &[32]).is_err());
+    }
+
+    #[test]
     fn graph_cache_evicts_least_recently_used() {
         let key = |b: usize| GraphKey { profile: 0, shapes: vec![vec![b, 16]] };
         let mut c: LruCache<GraphKey, &str> = LruCache::new(2);
@@ -644,7 +804,7 @@ mod tests {
         let io = shim::IoTensor {
             name: "encoder_hidden_states".into(),
             is_input: true,
-            dtype: "bf16".into(),
+            dtype: crate::runtime::trt_facts::dtype_code(DType::BF16),
             shape: vec![-1, -1, 32],
             linear: true,
             on_device: true,
@@ -655,7 +815,7 @@ mod tests {
         assert_eq!(t.dtype, DType::BF16);
         assert_eq!(t.shape, vec![dynamic("batch"), dynamic("txt_seq"), Dim::Fixed(32)]);
         assert_eq!(engine_info(&io, None).unwrap().shape[1], dynamic("d1"));
-        let fp8 = shim::IoTensor { dtype: "fp8".into(), ..io };
+        let fp8 = shim::IoTensor { dtype: crate::runtime::trt_facts::FACTS.dtype.fp8, ..io };
         assert!(engine_info(&fp8, None).unwrap_err().contains("fp8"));
     }
 
@@ -674,7 +834,7 @@ mod tests {
         let state = Tensor::f32(&[4, 8, 64], vec![0.25; 4 * 8 * 64]);
         let text = Tensor::f32(&[4, 70, 32], vec![1.0; 4 * 70 * 32]);
         let latents = vec![0.5f32; shape.latents()];
-        let fixed = [("encoder_hidden_states", &text)];
+        let fixed = [("encoder_hidden_states", Input::Host(&text))];
         let job = DenoiseLoop {
             fixed: &fixed,
             state_input: "hidden_states",

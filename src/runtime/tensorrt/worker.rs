@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::engine::TrtEngine;
 use super::plan::TrtOptions;
+use crate::runtime::counters::RunCounters;
 use crate::runtime::cuda::{Device, StepKernel};
 use crate::runtime::nvrtc::{self, Nvrtc};
 use crate::runtime::shim::{self, CudaRuntime, CudaStatus, TrtLibrary, TrtVersion};
@@ -30,6 +31,7 @@ pub struct TrtWorker {
     options: TrtOptions,
     /// The denoising step kernel; without it (no NVRTC) transformers step on the host.
     step_kernel: Option<Arc<StepKernel>>,
+    counters: Arc<RunCounters>,
 }
 
 impl TrtWorker {
@@ -53,9 +55,12 @@ impl TrtWorker {
         let device = Arc::new(Device::open(options.device)?);
         let ordinal = i32::try_from(options.device).map_err(|_| unavailable("device ordinal out of range"))?;
         let runtime = shim::Runtime::new(&trt, &cuda, ordinal).map_err(|e| unavailable(e.to_string()))?;
-        let step_kernel = match Nvrtc::load(&nvrtc::candidates()).and_then(|n| device.load_step_kernel(&n)) {
-            Ok(k) => {
-                tracing::info!(compute_capability = ?k.compute_capability(), "denoising loop runs on the device");
+        // Each NVRTC in turn: one whose PTX this driver cannot load gives way to an older one.
+        let built =
+            nvrtc::first_loadable(&nvrtc::candidates(), |c| Nvrtc::load(&[c.to_string()]), |n| device.load_step_kernel(n));
+        let step_kernel = match built {
+            Ok((k, nvrtc)) => {
+                tracing::info!(compute_capability = ?k.compute_capability(), nvrtc, "denoising loop runs on the device");
                 Some(Arc::new(k))
             }
             Err(e) => {
@@ -63,7 +68,18 @@ impl TrtWorker {
                 None
             }
         };
-        Ok(TrtWorker { runtime, trt, cuda, device, options, step_kernel })
+        let counters = Arc::new(RunCounters::default());
+        Ok(TrtWorker { runtime, trt, cuda, device, options, step_kernel, counters })
+    }
+
+    /// Counts into `counters` (shared with the pipeline, read by /metrics) instead of the worker's own.
+    pub fn with_counters(mut self, counters: Arc<RunCounters>) -> TrtWorker {
+        self.counters = counters;
+        self
+    }
+
+    pub fn counters(&self) -> &Arc<RunCounters> {
+        &self.counters
     }
 
     pub fn tensorrt_version(&self) -> Option<TrtVersion> {
@@ -78,6 +94,13 @@ impl TrtWorker {
         &self.device
     }
 
+    /// The worker's GPU's compute capability (major, minor).
+    pub fn compute_capability(&self) -> Result<(i32, i32), Error> {
+        let ordinal = i32::try_from(self.options.device).map_err(|_| unavailable("device ordinal out of range"))?;
+        let info = self.cuda.device(ordinal).map_err(|e| unavailable(e.to_string()))?;
+        Ok((info.cc_major, info.cc_minor))
+    }
+
     /// Loads the engine at `plan`. `contract` (the manifest's inputs and outputs) names the dynamic
     /// dims, which the text buckets need; without it no dim is bucketed.
     pub fn load(
@@ -90,7 +113,9 @@ impl TrtWorker {
         let bytes = std::fs::read(plan).map_err(|e| load_err(format!("cannot read the engine: {e}")))?;
         let engine = self.runtime.deserialize(&bytes).map_err(|e| load_err(e.to_string()))?;
         drop(bytes);
-        let engine = TrtEngine::new(component, engine, self.device.clone(), contract, &self.options, self.step_kernel.clone());
+        let kernel = self.step_kernel.clone();
+        let engine =
+            TrtEngine::new(component, engine, self.device.clone(), contract, &self.options, kernel, self.counters.clone());
         engine.map_err(|e| match e {
             Error::Load { .. } => e,
             other => load_err(other.to_string()),
