@@ -22,6 +22,8 @@ use crate::runtime::backend::BackendRequest;
 pub const DEFAULT_MAX_BODY_BYTES: usize = 28 * 1024 * 1024;
 /// Default memory budget of the /v2 job store (queued inputs and kept results): 1 GiB.
 pub const DEFAULT_RESULT_MEMORY_BYTES: usize = 1024 * 1024 * 1024;
+/// Default largest `n` of POST /v1/images/edits (lowered to MAX_QUEUE when that is smaller).
+pub const DEFAULT_MAX_N: usize = 10;
 
 /// Default largest output: 2048 x 2048.
 pub const DEFAULT_MAX_OUTPUT_PIXELS: u64 = 2048 * 2048;
@@ -71,9 +73,10 @@ pub struct ServeArgs {
     /// oldest results go (their status is then 404), and /v2 run answers 503 when inputs alone fill it.
     #[arg(long, env = "RESULT_MEMORY_BYTES", default_value_t = DEFAULT_RESULT_MEMORY_BYTES)]
     pub result_memory_bytes: usize,
-    /// Largest `n` (images per request) of POST /v1/images/edits; at most MAX_QUEUE.
-    #[arg(long, env = "MAX_N", default_value_t = 10)]
-    pub max_n: usize,
+    /// Largest `n` (images per request) of POST /v1/images/edits; at most MAX_QUEUE [default: 10, or
+    /// MAX_QUEUE when that is smaller].
+    #[arg(long, env = "MAX_N")]
+    pub max_n: Option<usize>,
     /// Most parts in one multipart/form-data body (POST /v1/images/edits); 400 beyond.
     #[arg(long, env = "MULTIPART_MAX_PARTS", default_value_t = 64)]
     pub multipart_max_parts: usize,
@@ -376,8 +379,9 @@ impl Settings {
         if a.result_memory_bytes < 64 * 1024 {
             return Err(bad("RESULT_MEMORY_BYTES", format!("{} bytes is less than 64 KiB", a.result_memory_bytes)));
         }
-        if a.max_n == 0 || a.max_n > service.max_queue {
-            return Err(bad("MAX_N", format!("{} is not in 1..=MAX_QUEUE ({})", a.max_n, service.max_queue)));
+        let max_n = a.max_n.unwrap_or(DEFAULT_MAX_N.min(service.max_queue));
+        if max_n == 0 || max_n > service.max_queue {
+            return Err(bad("MAX_N", format!("{max_n} is not in 1..=MAX_QUEUE ({})", service.max_queue)));
         }
         if !(2..=10_000).contains(&a.multipart_max_parts) {
             return Err(bad("MULTIPART_MAX_PARTS", format!("{} is not in 2..=10000", a.multipart_max_parts)));
@@ -396,7 +400,7 @@ impl Settings {
             slow_request: Duration::from_millis(a.slow_request_ms),
             result_ttl: seconds("RESULT_TTL", a.result_ttl)?,
             result_memory_bytes: a.result_memory_bytes,
-            max_n: a.max_n,
+            max_n,
             multipart_max_parts: a.multipart_max_parts,
             multipart_max_part_bytes: a.multipart_max_part_bytes,
             body_min_rate: a.body_min_rate,
@@ -521,7 +525,7 @@ impl Settings {
             image_path_root: None,
             result_ttl: Duration::from_secs(1800),
             result_memory_bytes: DEFAULT_RESULT_MEMORY_BYTES,
-            max_n: 10,
+            max_n: DEFAULT_MAX_N,
             multipart_max_parts: 64,
             multipart_max_part_bytes: 20 * 1024 * 1024,
         }
@@ -693,6 +697,11 @@ mod tests {
         assert!(parse(&["--lightning", "false"]).map(|s| !s.lightning).unwrap_or(true));
         assert!(parse(&["--batch-size", "0"]).unwrap_err().contains("BATCH_SIZE"));
         assert!(parse(&["--max-queue", "0"]).unwrap_err().contains("MAX_QUEUE"));
+        // MAX_N's default follows a small MAX_QUEUE; only an explicit MAX_N over it is refused.
+        assert_eq!(parse(&["--max-queue", "3"]).unwrap().max_n, 3);
+        assert_eq!(parse(&["--max-queue", "64"]).unwrap().max_n, DEFAULT_MAX_N);
+        assert!(parse(&["--max-queue", "3", "--max-n", "4"]).unwrap_err().contains("MAX_N"));
+        assert!(parse(&["--max-n", "0"]).unwrap_err().contains("MAX_N"));
         assert!(parse(&["--log-format", "xml"]).unwrap_err().contains("LOG_FORMAT"));
         assert!(parse(&["--precision", "int3"]).unwrap_err().contains("PRECISION_MODE"));
         assert_eq!(parse(&["--precision", "8bit"]).unwrap().precision.to_string(), "fp8");

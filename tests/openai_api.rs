@@ -11,20 +11,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use qwen_edit::config::Settings;
-use qwen_edit::server::Server;
 use serde_json::Value;
 use server_support::*;
-
-async fn start(settings: Settings) -> Server {
-    let server = Server::start(settings).await.expect("server starts");
-    tokio::time::timeout(Duration::from_secs(120), server.ready()).await.expect("loads in time").expect("the tiny bundle loads");
-    server
-}
-
-async fn stop(server: Server) {
-    server.shutdown();
-    assert_eq!(server.wait().await.expect("clean stop"), qwen_edit::server::Drain::Clean);
-}
 
 const BOUNDARY: &str = "0123456789abcdef0123456789abcdef";
 
