@@ -27,6 +27,12 @@
 //! batch was not stopped), each job that still has a client is run again alone, so only the job
 //! that breaks the batch fails. A watchdog compares the running batch's time with what its work
 //! should take at the recent speed ([`Batcher::stall`]).
+//!
+//! Whether a partial bucket waits for company at all is the [`WaitMode`] (`wait.rs`): `fixed` waits
+//! `batch_timeout`, `adaptive` only when the arrival rate and the measured cost per batch size say
+//! it pays; the figures it learns are [`Batcher::learned`].
+
+mod wait;
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -36,6 +42,9 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+
+use wait::WaitPolicy;
+pub use wait::{Learned, SizeCost, WaitMode};
 
 /// What the engine worker runs: one batch of jobs to one result per job, in order (a closure over
 /// the pipeline in production; test doubles in the unit tests). `proceed` says whether anyone
@@ -84,6 +93,8 @@ pub struct BatchPolicy {
     pub batch_size: usize,
     pub batch_timeout: Duration,
     pub max_queue: usize,
+    /// Whether a partial batch waits `batch_timeout` always, or only when it pays.
+    pub wait: WaitMode,
     /// A batch is stalled when it has run longer than `factor` times its expected time plus `grace`.
     pub watchdog: Watchdog,
 }
@@ -171,11 +182,17 @@ struct Shared<K> {
     /// The running batch: when it started, its jobs and its work.
     running: Mutex<Option<(Instant, usize, f64)>>,
     sizing: SharedSizing<K>,
+    /// Arrivals (fed by the scheduler) and batch costs (fed by the worker) for the wait decision.
+    wait: Mutex<WaitPolicy<K>>,
 }
 
 impl<K> Shared<K> {
     fn sizing(&self) -> Option<Arc<dyn Sizing<K>>> {
         self.sizing.read().map(|s| s.clone()).unwrap_or(None)
+    }
+
+    fn wait(&self) -> std::sync::MutexGuard<'_, WaitPolicy<K>> {
+        self.wait.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -222,6 +239,7 @@ impl<K: BatchKey + Sync, J: Send + 'static, O: Send + 'static, E: From<Failure> 
             per_work: AtomicU64::new(0),
             running: Mutex::new(None),
             sizing: Arc::new(RwLock::new(None)),
+            wait: Mutex::new(WaitPolicy::new(policy.wait, policy.batch_timeout, policy.batch_size)),
         });
         let (obs, worker_shared) = (observer.clone(), shared.clone());
         std::thread::Builder::new().name("engine-worker".into()).spawn(move || {
@@ -241,7 +259,7 @@ impl<K: BatchKey + Sync, J: Send + 'static, O: Send + 'static, E: From<Failure> 
             };
             Worker { runner, observer: obs, shared: worker_shared }.serve(batch_rx, idle_tx);
         })?;
-        let finished = tokio::spawn(schedule(rx, batch_tx, idle_rx, policy, observer, shared.sizing.clone()));
+        let finished = tokio::spawn(schedule(rx, batch_tx, idle_rx, policy, observer, shared.clone()));
         let batcher = Batcher { tx, permits: Arc::new(Semaphore::new(policy.max_queue)), policy, shared };
         Ok((batcher, ready_rx, finished))
     }
@@ -316,6 +334,16 @@ impl<K: BatchKey + Sync, J: Send + 'static, O: Send + 'static, E: From<Failure> 
 
     pub fn policy(&self) -> BatchPolicy {
         self.policy
+    }
+
+    /// What the wait policy has learned: the arrival rate and the cost per batch size.
+    pub fn learned(&self) -> Learned {
+        self.shared.wait().learned(Instant::now())
+    }
+
+    /// Jobs in the batch the engine worker runs now (0 when idle).
+    pub fn running_jobs(&self) -> usize {
+        self.shared.running.lock().ok().and_then(|r| r.map(|(_, n, _)| n)).unwrap_or(0)
     }
 
     /// A `Retry-After` for an overloaded queue: the time to work off the queue at the recent batch
@@ -409,6 +437,7 @@ impl<K: BatchKey, R> Worker<K, R> {
         }
         if whole {
             self.learn_speed(compute, work); // a stopped or retried batch says nothing of the speed
+            self.shared.wait().ran(n, compute, work);
         }
         let failed = results.iter().filter(|r| r.is_err()).count();
         self.observer.batch_finished(n, compute, failed);
@@ -515,6 +544,9 @@ impl<K: BatchKey, J, O, E> Queued for Pending<K, J, O, E> {
     }
 }
 
+/// For a bucket's key, its jobs and its oldest job's arrival: until when it waits (`None`: start now).
+type Waits<'a, K> = dyn Fn(&K, usize, Instant) -> Option<Instant> + 'a;
+
 /// What the scheduling policy takes from a bucket.
 enum Pick<P> {
     Batch(Vec<P>),
@@ -567,22 +599,56 @@ impl<P: Queued> Buckets<P> {
         gone
     }
 
-    /// When the next partial bucket becomes ready.
+    /// When the next partial bucket becomes ready under the fixed wait.
+    #[cfg(test)]
     fn next_deadline(&self) -> Option<Instant> {
-        self.buckets.values().filter_map(|q| q.front()?.first()).map(|p| p.enqueued() + self.timeout).min()
+        let timeout = self.timeout;
+        self.next_wake(Instant::now(), &|_, _, head| Some(head + timeout))
     }
 
-    /// The next batch to run at `now` (`flush`: don't wait for partial buckets): whole units from the
-    /// bucket's front, at most `batch_size` jobs and at most as many as `fits` allows. When the front
-    /// unit does not fit whole, as many of its jobs as fit run and the rest stay at the front.
+    /// When a partial bucket should be looked at again: the earliest time `wait` gives (`wait` says,
+    /// for a bucket's key, jobs and oldest job, until when it waits; `None`: ready now).
+    fn next_wake(&self, now: Instant, wait: &Waits<'_, P::Key>) -> Option<Instant> {
+        self.buckets
+            .iter()
+            .filter_map(|(k, q)| {
+                let head = q.front()?.first()?.enqueued();
+                let jobs: usize = q.iter().map(Vec::len).sum();
+                if jobs >= self.batch_size {
+                    return Some(now);
+                }
+                // Never past the timeout, whatever `wait` says: BATCH_TIMEOUT_MS is the longest wait.
+                Some(wait(k, jobs, head).unwrap_or(now).min(head + self.timeout))
+            })
+            .min()
+    }
+
+    /// [`Buckets::pick_with`] under the fixed wait (`timeout` for every partial bucket).
+    #[cfg(test)]
     fn pick(&mut self, now: Instant, flush: bool, fits: &dyn Fn(&P::Key, usize) -> bool) -> Option<Pick<P>> {
+        let timeout = self.timeout;
+        self.pick_with(now, flush, fits, &|_, _, head| (now < head + timeout).then_some(head + timeout))
+    }
+
+    /// The next batch to run at `now` (`flush`: don't wait for partial buckets; `wait`: see
+    /// [`Buckets::next_wake`]): whole units from the bucket's front, at most `batch_size` jobs and at
+    /// most as many as `fits` allows. When the front unit does not fit whole, as many of its jobs as
+    /// fit run and the rest stay at the front.
+    fn pick_with(
+        &mut self,
+        now: Instant,
+        flush: bool,
+        fits: &dyn Fn(&P::Key, usize) -> bool,
+        wait: &Waits<'_, P::Key>,
+    ) -> Option<Pick<P>> {
         let key = self
             .buckets
             .iter()
             .filter_map(|(k, q)| {
                 let head = q.front()?.first()?.enqueued();
                 let jobs: usize = q.iter().map(Vec::len).sum();
-                let ready = flush || jobs >= self.batch_size || now >= head + self.timeout;
+                let timed_out = now >= head + self.timeout;
+                let ready = flush || jobs >= self.batch_size || timed_out || wait(k, jobs, head).is_none_or(|t| t <= now);
                 ready.then_some((head, k))
             })
             .min_by_key(|(head, _)| *head)
@@ -626,8 +692,9 @@ async fn schedule<K: BatchKey + Sync, J: Send + 'static, O: Send + 'static, E: F
     mut idle_rx: mpsc::UnboundedReceiver<()>,
     policy: BatchPolicy,
     observer: Arc<dyn Observer>,
-    sizing: SharedSizing<K>,
+    shared: Arc<Shared<K>>,
 ) {
+    let sizing = shared.sizing.clone();
     let mut buckets: Buckets<Pending<K, J, O, E>> = Buckets::new(policy.batch_size, policy.batch_timeout);
     let mut idle = false; // the worker says when it is ready (after opening the pipeline)
     let mut closing = false;
@@ -636,10 +703,15 @@ async fn schedule<K: BatchKey + Sync, J: Send + 'static, O: Send + 'static, E: F
     let mut sweep = tokio::time::interval(Duration::from_millis(100));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let deadline = if idle { buckets.next_deadline() } else { None };
+        let deadline = if idle { next_wake(&buckets, &shared) } else { None };
         tokio::select! {
             m = rx.recv(), if !closing => match m {
-                Some(Msg::Jobs(unit)) => buckets.push_unit(unit),
+                Some(Msg::Jobs(unit)) => {
+                    if let Some(p) = unit.first() {
+                        shared.wait().arrived(&p.key, unit.len(), Instant::now());
+                    }
+                    buckets.push_unit(unit)
+                }
                 Some(Msg::Close) | None => closing = true,
             },
             i = idle_rx.recv(), if worker_alive => match i {
@@ -669,7 +741,9 @@ async fn schedule<K: BatchKey + Sync, J: Send + 'static, O: Send + 'static, E: F
         if idle {
             let current = sizing.read().map(|s| s.clone()).unwrap_or(None);
             let fits = |k: &K, n: usize| current.as_ref().is_none_or(|s| s.fits(k, n));
-            while let Some(pick) = buckets.pick(Instant::now(), false, &fits) {
+            let now = Instant::now();
+            let waits = wait_rule(&shared, current.clone(), now);
+            while let Some(pick) = buckets.pick_with(now, false, &fits, &waits) {
                 match pick {
                     Pick::TooLarge(p) => {
                         tracing::warn!(key = ?p.key, "a queued job does not fit in the batch memory budget alone; failed");
@@ -694,6 +768,24 @@ async fn schedule<K: BatchKey + Sync, J: Send + 'static, O: Send + 'static, E: F
     drop(batch_tx);
     // Let the worker finish (it exits when the batch channel closes).
     while idle_rx.recv().await.is_some() {}
+}
+
+/// The wait decision of every bucket at `now`, from the shared policy (one lock per bucket asked).
+fn wait_rule<K: BatchKey>(
+    shared: &Arc<Shared<K>>,
+    sizing: Option<Arc<dyn Sizing<K>>>,
+    now: Instant,
+) -> impl Fn(&K, usize, Instant) -> Option<Instant> + '_ {
+    move |key: &K, jobs: usize, head: Instant| {
+        let unit = sizing.as_ref().map_or(1.0, |s| s.work(key, 1));
+        shared.wait().decide(key, jobs, head, now, unit)
+    }
+}
+
+fn next_wake<K: BatchKey, P: Queued<Key = K>>(buckets: &Buckets<P>, shared: &Arc<Shared<K>>) -> Option<Instant> {
+    let now = Instant::now();
+    let waits = wait_rule(shared, shared.sizing(), now);
+    buckets.next_wake(now, &waits)
 }
 
 #[cfg(test)]
@@ -916,6 +1008,7 @@ mod tests {
             batch_size,
             batch_timeout: Duration::from_millis(timeout_ms),
             max_queue,
+            wait: WaitMode::Fixed,
             watchdog: Watchdog::default(),
         };
         let (b, ready, fin) = Batcher::start(policy, Arc::new(NoObserver), move || {
@@ -948,6 +1041,41 @@ mod tests {
         assert!(b.try_admit_many(17).is_none(), "more places than max_queue");
         assert_eq!(b.try_admit_many(16).map(|t| t.len()), Some(16));
         assert_eq!(b.depth(), 0, "the dropped tickets are returned");
+        b.close();
+        fin.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn adaptive_wait_starts_a_lone_job_at_once_and_waits_in_a_burst() {
+        let log: Log = Arc::new(Mutex::new(Vec::new()));
+        let l = log.clone();
+        let policy = BatchPolicy {
+            batch_size: 4,
+            batch_timeout: Duration::from_secs(2),
+            max_queue: 16,
+            wait: WaitMode::Adaptive,
+            watchdog: Watchdog::default(),
+        };
+        let (b, _ready, fin): Started<Key, u32, u32, TestError, ()> =
+            Batcher::start(policy, Arc::new(NoObserver), move || Ok((Echo { batches: l, delay: Duration::from_millis(20) }, ())))
+                .unwrap();
+        let t = std::time::Instant::now();
+        assert_eq!(b.submit(b.try_admit().unwrap(), key(1), 1).await.unwrap().unwrap().batch_size, 1);
+        assert!(t.elapsed() < Duration::from_secs(1), "a lone job does not wait the 2 s timeout: {:?}", t.elapsed());
+        // A burst (a job every 2 ms): the first waits for company and the four run together.
+        let mut rxs = Vec::new();
+        for j in 2..6 {
+            rxs.push(b.submit(b.try_admit().unwrap(), key(1), j));
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        for rx in rxs {
+            assert_eq!(rx.await.unwrap().unwrap().batch_size, 4);
+        }
+        assert!(t.elapsed() < Duration::from_secs(1), "a full batch starts at once: {:?}", t.elapsed());
+        assert_eq!(log.lock().unwrap().clone(), vec![vec![1], vec![2, 3, 4, 5]]);
+        let learned = b.learned();
+        assert_eq!(learned.costs.iter().map(|c| c.batch_size).collect::<Vec<_>>(), vec![1, 4], "{learned:?}");
+        assert!(learned.arrival_rate > 0.0);
         b.close();
         fin.await.unwrap();
     }
@@ -1042,7 +1170,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_open_is_reported_and_jobs_fail_cleanly() {
-        let policy = BatchPolicy { batch_size: 2, batch_timeout: Duration::ZERO, max_queue: 4, watchdog: Watchdog::default() };
+        let policy = BatchPolicy {
+            batch_size: 2,
+            batch_timeout: Duration::ZERO,
+            max_queue: 4,
+            wait: WaitMode::Fixed,
+            watchdog: Watchdog::default(),
+        };
         let (b, ready, fin) = Batcher::<Key, u32, u32, TestError>::start(policy, Arc::new(NoObserver), || {
             Err::<(Echo, ()), _>("no bundle at x".to_string())
         })
@@ -1158,7 +1292,13 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let l = log.clone();
         let obs = Arc::new(Counting::default());
-        let policy = BatchPolicy { batch_size: 2, batch_timeout: Duration::ZERO, max_queue: 8, watchdog: Watchdog::default() };
+        let policy = BatchPolicy {
+            batch_size: 2,
+            batch_timeout: Duration::ZERO,
+            max_queue: 8,
+            wait: WaitMode::Fixed,
+            watchdog: Watchdog::default(),
+        };
         let (b, _ready, fin) = Batcher::<Key, u32, u32, TestError>::start(policy, obs.clone(), move || {
             Ok((Echo { batches: l, delay: Duration::from_millis(3000) }, ()))
         })
@@ -1193,7 +1333,7 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let l = log.clone();
         let watchdog = Watchdog { factor: 2.0, grace: Duration::from_millis(100) };
-        let policy = BatchPolicy { batch_size: 1, batch_timeout: Duration::ZERO, max_queue: 8, watchdog };
+        let policy = BatchPolicy { batch_size: 1, batch_timeout: Duration::ZERO, max_queue: 8, wait: WaitMode::Fixed, watchdog };
         let (b, _ready, fin) = Batcher::<Key, u32, u32, TestError>::start(policy, Arc::new(NoObserver), move || {
             Ok((Echo { batches: l, delay: Duration::from_millis(500) }, ()))
         })

@@ -15,6 +15,7 @@ use clap::builder::BoolishValueParser;
 use clap::ArgAction;
 use ipnet::IpNet;
 
+use crate::batcher::WaitMode;
 use crate::bundle::PrecisionMode;
 use crate::runtime::backend::BackendRequest;
 
@@ -101,6 +102,10 @@ pub struct ServiceArgs {
     /// How long the oldest job of a partial batch waits for company before the batch runs anyway.
     #[arg(long, env = "BATCH_TIMEOUT_MS", default_value_t = 40)]
     pub batch_timeout_ms: u64,
+    /// Whether a partial batch waits BATCH_TIMEOUT_MS for company always (fixed) or only when the
+    /// recent arrivals and the measured batch costs say it pays (adaptive).
+    #[arg(long, env = "BATCH_POLICY", default_value = "adaptive")]
+    pub batch_policy: String,
     /// Use the Lightning schedule (and the Lightning LoRA fused into the bundle, if it has one).
     #[arg(long = "lightning", env = "USE_LIGHTNING_LORA", default_value = "false", num_args = 0..=1,
           default_missing_value = "true", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
@@ -264,6 +269,7 @@ pub struct Settings {
     pub backend: BackendRequest,
     pub batch_size: usize,
     pub batch_timeout: Duration,
+    pub batch_policy: WaitMode,
     pub lightning: bool,
     pub lightning_steps: u32,
     pub precision: PrecisionMode,
@@ -454,6 +460,7 @@ impl Settings {
             backend: a.backend,
             batch_size: a.batch_size,
             batch_timeout: Duration::from_millis(a.batch_timeout_ms),
+            batch_policy: a.batch_policy.parse().map_err(|e| bad("BATCH_POLICY", e))?,
             lightning: a.use_lightning_lora,
             lightning_steps: a.lightning_steps,
             precision,
@@ -491,6 +498,7 @@ impl Settings {
             backend: BackendRequest::Auto,
             batch_size: 4,
             batch_timeout: Duration::from_millis(40),
+            batch_policy: WaitMode::Adaptive,
             lightning: false,
             lightning_steps: 8,
             precision: PrecisionMode::Auto,

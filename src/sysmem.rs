@@ -78,6 +78,49 @@ pub fn peak_rss() -> Option<u64> {
     kib_field(&std::fs::read_to_string("/proc/self/status").ok()?, "VmHWM:")
 }
 
+/// Memory the host still has available (`MemAvailable`), or what the cgroup limit leaves when that
+/// is less (limit minus `memory.current`, cgroup v2), in bytes.
+pub fn host_available() -> Option<u64> {
+    let host = read_meminfo("MemAvailable:");
+    let cgroup = cgroup_limit().and_then(|limit| {
+        let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let rel = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?.trim_start_matches('/');
+        let used: u64 =
+            std::fs::read_to_string(Path::new("/sys/fs/cgroup").join(rel).join("memory.current")).ok()?.trim().parse().ok()?;
+        Some(limit.saturating_sub(used))
+    });
+    match (host, cgroup) {
+        (Some(h), Some(c)) => Some(h.min(c)),
+        (h, c) => h.or(c),
+    }
+}
+
+/// CPU time this process has used (user + system, all threads), in seconds.
+pub fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    cpu_seconds_in(&stat, clock_ticks())
+}
+
+/// [`cpu_seconds`] from the text of `/proc/self/stat` (fields 14 and 15 after the command name).
+fn cpu_seconds_in(stat: &str, ticks_per_second: f64) -> Option<f64> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / ticks_per_second)
+}
+
+/// Clock ticks per second of `/proc` times (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf only reads a constant of the system.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
 /// Resets the peak to the current RSS. Returns false when the kernel does not allow it.
 pub fn reset_peak() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
@@ -120,6 +163,18 @@ pub fn human(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_time_and_available_memory_are_read() {
+        let stat = "4242 (qwen edit (x)) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 9 0 100 0 0";
+        assert_eq!(cpu_seconds_in(stat, 100.0), Some(3.0), "utime 250 + stime 50 ticks");
+        assert_eq!(cpu_seconds_in("garbage", 100.0), None);
+        if Path::new("/proc/self/stat").exists() {
+            let spent = cpu_seconds().expect("Linux /proc");
+            let avail = host_available().expect("MemAvailable");
+            assert!(spent >= 0.0 && avail > 0 && avail <= available_total().unwrap_or(u64::MAX) * 2, "{spent} {avail}");
+        }
+    }
 
     #[test]
     fn sizes_parse_with_units() {

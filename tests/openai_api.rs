@@ -233,7 +233,7 @@ async fn the_openapi_document_is_valid_and_matches_the_server() {
     let run_body =
         serde_json::json!({"input": {"prompt": "p", "image_base64": image, "seed": 1, "num_inference_steps": 2}}).to_string();
     let routes = qwen_edit::server::openapi::routes();
-    assert_eq!(routes.len(), 14, "{routes:?}");
+    assert_eq!(routes.len(), 15, "{routes:?}");
     let v2_job = call(addr, "POST", "/v2/ep/runsync", run_body.clone().into_bytes(), "application/json").await.json();
     let job_id = v2_job["id"].as_str().unwrap().to_string();
     for (method, template) in &routes {

@@ -26,8 +26,8 @@ pub struct Pipeline {
     last_stages: Option<StageTimes>,
 }
 
-/// Wall time of each stage of one batch (for benches and logs).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+/// Wall time of each stage of one batch (for benches, logs and the server's stage metrics).
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct StageTimes {
     pub batch: usize,
     /// VL processor patches to prompt embeddings (text encoder).
@@ -35,6 +35,9 @@ pub struct StageTimes {
     pub vae_encode: Duration,
     /// Every transformer step with its Euler update.
     pub denoise: Duration,
+    /// Each denoising step (from one step's checkpoint to the next; on a device loop, as the host
+    /// sees the steps finish).
+    pub steps: Vec<Duration>,
     /// VAE decoder and conversion to pictures.
     pub decode: Duration,
 }
@@ -121,7 +124,12 @@ impl Pipeline {
 
     /// Stage times of the last batch that completed.
     pub fn last_stages(&self) -> Option<StageTimes> {
-        self.last_stages
+        self.last_stages.clone()
+    }
+
+    /// Stage times of the last batch that completed, once (`None` again until the next one completes).
+    pub fn take_stages(&mut self) -> Option<StageTimes> {
+        self.last_stages.take()
     }
 
     /// What the engines did (graph captures, replays, ...) and the host loop's steps, shared with them.
@@ -234,12 +242,23 @@ impl Pipeline {
         at(Checkpoint::VaeEncoder)?;
         let image_latents = self.encode_images(jobs, trace.as_deref_mut())?;
         let t2 = Instant::now();
-        let x = self.denoise(jobs, text, &image_latents, trace.as_deref_mut(), control)?;
+        let marks = std::cell::RefCell::new(Vec::new());
+        let timed = |c: Checkpoint| {
+            if matches!(c, Checkpoint::Step(_)) {
+                marks.borrow_mut().push(Instant::now());
+            }
+            control(c)
+        };
+        let x = self.denoise(jobs, text, &image_latents, trace.as_deref_mut(), &timed)?;
         let t3 = Instant::now();
         at(Checkpoint::VaeDecoder)?;
         let images = self.decode(jobs, x, trace)?;
         control(Checkpoint::Done);
-        let stages = StageTimes { batch: jobs.len(), text: t1 - t0, vae_encode: t2 - t1, denoise: t3 - t2, decode: t3.elapsed() };
+        let mut marks = marks.into_inner();
+        marks.push(t3);
+        let steps = marks.windows(2).map(|w| w[1] - w[0]).collect();
+        let (text, vae_encode, denoise, decode) = (t1 - t0, t2 - t1, t3 - t2, t3.elapsed());
+        let stages = StageTimes { batch: jobs.len(), text, vae_encode, denoise, steps, decode };
         tracing::debug!(?stages, "batch stages");
         self.last_stages = Some(stages);
         Ok(images)

@@ -276,11 +276,13 @@ pub(super) async fn serve(
     }
 }
 
-/// The answer to a connection over `MAX_CONNECTIONS`, written without waiting, then closed.
+/// The answer to a connection over `MAX_CONNECTIONS`, written without waiting (no request is read,
+/// so its `X-Request-ID` is a new one), then closed.
 pub(super) fn refuse(stream: TcpStream) {
     const BODY: &str = r#"{"error":"too many open connections (MAX_CONNECTIONS); retry shortly","error_type":"overloaded"}"#;
+    let id = crate::service::jobs::new_id(crate::service::jobs::Kind::Async);
     let response = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nx-request-id: {id}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
         BODY.len()
     );
     let _ = stream.try_write(response.as_bytes());

@@ -19,7 +19,7 @@ mod v2;
 mod wire;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -64,7 +64,6 @@ pub struct AppState {
     jobs: Arc<JobStore>,
     api_key_digest: Option<[u8; 32]>,
     started: Instant,
-    ids: AtomicU64,
     open_connections: AtomicUsize,
 }
 
@@ -72,23 +71,13 @@ impl AppState {
     fn new(service: Arc<EditService>) -> Result<AppState, String> {
         let api_key_digest = service.settings().api_key.as_deref().map(digest);
         let jobs = JobStore::start(service.clone())?;
-        Ok(AppState {
-            service,
-            jobs,
-            api_key_digest,
-            started: Instant::now(),
-            ids: AtomicU64::new(1),
-            open_connections: AtomicUsize::new(0),
-        })
+        Ok(AppState { service, jobs, api_key_digest, started: Instant::now(), open_connections: AtomicUsize::new(0) })
     }
     fn connections(&self) -> usize {
         self.open_connections.load(Ordering::Relaxed)
     }
     fn settings(&self) -> &Settings {
         self.service.settings()
-    }
-    fn next_request_id(&self) -> u64 {
-        self.ids.fetch_add(1, Ordering::Relaxed)
     }
 }
 

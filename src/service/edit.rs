@@ -242,6 +242,9 @@ impl EditService {
                 .pool
                 .run(cancel, Some(memory), move || Ok(super::images::encode_base64(&imaging::encode(&image, output_format)?)))
                 .await?;
+            let encode = encode_start.elapsed();
+            self.metrics.stage("preprocess", done.batch_size, preprocess);
+            self.metrics.stage("encode", done.batch_size, encode);
             responses.push(EditResponse {
                 image: encoded,
                 prompt: prompt.clone(),
@@ -256,7 +259,7 @@ impl EditService {
                     preprocess_ms: ms(preprocess),
                     queue_ms: ms(done.queue_time),
                     compute_ms: ms(done.compute_time),
-                    encode_ms: ms(encode_start.elapsed()),
+                    encode_ms: ms(encode),
                     batch_size: done.batch_size,
                 },
             });

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::StatusCode;
 use tokio::sync::{watch, Notify};
+use tracing::Instrument;
 
 use super::fetch::{FetchError, FetchPolicy, Fetcher};
 pub use super::records::{failure_text, new_id, JobStatus, JobView, Kind, StoreHealth, StoreLimits};
@@ -165,7 +166,7 @@ impl JobStore {
     /// (no JSON object, no `input`), 422 (a webhook that is not an allowed http(s) URL) or 503 (the
     /// server drains or failed, or the store's budget is full of queued inputs). A loading model is
     /// no refusal: the job waits in the queue.
-    pub async fn submit(&self, body: Bytes, kind: Kind) -> Result<String, ApiError> {
+    pub async fn submit(&self, body: Bytes, kind: Kind, request_id: &str) -> Result<String, ApiError> {
         let webhook = if body.len() > 1 << 20 {
             let b = body.clone();
             tokio::task::spawn_blocking(move || peek(&b)).await.map_err(|e| ApiError::internal(e.to_string()))??
@@ -177,7 +178,8 @@ impl JobStore {
         }
         self.accepting()?;
         let id = new_id(kind);
-        self.lock().insert(id.clone(), kind, body, webhook, Instant::now())?;
+        self.lock().insert(id.clone(), kind, body, webhook, request_id.to_string(), Instant::now())?;
+        tracing::info!(job = %id, "job queued");
         self.wake.notify_one();
         Ok(id)
     }
@@ -283,15 +285,19 @@ impl JobStore {
                 };
             }
         };
-        let Some((id, body)) = g.start_next(Instant::now()) else { return Step::Idle };
+        let Some((id, body, request_id)) = g.start_next(Instant::now()) else { return Step::Idle };
         let store = self.clone();
         let busy = Busy::new(&self.busy);
         let task_id = id.clone();
-        let handle = tokio::spawn(async move {
-            let _busy = busy;
-            let result = execute(&store.service, admission, body, Instant::now()).await;
-            store.finish(&task_id, result);
-        });
+        let span = tracing::info_span!("job", request_id = %request_id, job = %id);
+        let handle = tokio::spawn(
+            async move {
+                let _busy = busy;
+                let result = execute(&store.service, admission, body, Instant::now()).await;
+                store.finish(&task_id, result);
+            }
+            .instrument(span),
+        );
         g.set_abort(&id, handle.abort_handle());
         Step::Started
     }

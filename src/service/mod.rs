@@ -51,11 +51,12 @@ use std::time::Duration;
 
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::batcher::{BatchPolicy, Batcher, Finished, Stall, Watchdog};
+use crate::batcher::{BatchPolicy, Batcher, Finished, Learned, Stall, Watchdog};
 use crate::config::Settings;
 use crate::imaging;
 use crate::metrics::Metrics;
 use crate::pipeline::{BatchKey, EditError, EditOutput, Preprocessor};
+pub use crate::runtime::counters::DeviceStatus;
 use crate::sysmem::{self, human};
 pub use error::ApiError;
 use fetch::{FetchPolicy, Fetcher};
@@ -143,6 +144,46 @@ pub struct Status {
     /// The running batch, when the watchdog finds it far over its expected time.
     pub stall: Option<Stall>,
     pub memory: MemoryStatus,
+    pub cpu: CpuStatus,
+    /// The GPU and the engines' memory on it (TensorRT only; `None` on the CPU backend).
+    pub device: Option<DeviceStatus>,
+}
+
+/// The CPU part of /health.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CpuStatus {
+    /// CPUs this process may use.
+    pub count: usize,
+    /// CPU time this process has used since it started (user + system), seconds.
+    pub process_seconds: Option<f64>,
+    /// CPU-heavy tasks (parse, decode, prepare, encode) running now, and the most at once.
+    pub tasks_running: usize,
+    pub tasks_peak: usize,
+}
+
+/// What `GET /queue/status` shows.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct QueueStatus {
+    /// Jobs admitted and waiting for their batch, and the most that may (`MAX_QUEUE`).
+    pub queue_depth: usize,
+    pub max_queue: usize,
+    /// Jobs in the batch the engine runs now.
+    pub running: usize,
+    /// Whether a new request would be admitted now, and why not.
+    pub accepting: bool,
+    pub reason: Option<String>,
+    pub batch_policy: PolicyStatus,
+}
+
+/// The batch policy in force and what it has learned.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PolicyStatus {
+    /// `adaptive` or `fixed` (`BATCH_POLICY`).
+    pub policy: &'static str,
+    pub batch_size: usize,
+    pub batch_timeout_ms: u64,
+    #[serde(flatten)]
+    pub learned: Learned,
 }
 
 /// The memory part of /health.
@@ -152,6 +193,10 @@ pub struct MemoryStatus {
     pub request_budget_bytes: u64,
     pub request_bytes_in_use: u64,
     pub resident_bytes: Option<u64>,
+    /// The most resident memory since the model was loaded (the memory probe resets the mark).
+    pub resident_peak_bytes: Option<u64>,
+    /// What the host (or the container's cgroup) still has available.
+    pub host_available_bytes: Option<u64>,
     /// Present once the model is loaded.
     pub plan: Option<MemoryPlan>,
     /// Per output size of the bundle: one job's batch memory and the largest batch that fits.
@@ -171,9 +216,10 @@ impl EditService {
             Err(why) => (false, format!("loading the model; no GPU backend: {why}")),
         };
         metrics.set_ready(false);
-        let open_settings = settings.clone();
-        let (batcher, loaded, finished) = Batcher::start(policy(&settings), metrics.clone(), move || model::open(&open_settings))
-            .map_err(StartError::Worker)?;
+        let (open_settings, stage_metrics) = (settings.clone(), metrics.clone());
+        let (batcher, loaded, finished) =
+            Batcher::start(policy(&settings), metrics.clone(), move || model::open(&open_settings, stage_metrics))
+                .map_err(StartError::Worker)?;
         let fetcher = Fetcher::new(FetchPolicy::from_settings(&settings)).map_err(StartError::Setup)?;
         let service = Arc::new(EditService::new(settings, metrics, batcher, fetcher, gpu_available, gpu_reason));
         let s = service.clone();
@@ -382,7 +428,15 @@ impl EditService {
         let model = self.model().cloned();
         let loaded = self.model.get();
         let (in_use, _) = self.budget.used();
+        let (tasks_running, tasks_peak, _) = self.pool.counts();
         Status {
+            cpu: CpuStatus {
+                count: std::thread::available_parallelism().map_or(1, |n| n.get()),
+                process_seconds: sysmem::cpu_seconds(),
+                tasks_running,
+                tasks_peak,
+            },
+            device: self.metrics.device_status(),
             phase: self.phase(),
             gpu_available: model.as_ref().map_or(self.gpu_available, |m| m.gpu_available),
             backend_reason: model.as_ref().map_or_else(|| self.gpu_reason.clone(), |m| m.backend_reason.clone()),
@@ -394,6 +448,8 @@ impl EditService {
                 request_budget_bytes: self.budget.limit(),
                 request_bytes_in_use: in_use,
                 resident_bytes: sysmem::rss(),
+                resident_peak_bytes: sysmem::peak_rss(),
+                host_available_bytes: sysmem::host_available(),
                 plan: loaded.map(|m| m.plan.clone()),
                 resolutions: loaded.map(|m| m.fits.clone()).unwrap_or_default(),
             },
@@ -420,6 +476,41 @@ impl EditService {
         let memory = Reservation::new(&self.budget);
         memory.at_least(MIN_REQUEST_BYTES).map_err(|r| r.to_api("a new request"))?;
         Ok(Admission { body_slot, memory })
+    }
+
+    /// Whether [`EditService::admit`] would admit a request now (without taking anything).
+    pub fn would_admit(&self) -> Result<(), ApiError> {
+        self.loaded()?;
+        if !self.batcher.has_room() {
+            return Err(self.queue_full());
+        }
+        if self.body_slots.available_permits() == 0 {
+            return Err(ApiError::overloaded("MAX_BODY_READERS request bodies are being received", Duration::from_secs(2)));
+        }
+        let (used, _) = self.budget.used();
+        if used + MIN_REQUEST_BYTES > self.budget.limit() {
+            return Err(ApiError::overloaded("REQUEST_MEMORY is full", Duration::from_secs(2)));
+        }
+        Ok(())
+    }
+
+    /// The queue, the running batch, admission and the batch policy (`GET /queue/status`).
+    pub fn queue_status(&self) -> QueueStatus {
+        let admit = self.would_admit();
+        let policy = self.batcher.policy();
+        QueueStatus {
+            queue_depth: self.batcher.depth(),
+            max_queue: self.settings.max_queue,
+            running: self.batcher.running_jobs(),
+            accepting: admit.is_ok(),
+            reason: admit.err().map(|e| e.message),
+            batch_policy: PolicyStatus {
+                policy: policy.wait.as_str(),
+                batch_size: policy.batch_size,
+                batch_timeout_ms: policy.batch_timeout.as_millis() as u64,
+                learned: self.batcher.learned(),
+            },
+        }
     }
 
     fn queue_full(&self) -> ApiError {
@@ -449,6 +540,7 @@ fn policy(settings: &Settings) -> BatchPolicy {
         batch_size: settings.batch_size,
         batch_timeout: settings.batch_timeout,
         max_queue: settings.max_queue,
+        wait: settings.batch_policy,
         watchdog: Watchdog { factor: settings.watchdog_factor, ..Watchdog::default() },
     }
 }

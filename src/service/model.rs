@@ -7,7 +7,10 @@ use std::sync::Arc;
 use super::work::Reservation;
 use crate::batcher::Failure;
 use crate::config::Settings;
-use crate::pipeline::{EditError, EditOutput, MemoryModel, Pipeline, PipelineInfo, PipelineOptions, Prepared, Preprocessor};
+use crate::metrics::Metrics;
+use crate::pipeline::{
+    EditError, EditOutput, MemoryModel, Pipeline, PipelineInfo, PipelineOptions, Prepared, Preprocessor, StageTimes,
+};
 use crate::runtime::counters::RunCounters;
 
 /// What the front ends need to know about the loaded model.
@@ -71,8 +74,9 @@ impl From<Failure> for EditError {
     }
 }
 
-/// Opens the bundle (call on the engine worker thread).
-pub fn open(settings: &Settings) -> Result<(BatchFn, Loaded), String> {
+/// Opens the bundle (call on the engine worker thread); every batch that completes records its
+/// stage times in `metrics`.
+pub fn open(settings: &Settings, metrics: Arc<Metrics>) -> Result<(BatchFn, Loaded), String> {
     let options = PipelineOptions {
         backend: settings.backend,
         staging_rows: settings.batch_size,
@@ -91,11 +95,26 @@ pub fn open(settings: &Settings) -> Result<(BatchFn, Loaded), String> {
     }
     let counters = pipeline.counters();
     counters.reset(); // the memory probe's runs are not served work: /metrics counts requests' work only
+    pipeline.take_stages();
     let run: BatchFn = Box::new(move |jobs: &[Job], proceed: &dyn Fn() -> bool| {
         let refs: Vec<&Prepared> = jobs.iter().map(|j| &j.prepared).collect();
-        pipeline.run_batch_with(&refs, &|_| proceed())
+        let results = pipeline.run_batch_with(&refs, &|_| proceed());
+        if let Some(stages) = pipeline.take_stages() {
+            record_stages(&metrics, &stages);
+        }
+        results
     });
     Ok((run, Loaded { info, preprocessor, resolutions, memory, counters }))
+}
+
+/// One completed batch's stages in `qwen_edit_stage_duration_seconds` (one sample per denoising step).
+fn record_stages(metrics: &Metrics, s: &StageTimes) {
+    metrics.stage("text_encoder", s.batch, s.text);
+    metrics.stage("vae_encoder", s.batch, s.vae_encode);
+    for step in &s.steps {
+        metrics.stage("denoise_step", s.batch, *step);
+    }
+    metrics.stage("vae_decoder", s.batch, s.decode);
 }
 
 fn describe(info: &PipelineInfo, settings: &Settings) -> ModelInfo {

@@ -101,7 +101,9 @@ impl CpuPool {
             return Err(gone());
         }
         let (pool, cancel, memory) = (self.clone(), cancel.clone(), memory.cloned());
+        let span = tracing::Span::current(); // the request's, so the task's log lines carry its id
         let task = tokio::task::spawn_blocking(move || {
+            let _in_span = span.enter();
             let _held = (permit, memory);
             if cancel.is_cancelled() {
                 pool.skipped.fetch_add(1, Ordering::Relaxed);

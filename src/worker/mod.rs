@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{watch, Notify};
 use tokio::task::{AbortHandle, JoinHandle};
+use tracing::Instrument;
 
 use crate::config::{RunPodSettings, Settings, WorkerArgs, WorkerMode};
 use crate::lifecycle::{init_logging, shutdown_signal};
@@ -265,15 +266,23 @@ impl Worker {
             return;
         }
         let (service, body, max) = (self.service.clone(), job.body, self.max_body);
-        let edit: JoinHandle<Result<EditResponse, ApiError>> = tokio::spawn(async move {
-            if body.len() > max {
-                return Err(ApiError::too_large(format!("the job is {} bytes, more than MAX_BODY_BYTES ({max})", body.len())));
+        // The job's id is its request id: every log line about it carries it, and so does its result (X-Request-ID).
+        let span = tracing::info_span!("job", request_id = %job.id);
+        let edit: JoinHandle<Result<EditResponse, ApiError>> = tokio::spawn(
+            async move {
+                if body.len() > max {
+                    return Err(ApiError::too_large(format!(
+                        "the job is {} bytes, more than MAX_BODY_BYTES ({max})",
+                        body.len()
+                    )));
+                }
+                run_job(&service, body).await
             }
-            run_job(&service, body).await
-        });
+            .instrument(span.clone()),
+        );
         jobs.insert(job.id.clone(), edit.abort_handle());
-        tracing::info!(job = %job.id, "job taken");
-        tokio::spawn(self.clone().finish(job.id, edit));
+        span.in_scope(|| tracing::info!("job taken"));
+        tokio::spawn(self.clone().finish(job.id, edit).instrument(span));
     }
 
     async fn finish(self: Arc<Self>, id: String, edit: JoinHandle<Result<EditResponse, ApiError>>) {

@@ -102,6 +102,12 @@ impl TrtEngine {
         })
     }
 
+    /// Device bytes of the engine's activation memory and of its IO buffers.
+    pub fn memory(&self) -> (u64, u64) {
+        let io: usize = self.in_bufs.iter().chain(&self.out_bufs).map(|(d, _)| d.bytes()).sum();
+        (self.activation.bytes() as u64, io as u64)
+    }
+
     /// Graphs captured and cached now.
     pub fn graphs_cached(&self) -> usize {
         self.graphs.len()
