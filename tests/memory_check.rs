@@ -65,6 +65,7 @@ async fn eight_concurrent_1mp_requests_under_batch_size_4_stay_under_memory_limi
             ("QWEN_EDIT_BUNDLE", dir.to_str().unwrap()),
             ("BATCH_SIZE", "4"),
             ("BATCH_TIMEOUT_MS", "3000"),
+            ("BATCH_POLICY", "fixed"),
             ("MEMORY_LIMIT", &limit),
             ("REQUEST_TIMEOUT", "3600"),
         ],
