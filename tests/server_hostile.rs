@@ -50,10 +50,8 @@ fn cores() -> f64 {
 }
 
 /// Item 1: ten clients send a 30 MP image and hang up. At most one CPU task per core ever runs,
-/// the work of the gone clients is skipped once they are gone (a decode that started before runs to
-/// its end: it cannot be interrupted), so the ten add at most one request's memory per core, not
-/// ten. (The "under 1.5x one request's peak" holds on one core; on two, two decodes that
-/// started before the hang-up may overlap: this machine measured 1.55x the absolute peak.)
+/// two decodes this large never run at once (a decode cannot be interrupted once started), and the
+/// work of the gone clients is skipped: the ten stay under 1.5x one request's peak memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn abandoned_large_uploads_run_at_most_one_task_per_core_in_bounded_memory() {
     let p = spawn(&[]).await;
@@ -76,7 +74,11 @@ async fn abandoned_large_uploads_run_at_most_one_task_per_core_in_bounded_memory
         c.await.unwrap();
     }
     wait_for(addr, Duration::from_secs(30), "the abandoned requests end", |t| {
-        metric(t, "qwen_edit_requests_total{outcome=\"cancelled\"}") >= 10.0 && metric(t, "qwen_edit_cpu_tasks_running") == 0.0
+        // A reset that reaches the server before it has read the whole body ends that request as a
+        // client error (an incomplete body), after it as cancelled: on a loaded machine, either.
+        let ended = metric(t, "qwen_edit_requests_total{outcome=\"cancelled\"}")
+            + metric(t, "qwen_edit_requests_total{outcome=\"client_error\"}");
+        ended >= 10.0 && metric(t, "qwen_edit_cpu_tasks_running") == 0.0
     })
     .await;
     let ten = p.peak_rss_kib();
@@ -90,15 +92,9 @@ async fn abandoned_large_uploads_run_at_most_one_task_per_core_in_bounded_memory
     );
     assert!(peak_tasks <= cores(), "{peak_tasks} CPU tasks ran at once on {} cores", cores());
     let (one_extra, ten_extra) = (one.saturating_sub(idle) as f64, ten.saturating_sub(before) as f64);
-    assert!(
-        ten_extra < cores() * one_extra * 1.15 + 8192.0,
-        "ten abandoned uploads added {ten_extra} KiB, one request {one_extra} KiB: more than one request per core"
-    );
-    eprintln!(
-        "ten abandoned / one request: {:.2}x the absolute peak, {:.2}x the increase",
-        ten as f64 / one as f64,
-        ten_extra / one_extra
-    );
+    let ratio = ten as f64 / one as f64;
+    eprintln!("ten abandoned / one request: {ratio:.2}x the peak, {:.2}x the increase", ten_extra / one_extra);
+    assert!(ratio < 1.5, "ten abandoned uploads peaked at {ten} KiB, {ratio:.2}x one request's {one} KiB");
     assert_eq!(metric(&t, "qwen_edit_batch_size_count"), 1.0, "no abandoned job reached the engine");
     assert_eq!(get(addr, "/health").await.status, 200);
 }

@@ -254,7 +254,9 @@ impl Loader<'_> {
         let mut images = Vec::with_capacity(encoded.len());
         for (i, e) in encoded.into_iter().enumerate() {
             let limits = self.limits;
-            let image = self.pool.run(self.cancel, Some(self.memory), move || decode_image(&e.bytes, &limits)).await;
+            let working_set = e.decode_memory();
+            let image =
+                self.pool.run_sized(self.cancel, Some(self.memory), working_set, move || decode_image(&e.bytes, &limits)).await;
             images.push(image.map_err(label(i))?);
         }
         Ok(images)

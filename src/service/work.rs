@@ -6,7 +6,9 @@
 //!   request goes no further.
 //! - [`CpuPool`]: a task holds its core's permit for as long as it *runs* (the permit moves into the
 //!   blocking closure), so abandoned work still counts against the cores: at most one CPU-heavy task
-//!   per core, whatever clients do.
+//!   per core, whatever clients do. Tasks that declare a large working set (image decodes, from the
+//!   header's estimate) also share [`LARGE_TASK_MEMORY`]: two 30 MP decodes do not run at once,
+//!   so a decode that nobody wants any more (it cannot be stopped once started) is the only one.
 //! - [`MemoryBudget`] / [`Reservation`]: a request reserves, before it allocates, what its next
 //!   phase will hold (body, decoded bytes, pixels estimated from the image headers, prepared tensors,
 //!   the encoded result); clones of the reservation travel with its blocking tasks and its queued
@@ -56,9 +58,16 @@ fn gone() -> ApiError {
     )
 }
 
+/// Working memory that CPU tasks declaring one may hold at once ([`CpuPool::run_sized`]); a task
+/// over it runs alone among them. Decoding is memory-bound: running two very large decodes at
+/// once doubles the peak for little time saved, and a decode cannot be interrupted once started.
+pub const LARGE_TASK_MEMORY: u64 = 256 << 20;
+
 /// The blocking pool under one permit per core, with counters for /metrics.
 pub struct CpuPool {
     permits: Arc<Semaphore>,
+    /// [`LARGE_TASK_MEMORY`] in MiB.
+    large: Arc<Semaphore>,
     cores: usize,
     running: AtomicUsize,
     peak: AtomicUsize,
@@ -70,6 +79,7 @@ impl CpuPool {
         let cores = cores.max(1);
         CpuPool {
             permits: Arc::new(Semaphore::new(cores)),
+            large: Arc::new(Semaphore::new((LARGE_TASK_MEMORY >> 20) as usize)),
             cores,
             running: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
@@ -95,7 +105,29 @@ impl CpuPool {
         F: FnOnce() -> Result<T, ApiError> + Send + 'static,
         T: Send + 'static,
     {
-        let permit = self.permits.clone().acquire_owned().await.map_err(|_| ApiError::internal("the server is shutting down"))?;
+        self.run_sized(cancel, memory, 0, f).await
+    }
+
+    /// [`run`](Self::run) for a task whose working set is about `working_set` bytes: first it waits
+    /// until that much of [`LARGE_TASK_MEMORY`] is free (all of it when it is larger), then for a core.
+    pub async fn run_sized<T, F>(
+        self: &Arc<Self>,
+        cancel: &Cancel,
+        memory: Option<&Reservation>,
+        working_set: u64,
+        f: F,
+    ) -> Result<T, ApiError>
+    where
+        F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let closed = |_| ApiError::internal("the server is shutting down");
+        let mib = working_set.div_ceil(1 << 20).min(LARGE_TASK_MEMORY >> 20) as u32;
+        let large = match mib {
+            0 => None,
+            n => Some(self.large.clone().acquire_many_owned(n).await.map_err(closed)?),
+        };
+        let permit = self.permits.clone().acquire_owned().await.map_err(closed)?;
         if cancel.is_cancelled() {
             self.skipped.fetch_add(1, Ordering::Relaxed);
             return Err(gone());
@@ -104,7 +136,8 @@ impl CpuPool {
         let span = tracing::Span::current(); // the request's, so the task's log lines carry its id
         let task = tokio::task::spawn_blocking(move || {
             let _in_span = span.enter();
-            let _held = (permit, memory);
+            // Dropped in this order when the task ends: the memory is free before the next task starts.
+            let _held = (memory, large, permit);
             if cancel.is_cancelled() {
                 pool.skipped.fetch_add(1, Ordering::Relaxed);
                 return Err(gone());
@@ -272,6 +305,30 @@ mod tests {
         assert_eq!(budget.used().0, 400);
         drop(b);
         assert_eq!(budget.used(), (0, 1000));
+    }
+
+    /// Runs two tasks of `working_set` bytes each at once on a two-core pool; the most that ran at once.
+    async fn two_at_once(working_set: u64) -> usize {
+        let pool = Arc::new(CpuPool::new(2));
+        let task = |p: Arc<CpuPool>| async move {
+            let slow = || {
+                std::thread::sleep(Duration::from_millis(300));
+                Ok(())
+            };
+            p.run_sized(&Cancel::default(), None, working_set, slow).await
+        };
+        let (a, b) = tokio::join!(tokio::spawn(task(pool.clone())), tokio::spawn(task(pool.clone())));
+        a.unwrap().unwrap();
+        b.unwrap().unwrap();
+        pool.counts().1
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_working_sets_run_one_at_a_time_and_small_ones_together() {
+        assert_eq!(two_at_once(0).await, 2);
+        assert_eq!(two_at_once(LARGE_TASK_MEMORY / 2).await, 2, "two halves fit");
+        assert_eq!(two_at_once(LARGE_TASK_MEMORY / 2 + (1 << 20)).await, 1);
+        assert_eq!(two_at_once(30_000_000 * 9).await, 1, "a 30 MP decode's estimate is over the whole share");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
