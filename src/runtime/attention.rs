@@ -33,14 +33,17 @@ use onnx_protobuf::{
 };
 
 const FLOAT: i32 = 1;
+const FLOAT16: i32 = 10;
+const BFLOAT16: i32 = 16;
 const INT32: i32 = 6;
 const INT64: i32 = 7;
 const BOOL: i32 = 9;
 const MS_DOMAIN: &str = "com.microsoft";
 /// Prefix of every name the rewrite adds.
 const PREFIX: &str = "qe_attn";
-/// A bias constant at or below this masks its logit.
-const MASKED: f32 = -1e30;
+/// A bias constant at or below this masks its logit: the exported bias is the dtype's lowest finite
+/// value (float16: -65504), whose exp is 0 in every float type.
+const MASKED: f32 = -6.0e4;
 
 /// What the rewrite did to one graph.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -88,6 +91,8 @@ struct Found {
     mask: Mask,
     /// The second MatMul's output: `[B, N, S, Hv]`.
     output: String,
+    /// The element type of Q.
+    elem: i32,
 }
 
 /// The element type and dims (`None` = symbolic or unknown) of a tensor with a declared shape.
@@ -205,14 +210,27 @@ fn shape(v: &ValueInfoProto) -> Option<Shape> {
     Some(Shape { elem: t.elem_type, dims })
 }
 
+/// The values of a float32, float16 or bfloat16 tensor stored in the model, as f32.
 fn tensor_floats(t: &TensorProto) -> Option<Vec<f32>> {
-    if t.data_type != FLOAT || t.data_location.enum_value_or_default() == DataLocation::EXTERNAL {
+    if t.data_location.enum_value_or_default() == DataLocation::EXTERNAL {
         return None;
     }
-    if !t.raw_data.is_empty() {
-        return Some(t.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
+    let half = |bits: u16| match t.data_type {
+        FLOAT16 => half::f16::from_bits(bits).to_f32(),
+        _ => half::bf16::from_bits(bits).to_f32(),
+    };
+    match t.data_type {
+        FLOAT if !t.raw_data.is_empty() => {
+            Some(t.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        }
+        FLOAT => Some(t.float_data.clone()),
+        FLOAT16 | BFLOAT16 if !t.raw_data.is_empty() => {
+            Some(t.raw_data.chunks_exact(2).map(|b| half(u16::from_le_bytes([b[0], b[1]]))).collect())
+        }
+        // 16-bit values are stored one per int32_data entry when not raw.
+        FLOAT16 | BFLOAT16 => Some(t.int32_data.iter().map(|&v| half(v as u16)).collect()),
+        _ => None,
     }
-    Some(t.float_data.clone())
 }
 
 /// Matches the attention whose Softmax is node `sm` (see the module docs for the form).
@@ -256,9 +274,6 @@ fn find(view: &View<'_>, sm: usize) -> Result<Found, String> {
         return Err(format!("`{t}` is used outside the attention"));
     }
     let q_shape = view.shapes.get(q.as_str()).filter(|s| s.dims.len() == 4).ok_or("Q has no declared [B, N, S, H] shape")?;
-    if q_shape.elem != FLOAT {
-        return Err("not float32 (ONNX Runtime's MultiHeadAttention CPU kernel is float32 only)".into());
-    }
     let heads = q_shape.dims[1].ok_or("Q's head count is not static")?;
     if let Some(kh) = view.shapes.get(k.as_str()).and_then(|s| s.dims.get(1).copied().flatten()) {
         if kh != heads {
@@ -273,7 +288,7 @@ fn find(view: &View<'_>, sm: usize) -> Result<Found, String> {
     chain.append(&mut k_nodes);
     chain.push(mm2);
     let scale = (cq as f64 * ck as f64) as f32;
-    Ok(Found { chain, q, k, v: pv.input[1].clone(), scale, heads, mask, output: pv.output[0].clone() })
+    Ok(Found { chain, q, k, v: pv.input[1].clone(), scale, heads, mask, output: pv.output[0].clone(), elem: q_shape.elem })
 }
 
 /// The K side of Q·Kᵀ: `Transpose(Mul(K, c))` or `Mul(Transpose(K), c)`; its nodes, K and c.
@@ -328,6 +343,10 @@ pub fn rewrite(model: &mut ModelProto) -> Summary {
         for (i, n) in softmaxes {
             // Squeeze/Unsqueeze take their axes as inputs from opset 13 on.
             let f = if opset >= 13 { find(&view, i) } else { Err(format!("default-domain opset {opset} < 13")) };
+            let f = f.and_then(|f| match f.elem {
+                FLOAT => Ok(f),
+                _ => Err("not float32 (ONNX Runtime's MultiHeadAttention CPU kernel is float32 only)".into()),
+            });
             match f {
                 Ok(f) => found.push(f),
                 Err(reason) => summary.skipped.push(format!("{}: {reason}", label(n))),
@@ -928,6 +947,30 @@ mod tests {
             assert_eq!(rewrite(&mut rewritten), want, "{bundle}/{component}");
             assert_eq!(token_softmaxes(&rewritten), Vec::<String>::new(), "{bundle}/{component}");
             assert_eq!(count(&rewritten, "MultiHeadAttention"), want.rewritten(), "{bundle}/{component}");
+        }
+    }
+
+    /// The 16-bit bundles (for TensorRT) carry the same form; ONNX Runtime's MultiHeadAttention CPU
+    /// kernel is float32 only, so on the CPU their attentions are left as exported, each with that reason.
+    #[test]
+    fn sixteen_bit_graphs_hold_the_fusable_form() {
+        for bundle in ["tiny-fp16", "tiny-bf16"] {
+            for (component, attentions) in [("transformer", 2), ("text_encoder", 6), ("vae_encoder", 1), ("vae_decoder", 1)] {
+                let (_, model) = committed(bundle, component);
+                assert_eq!(token_softmaxes(&model).len(), attentions, "{bundle}/{component}");
+                let g = model.graph.as_ref().unwrap();
+                let view = View::new(g);
+                for (i, n) in g.node.iter().enumerate().filter(|(_, n)| n.op_type == "Softmax") {
+                    if let Err(e) = find(&view, i) {
+                        panic!("{bundle}/{component}: {} is not in TensorRT's fused-attention form: {e}", label(n));
+                    }
+                }
+                let mut rewritten = model.clone();
+                let s = rewrite(&mut rewritten);
+                assert_eq!((s.rewritten(), s.skipped.len()), (0, attentions), "{bundle}/{component}");
+                assert!(s.skipped.iter().all(|r| r.contains("float32 only")), "{bundle}/{component}: {:?}", s.skipped);
+                assert_eq!(rewritten, model, "{bundle}/{component}");
+            }
         }
     }
 
