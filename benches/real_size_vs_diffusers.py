@@ -182,9 +182,7 @@ def table(rows: list[tuple[dict, dict]], runs: int) -> str:
         size = f"{d['size']}x{d['size']}"
         for key, label in STAGES:
             bold = "**" if key == "edit_s" else ""
-            out.append(
-                f"| {size} | {bold}{label}{bold} | {d[key]:.2f} s | {q[key]:.2f} s | {q[key] / d[key]:.2f} |"
-            )
+            out.append(f"| {size} | {bold}{label}{bold} | {d[key]:.2f} s | {q[key]:.2f} s | {q[key] / d[key]:.2f} |")
         out.append(
             f"| {size} | peak resident memory | {gib(d['peak_rss_bytes'])} | {gib(q['peak_rss_bytes'])} | "
             f"{q['peak_rss_bytes'] / d['peak_rss_bytes']:.2f} |"
