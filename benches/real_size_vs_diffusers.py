@@ -155,6 +155,7 @@ def run_diffusers(size: int, runs: int) -> dict:
 
 def run_qwen_edit(bundle: Path, size: int, runs: int) -> dict:
     target = ROOT / "target/bench-tables" / f"real_size_qwen_{size}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
     cmd = ["cargo", "bench", "--bench", "real_size", "--", "--bundle", str(bundle), "--size", str(size)]
     cmd += ["--runs", str(runs), "--threads", str(THREADS), "--json", str(target)]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
