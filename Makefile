@@ -32,6 +32,7 @@ lint:
 	.venv/bin/python -m ruff format --check .
 
 check: setup-check
+	set -euo pipefail
 	$(MAKE) --no-print-directory lint
 	source .deps/env
 	cargo test --lib
@@ -40,7 +41,8 @@ test: setup
 	set -euo pipefail
 	$(MAKE) --no-print-directory lint
 	source .deps/env
-	QWEN_EDIT_REQUIRE_TRT_SHIM=1 cargo test --all-targets
+	# No incremental cache: a one-shot build does not reuse it and it costs ~5 GB of disk.
+	CARGO_INCREMENTAL=0 QWEN_EDIT_REQUIRE_TRT_SHIM=1 cargo test --all-targets
 	.venv/bin/python -m pytest
 	.venv/bin/python -m export check
 

@@ -1,9 +1,10 @@
 """Turns the results of the benches into the README's performance tables (no hand-typed numbers).
 
 Reads criterion's estimates under target/criterion and the tables the bench scripts leave in
-target/bench-tables, prints every table, and with `--readme README.md` replaces each block between
-`<!-- bench:NAME -->` and `<!-- /bench:NAME -->` with its table, dated, with the machine it ran on.
-A table whose results are missing is left as it was. Run by scripts/bench.sh; standard library only.
+target/bench-tables, prints every table, and with `--readme FILE` (repeatable: README.md, docs/fp8.md)
+replaces each block between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` with its table, dated, with
+the machine it ran on (projections: dated, marked as computed). A table whose results are missing is
+left as it was. Run by scripts/bench.sh; standard library only.
 """
 
 from __future__ import annotations
@@ -139,8 +140,19 @@ def file_table(name: str, command: str) -> str | None:
     return f"{stamp(path)} `{command}`.\n\n{path.read_text().strip()}"
 
 
+def projection_table(name: str, command: str) -> str | None:
+    path = TABLES / name
+    if not path.exists():
+        return None
+    day = datetime.date.fromtimestamp(path.stat().st_mtime).isoformat()
+    return f"Computed {day} by `{command}`.\n\n{path.read_text().strip()}"
+
+
 def tables() -> dict[str, str | None]:
     return {
+        "fp8-quality": file_table("fp8_quality.md", "source .deps/env && .venv/bin/python benches/fp8_quality.py"),
+        "fp8-tolerance": file_table("fp8_tolerance.md", "source .deps/env && .venv/bin/python benches/fp8_quality.py"),
+        "fp8-projection": projection_table("fp8_projection.md", "python3 scripts/capacity.py"),
         "edit-vs-diffusers": file_table(
             "edit_vs_diffusers.md", "source .deps/env && .venv/bin/python benches/edit_vs_diffusers.py"
         ),
@@ -172,14 +184,14 @@ def update(readme: Path, found: dict[str, str | None]) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--readme", type=Path, help="replace the bench blocks of this file")
+    ap.add_argument("--readme", type=Path, action="append", default=[], help="replace the bench blocks of this file")
     args = ap.parse_args()
     found = tables()
     for name, table in found.items():
         print(f"## {name}\n\n{table or '(no results: run its bench first)'}\n")
-    if args.readme:
-        done = update(args.readme, found)
-        print(f"updated {args.readme}: {', '.join(done) or 'nothing'}", file=sys.stderr)
+    for path in args.readme:
+        done = update(path, found)
+        print(f"updated {path}: {', '.join(done) or 'nothing'}", file=sys.stderr)
     return 0
 
 

@@ -41,10 +41,24 @@ def cmd_bundle(args) -> int:
         lora_scale=args.lora_scale,
         areas=_areas(args, variant),
         name=args.name,
+        precision=args.precision,
+        fp8_settings=_fp8_settings(args),
     )
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _fp8_settings(args):
+    if args.precision != "fp8":
+        if args.fp8_keep:
+            raise UsageError("--fp8-keep needs --precision fp8")
+        return None
+    from .fp8 import CalibrationSettings
+
+    if args.calibration_runs < 1 or args.calibration_steps < 1:
+        raise UsageError("--calibration-runs and --calibration-steps must be at least 1")
+    return CalibrationSettings(cases=args.calibration_runs, steps=args.calibration_steps, keep=tuple(args.fp8_keep))
 
 
 def cmd_tiny(args) -> int:
@@ -106,7 +120,24 @@ def main(argv=None) -> int:
     b.add_argument("--vae-area", type=int, help="pixel area of the VAE image (default 1024*1024)")
     b.add_argument("--condition-area", type=int, help="Plus: pixel area of the VL image (default 384*384)")
     b.add_argument("--name", help="bundle name recorded in the manifest")
-    b.add_argument("--report", help="write the verification report (JSON) here")
+    b.add_argument(
+        "--precision",
+        default="dtype",
+        choices=["dtype", "fp8"],
+        help="dtype: every graph in --dtype; fp8: the transformer's linear layers in FP8 (float8e4m3fn Q/DQ), "
+        "the rest in --dtype",
+    )
+    b.add_argument(
+        "--fp8-keep",
+        action="append",
+        default=[],
+        metavar="LAYER",
+        help="with --precision fp8: also keep these linear layers in --dtype (a module name, or a name within "
+        "every block such as img_mlp); repeatable",
+    )
+    b.add_argument("--calibration-runs", type=int, default=4, help="fp8: denoising runs to calibrate on (default 4)")
+    b.add_argument("--calibration-steps", type=int, default=4, help="fp8: steps per calibration run (default 4)")
+    b.add_argument("--report", help="write the verification report (JSON; with fp8 the per-layer errors) here")
     b.set_defaults(fn=cmd_bundle)
 
     t = sub.add_parser("tiny", help="make the tiny checkpoints, bundles and reference vectors")

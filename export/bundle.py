@@ -317,7 +317,15 @@ def profile_resolutions(area: int) -> list[list[int]]:
 
 
 def build_manifest(
-    pipe, variant: Variant, dtype, paths: dict, areas: Areas, name: str, source: dict, lightning: dict | None
+    pipe,
+    variant: Variant,
+    dtype,
+    paths: dict,
+    areas: Areas,
+    name: str,
+    source: dict,
+    lightning: dict | None,
+    quantization: dict | None = None,
 ) -> dict:
     te_cfg = pipe.text_encoder.config
     vcfg = te_cfg.vision_config
@@ -336,7 +344,7 @@ def build_manifest(
             "inputs": inputs,
             "outputs": outputs,
         }
-    return {
+    manifest = {
         "format": "qwen-edit-bundle",
         "format_version": 1,
         "name": name,
@@ -400,6 +408,31 @@ def build_manifest(
             "max_text_tokens": max_text_tokens(variant, areas),
         },
     }
+    if quantization is not None:
+        # Only quantized bundles carry the key (absent = nothing quantized), so other manifests stay as they were.
+        manifest["quantization"] = quantization
+    return manifest
+
+
+def quantize(pipe, variant: Variant, dtype, paths: dict, areas: Areas, precision: str, fp8_settings) -> tuple:
+    """`--precision fp8`: the transformer graph rewritten with FP8 Q/DQ; returns (manifest
+    `quantization` or None, report or None, verification rows)."""
+    if precision == "dtype":
+        return None, None, []
+    if precision != "fp8":
+        raise UsageError(f"unknown precision {precision!r}; choose dtype or fp8")
+    from . import fp8
+
+    ex = fp8.Exporter(
+        size_of=calculate_dimensions,
+        random_inputs=lambda shapes, batch, txt: _transformer_inputs(pipe, shapes, batch, txt, dtype, 1),
+        tolerance=TOLERANCE.get(dtype),
+        log=log,
+    )
+    r = fp8.quantize_transformer(
+        pipe, variant, areas, paths["transformer"], dtype, fp8_settings or fp8.CalibrationSettings(), ex
+    )
+    return {"transformer": r.manifest}, r.report, r.rows
 
 
 def export_bundle(
@@ -412,12 +445,18 @@ def export_bundle(
     areas: Areas | None = None,
     name: str | None = None,
     source: dict | None = None,
+    precision: str = "dtype",
+    fp8_settings=None,
 ) -> dict:
-    """Writes a complete bundle to `out`; returns the export report (verification rows, timings)."""
+    """Writes a complete bundle to `out`; returns the export report (verification rows, timings).
+    `precision`: `dtype` (every graph in `dtype`) or `fp8` (the transformer's linear layers in FP8
+    over `dtype`, export/fp8.py)."""
     checkpoint = Path(checkpoint)
     out = Path(out)
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; choose float32, float16 or bfloat16")
+    if precision not in ("dtype", "fp8"):
+        raise UsageError(f"unknown precision {precision!r}; choose dtype or fp8")
     tdtype = DTYPES[dtype]
     if variant is None:
         variant = detect_variant(checkpoint)
@@ -431,6 +470,8 @@ def export_bundle(
         lightning = lora.fuse(pipe.transformer, Path(lightning_lora), lora_scale)
     out.mkdir(parents=True, exist_ok=True)
     paths, rows = export_components(pipe, variant, tdtype, out)
+    quantization, fp8_report, fp8_rows = quantize(pipe, variant, tdtype, paths, areas, precision, fp8_settings)
+    rows += fp8_rows
     pipe.tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
     manifest = build_manifest(
         pipe,
@@ -441,6 +482,7 @@ def export_bundle(
         name or out.name,
         source or {"checkpoint": checkpoint.name, "tiny": False, "seed": None},
         lightning,
+        quantization,
     )
     manifest_contract.write(out / "manifest.json", manifest)
     report = {
@@ -450,6 +492,8 @@ def export_bundle(
         "seconds": round(time.time() - t0, 1),
         "verification": rows,
     }
+    if fp8_report is not None:
+        report["fp8"] = fp8_report
     log(f"wrote {out} in {report['seconds']} s")
     return report
 

@@ -197,11 +197,36 @@ class VerificationError(RuntimeError):
     pass
 
 
+# Session option ONNX Runtime needs for FP8 Q/DQ graphs: its QDQ selector would fuse DequantizeLinear ->
+# MatMul into MatMulIntegerToFloat, which has no float8 kernel (session creation fails).
+ORT_FP8_DISABLED_OPTIMIZERS = "QDQSelectorActionTransformer"
+_FLOAT8 = {
+    onnx.TensorProto.FLOAT8E4M3FN,
+    onnx.TensorProto.FLOAT8E4M3FNUZ,
+    onnx.TensorProto.FLOAT8E5M2,
+    onnx.TensorProto.FLOAT8E5M2FNUZ,
+}
+
+
+def carries_fp8(path: Path) -> bool:
+    """Whether the ONNX file holds float8 tensors (its weights are not read)."""
+    model = onnx.load(str(path), load_external_data=False)
+    return any(t.data_type in _FLOAT8 for t in model.graph.initializer)
+
+
+def ort_session_options(path: Path, opts) -> None:
+    """Adds what ONNX Runtime needs to run `path` when it is an FP8 Q/DQ graph (a per-graph decision:
+    other graphs keep every optimizer)."""
+    if carries_fp8(path):
+        opts.add_session_config_entry("optimization.disable_specified_optimizers", ORT_FP8_DISABLED_OPTIMIZERS)
+
+
 def run_ort(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    ort_session_options(path, opts)
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
 

@@ -1,7 +1,8 @@
 """The committed tiny set: checkpoints (engines/tiny-checkpoints/<variant>), bundles (engines/tiny,
 engines/tiny-2509, engines/tiny-2511), the 16-bit bundles of the Edit checkpoint (engines/tiny-fp16,
 engines/tiny-bf16: the graph precisions real bundles use; no reference vectors of their own, they are
-compared with engines/tiny's) and reference vectors (engines/<bundle>/reference/).
+compared with engines/tiny's), the quantized twins (engines/tiny-fp8) and reference vectors
+(engines/<bundle>/reference/).
 
 `make_all` regenerates all of it deterministically; `check` regenerates into a temp dir and compares
 with the committed files (exact for text and JSON, numerically within tolerance for graphs and
@@ -26,6 +27,9 @@ from .reference import Case
 from .variants import VARIANTS
 
 BUNDLES = {"edit": "tiny", "edit-2509": "tiny-2509", "edit-2511": "tiny-2511"}
+# Quantized twins of the bundles above: bundle -> (variant, export precision). Same checkpoint, the other
+# graphs copied from the twin, the transformer quantized by `export bundle --precision` (export/fp8.py).
+QUANTIZED = {"tiny-fp8": ("edit", "fp8")}
 # 16-bit exports of the Edit checkpoint: what TensorRT runs in production precision (scripts/gpu-smoke.sh),
 # and what the emulated device loop and the 16-bit parity tests run here.
 SIXTEEN_BIT = {"tiny-fp16": torch.float16, "tiny-bf16": torch.bfloat16}
@@ -148,9 +152,47 @@ def make_all(engines: Path, references: bool = True, report: str | None = None) 
         if references:
             make_references(pipe, variant, out, areas)
     rows.extend(make_sixteen_bit(engines, ck_root))
+    quantized = {}
+    for bname, (vname, precision) in QUANTIZED.items():
+        qrows, quantized[bname] = make_quantized(engines, bname, vname, precision, exported)
+        rows.extend(qrows)
+    result = {"verification": rows, "quantized": quantized}
     if report:
-        Path(report).write_text(json.dumps({"verification": rows}, indent=2) + "\n")
-    return {"verification": rows}
+        Path(report).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def make_quantized(engines: Path, bname: str, vname: str, precision: str, exported: dict) -> tuple[list, dict]:
+    """A quantized twin of the `vname` bundle: its graphs copied, the transformer quantized (calibrated on
+    the pipeline of the same tiny checkpoint); no reference vectors (diffusers has no FP8 pipeline).
+    Returns (verification rows, the quantization report)."""
+    variant = VARIANTS[vname]
+    ckpt = engines / "tiny-checkpoints" / vname
+    out = engines / bname
+    for old in out.glob("*.onnx*"):
+        old.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"{bname}: {precision} twin of the {vname} bundle")
+    pipe = bundle.load_pipeline(ckpt, variant, torch.float32)
+    areas = bundle.Areas(tiny.TINY_VAE_AREA, tiny.TINY_CONDITION_AREA if variant.plus else None)
+    paths = {}
+    for comp, sub in (
+        ("text_encoder", "text_encoder"),
+        ("transformer", "transformer"),
+        ("vae_encoder", "vae"),
+        ("vae_decoder", "vae"),
+    ):
+        src = exported[f"{comp}:{_weights_digest(ckpt, sub)}"]
+        paths[comp] = out / src.name
+        shutil.copyfile(src, paths[comp])
+    quantization, qreport, rows = bundle.quantize(pipe, variant, torch.float32, paths, areas, precision, None)
+    for r in rows:
+        r["bundle"] = bname
+    pipe.tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
+    source = {"checkpoint": f"engines/tiny-checkpoints/{vname}", "tiny": True, "seed": SEED}
+    manifest = bundle.build_manifest(pipe, variant, torch.float32, paths, areas, bname, source, None, quantization)
+    manifest_contract.write(out / "manifest.json", manifest)
+    return rows, qreport
 
 
 def make_sixteen_bit(engines: Path, ck_root: Path) -> list:
@@ -323,7 +365,7 @@ def check(engines: Path) -> bool:
                 errors.append(f"{rel}: differs")
         committed = {
             p.relative_to(engines)
-            for d in [*BUNDLES.values(), *SIXTEEN_BIT, "tiny-checkpoints"]
+            for d in [*BUNDLES.values(), *SIXTEEN_BIT, *QUANTIZED, "tiny-checkpoints"]
             for p in (engines / d).rglob("*")
             if p.is_file() and p.name != "README.md"
         }

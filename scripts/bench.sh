@@ -12,4 +12,6 @@ cargo bench --bench server_overhead -- --noplot
 .venv/bin/python benches/edit_vs_diffusers.py
 .venv/bin/python benches/real_size_vs_diffusers.py
 cargo bench --bench load
-python3 benches/report.py --readme README.md
+.venv/bin/python benches/fp8_quality.py
+python3 scripts/capacity.py --out target/bench-tables/fp8_projection.md
+python3 benches/report.py --readme README.md --readme docs/fp8.md

@@ -11,6 +11,11 @@
 //!   only grows, and once it is ready at most one batch per older-headed bucket runs before it);
 //! - up to `batch_size` jobs from its front (FIFO inside a bucket).
 //!
+//! A group of jobs submitted together (`submit_group`: the n images of one request) is one unit in its
+//! bucket: a batch takes whole units from the bucket's front, so the group runs in one batch. A group
+//! larger than `batch_size` is cut into units of `batch_size` that queue back to back (so it runs as
+//! consecutive full batches).
+//!
 //! A batch is handed to the worker only when the worker is idle, so jobs that arrive while a batch
 //! runs still join their bucket. Jobs whose client went away (result receiver dropped) are removed
 //! before they are computed. Tickets are released when a job's batch starts, so `max_queue` bounds the
@@ -105,7 +110,8 @@ struct Pending<K, J, O, E> {
 }
 
 enum Msg<K, J, O, E> {
-    Job(Pending<K, J, O, E>),
+    /// One unit: a job, or a group that must share a batch (at most `batch_size` jobs, one key).
+    Jobs(Vec<Pending<K, J, O, E>>),
     Close,
 }
 
@@ -183,13 +189,45 @@ impl<K: BatchKey, J: Send + 'static, O: Send + 'static, E: From<Failure> + Send 
         self.permits.clone().try_acquire_owned().ok().map(|p| Ticket { _permit: p })
     }
 
+    /// `n` queue places at once (all or none), or `None` when fewer are free.
+    pub fn try_admit_many(&self, n: usize) -> Option<Vec<Ticket>> {
+        if n == 0 {
+            return Some(Vec::new());
+        }
+        let mut all = self.permits.clone().try_acquire_many_owned(u32::try_from(n).ok()?).ok()?;
+        let mut tickets: Vec<Ticket> = (1..n).filter_map(|_| all.split(1)).map(|p| Ticket { _permit: p }).collect();
+        tickets.push(Ticket { _permit: all });
+        Some(tickets)
+    }
+
     /// Queues a prepared job; its result arrives on the returned channel. If the batcher has
     /// stopped, the channel closes without a result.
     pub fn submit(&self, ticket: Ticket, key: K, job: J) -> JobReceiver<O, E> {
         let (tx, rx) = oneshot::channel();
         let p = Pending { key, job, tx, enqueued: Instant::now(), _ticket: ticket };
-        let _ = self.tx.send(Msg::Job(p));
+        let _ = self.tx.send(Msg::Jobs(vec![p]));
         rx
+    }
+
+    /// Queues jobs that must run together (one key): they share one batch when there are at most
+    /// `batch_size` of them; more run as consecutive batches of `batch_size`. One result channel per
+    /// job, in order; one ticket per job.
+    pub fn submit_group(&self, tickets: Vec<Ticket>, key: K, jobs: Vec<J>) -> Vec<JobReceiver<O, E>> {
+        let now = Instant::now();
+        let mut receivers = Vec::with_capacity(jobs.len());
+        let mut unit = Vec::new();
+        for (ticket, job) in tickets.into_iter().zip(jobs) {
+            let (tx, rx) = oneshot::channel();
+            receivers.push(rx);
+            unit.push(Pending { key: key.clone(), job, tx, enqueued: now, _ticket: ticket });
+            if unit.len() == self.policy.batch_size {
+                let _ = self.tx.send(Msg::Jobs(std::mem::take(&mut unit)));
+            }
+        }
+        if !unit.is_empty() {
+            let _ = self.tx.send(Msg::Jobs(unit));
+        }
+        receivers
     }
 
     /// Finish every queued job, then stop the scheduler and the worker.
@@ -297,9 +335,10 @@ impl<K: BatchKey, J, O, E> Queued for Pending<K, J, O, E> {
     }
 }
 
-/// The buckets and the scheduling policy (no I/O, so it is unit-tested with plain items).
+/// The buckets and the scheduling policy (no I/O, so it is unit-tested with plain items). A bucket
+/// holds units (a job, or a group that must share a batch), oldest first.
 struct Buckets<P: Queued> {
-    buckets: HashMap<P::Key, VecDeque<P>>,
+    buckets: HashMap<P::Key, VecDeque<Vec<P>>>,
     batch_size: usize,
     timeout: Duration,
 }
@@ -309,8 +348,15 @@ impl<P: Queued> Buckets<P> {
         Buckets { buckets: HashMap::new(), batch_size, timeout }
     }
 
+    #[cfg(test)]
     fn push(&mut self, p: P) {
-        self.buckets.entry(p.key().clone()).or_default().push_back(p);
+        self.push_unit(vec![p]);
+    }
+
+    /// Queues a unit (its jobs share one key and at most `batch_size` of them run together).
+    fn push_unit(&mut self, unit: Vec<P>) {
+        let Some(first) = unit.first() else { return };
+        self.buckets.entry(first.key().clone()).or_default().push_back(unit);
     }
 
     fn is_empty(&self) -> bool {
@@ -321,10 +367,13 @@ impl<P: Queued> Buckets<P> {
     fn sweep(&mut self) -> Vec<P> {
         let mut gone = Vec::new();
         self.buckets.retain(|_, q| {
-            if q.iter().any(Queued::cancelled) {
-                let (keep, drop): (VecDeque<P>, VecDeque<P>) = q.drain(..).partition(|p| !p.cancelled());
-                gone.extend(drop);
-                *q = keep;
+            if q.iter().flatten().any(Queued::cancelled) {
+                for unit in q.iter_mut() {
+                    let (keep, drop): (Vec<P>, Vec<P>) = unit.drain(..).partition(|p| !p.cancelled());
+                    gone.extend(drop);
+                    *unit = keep;
+                }
+                q.retain(|unit| !unit.is_empty());
             }
             !q.is_empty()
         });
@@ -333,7 +382,7 @@ impl<P: Queued> Buckets<P> {
 
     /// When the next partial bucket becomes ready.
     fn next_deadline(&self) -> Option<Instant> {
-        self.buckets.values().filter_map(|q| q.front()).map(|p| p.enqueued() + self.timeout).min()
+        self.buckets.values().filter_map(|q| q.front()?.first()).map(|p| p.enqueued() + self.timeout).min()
     }
 
     /// The next batch to run at `now` (`flush`: don't wait for partial buckets).
@@ -342,15 +391,19 @@ impl<P: Queued> Buckets<P> {
             .buckets
             .iter()
             .filter_map(|(k, q)| {
-                let head = q.front()?.enqueued();
-                let ready = flush || q.len() >= self.batch_size || now >= head + self.timeout;
+                let head = q.front()?.first()?.enqueued();
+                let jobs: usize = q.iter().map(Vec::len).sum();
+                let ready = flush || jobs >= self.batch_size || now >= head + self.timeout;
                 ready.then_some((head, k))
             })
             .min_by_key(|(head, _)| *head)
             .map(|(_, k)| k.clone())?;
         let q = self.buckets.get_mut(&key)?;
-        let n = q.len().min(self.batch_size);
-        let batch: Vec<P> = q.drain(..n).collect();
+        // Whole units from the front while they fit (the first always does: units are <= batch_size).
+        let mut batch: Vec<P> = q.pop_front()?;
+        while q.front().is_some_and(|u| batch.len() + u.len() <= self.batch_size) {
+            batch.extend(q.pop_front().into_iter().flatten());
+        }
         if q.is_empty() {
             self.buckets.remove(&key);
         }
@@ -376,7 +429,7 @@ async fn schedule<K: BatchKey, J: Send + 'static, O: Send + 'static, E: From<Fai
         let deadline = if idle { buckets.next_deadline() } else { None };
         tokio::select! {
             m = rx.recv(), if !closing => match m {
-                Some(Msg::Job(p)) => buckets.push(p),
+                Some(Msg::Jobs(unit)) => buckets.push_unit(unit),
                 Some(Msg::Close) | None => closing = true,
             },
             i = idle_rx.recv(), if worker_alive => match i {
@@ -394,7 +447,7 @@ async fn schedule<K: BatchKey, J: Send + 'static, O: Send + 'static, E: From<Fai
         if !worker_alive {
             // The worker thread ended (it could not open the pipeline): fail what waits, keep failing.
             for q in std::mem::take(&mut buckets.buckets).into_values() {
-                for p in q {
+                for p in q.into_iter().flatten() {
                     let _ = p.tx.send(Err(Failure::WorkerGone.into()));
                 }
             }
@@ -549,6 +602,55 @@ mod tests {
         assert_eq!(gone.len(), 2);
         assert_eq!(b.buckets.len(), 1);
         assert_eq!(ids(b.pick(t0, false)), vec![2]);
+    }
+
+    #[test]
+    fn a_group_is_never_split_across_batches() {
+        let t0 = Instant::now();
+        let ms = |m| t0 + Duration::from_millis(m);
+        let item = |id, at| Item { key: key(1), at: ms(at), id, gone: false };
+        let mut b = Buckets::new(4, Duration::from_millis(40));
+        b.push(item(1, 0));
+        b.push(item(2, 1));
+        b.push_unit(vec![item(10, 2), item(11, 2), item(12, 2)]);
+        b.push(item(3, 3));
+        // 1 and 2 fit with nothing else of the group: the group waits for the next batch, whole.
+        assert_eq!(ids(b.pick(ms(5), false)), vec![1, 2]);
+        assert_eq!(ids(b.pick(ms(5), false)), vec![10, 11, 12, 3], "the group, then the job behind it");
+        b.push_unit(vec![item(20, 6), item(21, 6)]);
+        b.push_unit(vec![item(30, 7), item(31, 7)]);
+        assert_eq!(ids(b.pick(ms(7), false)), vec![20, 21, 30, 31], "two groups fill one batch");
+        // A cancelled member leaves its group; the rest still runs together.
+        b.push_unit(vec![item(40, 8), Item { gone: true, ..item(41, 8) }, item(42, 8)]);
+        assert_eq!(b.sweep().len(), 1);
+        assert_eq!(ids(b.pick(ms(100), false)), vec![40, 42]);
+        assert!(b.is_empty());
+    }
+
+    #[tokio::test]
+    async fn submit_group_runs_in_one_batch_or_in_consecutive_full_ones() {
+        let (b, log, fin) = start(3, 1000, 16, 0);
+        let rxs = b.submit_group(b.try_admit_many(3).unwrap(), key(1), vec![1, 2, 3]);
+        let mut outs = Vec::new();
+        for rx in rxs {
+            let d = rx.await.unwrap().unwrap();
+            assert_eq!(d.batch_size, 3);
+            outs.push(d.output);
+        }
+        assert_eq!(outs, vec![10, 20, 30], "results in order");
+        // Seven jobs with a batch size of 3: units of 3, 3 and 1, back to back (the last one waits
+        // for company up to the timeout, like any partial batch).
+        let rxs = b.submit_group(b.try_admit_many(7).unwrap(), key(2), (4..11).collect());
+        for rx in rxs {
+            rx.await.unwrap().unwrap();
+        }
+        let batches = log.lock().unwrap().clone();
+        assert_eq!(batches, vec![vec![1, 2, 3], vec![4, 5, 6], vec![7, 8, 9], vec![10]]);
+        assert!(b.try_admit_many(17).is_none(), "more places than max_queue");
+        assert_eq!(b.try_admit_many(16).map(|t| t.len()), Some(16));
+        assert_eq!(b.depth(), 0, "the dropped tickets are returned");
+        b.close();
+        fin.await.unwrap();
     }
 
     /// Test double of the pipeline (unit tests of the scheduling only): returns each job's own

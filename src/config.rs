@@ -15,12 +15,15 @@ use clap::builder::BoolishValueParser;
 use clap::ArgAction;
 use ipnet::IpNet;
 
+use crate::bundle::PrecisionMode;
 use crate::runtime::backend::BackendRequest;
 
 /// Default body limit: a 20 MiB image sent as base64 (4/3 of it, 27.96 MB) plus the JSON around it.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 28 * 1024 * 1024;
 /// Default memory budget of the /v2 job store (queued inputs and kept results): 1 GiB.
 pub const DEFAULT_RESULT_MEMORY_BYTES: usize = 1024 * 1024 * 1024;
+/// Default largest `n` of POST /v1/images/edits (lowered to MAX_QUEUE when that is smaller).
+pub const DEFAULT_MAX_N: usize = 10;
 
 /// Flags of `qwen-edit serve` (each with its environment variable): the service's, plus HTTP's own.
 #[derive(clap::Args, Clone, Debug)]
@@ -52,6 +55,17 @@ pub struct ServeArgs {
     /// oldest results go (their status is then 404), and /v2 run answers 503 when inputs alone fill it.
     #[arg(long, env = "RESULT_MEMORY_BYTES", default_value_t = DEFAULT_RESULT_MEMORY_BYTES)]
     pub result_memory_bytes: usize,
+    /// Largest `n` (images per request) of POST /v1/images/edits; at most MAX_QUEUE [default: 10, or
+    /// MAX_QUEUE when that is smaller].
+    #[arg(long, env = "MAX_N")]
+    pub max_n: Option<usize>,
+    /// Most parts in one multipart/form-data body (POST /v1/images/edits); 400 beyond.
+    #[arg(long, env = "MULTIPART_MAX_PARTS", default_value_t = 64)]
+    pub multipart_max_parts: usize,
+    /// Largest part of a multipart/form-data body, in bytes (an uploaded image); 413 beyond. The whole
+    /// body is bounded by MAX_BODY_BYTES.
+    #[arg(long, env = "MULTIPART_MAX_PART_BYTES", default_value_t = 20 * 1024 * 1024)]
+    pub multipart_max_part_bytes: usize,
 }
 
 /// Flags of the edit service, shared by `qwen-edit serve` and `qwen-edit worker`.
@@ -76,7 +90,8 @@ pub struct ServiceArgs {
     /// Default number of steps when Lightning is on.
     #[arg(long, env = "LIGHTNING_STEPS", default_value_t = 8)]
     pub lightning_steps: u32,
-    /// Precision of the TensorRT engines: auto, fp32, fp16, bf16, fp8 (reported; CPU runs the bundle's dtype).
+    /// Precision to run: auto (what the bundle has), fp32, fp16, bf16, fp8 (alias 8bit: the bundle's FP8
+    /// transformer). Anything but auto must be what the bundle carries, else start-up fails naming the fix.
     #[arg(long = "precision", env = "PRECISION_MODE", default_value = "auto")]
     pub precision_mode: String,
     /// Jobs admitted but not yet running (reading, decoding, preparing, queued); beyond it: 503.
@@ -208,7 +223,7 @@ pub struct Settings {
     pub batch_timeout: Duration,
     pub lightning: bool,
     pub lightning_steps: u32,
-    pub precision: String,
+    pub precision: PrecisionMode,
     pub max_queue: usize,
     pub request_timeout: Duration,
     pub max_body_bytes: usize,
@@ -233,6 +248,11 @@ pub struct Settings {
     pub result_ttl: Duration,
     /// Memory budget of the /v2 job store (queued inputs and kept results), bytes.
     pub result_memory_bytes: usize,
+    /// Largest `n` of POST /v1/images/edits.
+    pub max_n: usize,
+    /// Most parts, and the largest part in bytes, of a multipart/form-data body.
+    pub multipart_max_parts: usize,
+    pub multipart_max_part_bytes: usize,
 }
 
 /// A setting that makes no sense.
@@ -265,6 +285,19 @@ impl Settings {
         if a.result_memory_bytes < 64 * 1024 {
             return Err(bad("RESULT_MEMORY_BYTES", format!("{} bytes is less than 64 KiB", a.result_memory_bytes)));
         }
+        let max_n = a.max_n.unwrap_or(DEFAULT_MAX_N.min(service.max_queue));
+        if max_n == 0 || max_n > service.max_queue {
+            return Err(bad("MAX_N", format!("{max_n} is not in 1..=MAX_QUEUE ({})", service.max_queue)));
+        }
+        if !(2..=10_000).contains(&a.multipart_max_parts) {
+            return Err(bad("MULTIPART_MAX_PARTS", format!("{} is not in 2..=10000", a.multipart_max_parts)));
+        }
+        if a.multipart_max_part_bytes < 1024 {
+            return Err(bad(
+                "MULTIPART_MAX_PART_BYTES",
+                format!("{} bytes is too small for any image", a.multipart_max_part_bytes),
+            ));
+        }
         Ok(Settings {
             addr: SocketAddr::new(a.host, a.port),
             api_key,
@@ -273,6 +306,9 @@ impl Settings {
             slow_request: Duration::from_millis(a.slow_request_ms),
             result_ttl: seconds("RESULT_TTL", a.result_ttl)?,
             result_memory_bytes: a.result_memory_bytes,
+            max_n,
+            multipart_max_parts: a.multipart_max_parts,
+            multipart_max_part_bytes: a.multipart_max_part_bytes,
             ..service
         })
     }
@@ -288,10 +324,7 @@ impl Settings {
         if !(1..=100).contains(&a.lightning_steps) {
             return Err(bad("LIGHTNING_STEPS", format!("{} is not in 1..=100", a.lightning_steps)));
         }
-        let precision = a.precision_mode.trim().to_ascii_lowercase();
-        if !["auto", "fp32", "fp16", "bf16", "fp8"].contains(&precision.as_str()) {
-            return Err(bad("PRECISION_MODE", format!("`{}` is not one of auto, fp32, fp16, bf16, fp8", a.precision_mode)));
-        }
+        let precision: PrecisionMode = a.precision_mode.parse().map_err(|e| bad("PRECISION_MODE", e))?;
         if a.max_queue == 0 || a.max_queue > 100_000 {
             return Err(bad("MAX_QUEUE", format!("{} is not in 1..=100000", a.max_queue)));
         }
@@ -355,7 +388,7 @@ impl Settings {
             batch_timeout: Duration::from_millis(40),
             lightning: false,
             lightning_steps: 8,
-            precision: "auto".into(),
+            precision: PrecisionMode::Auto,
             max_queue: 64,
             request_timeout: Duration::from_secs(300),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
@@ -377,6 +410,9 @@ impl Settings {
             image_path_root: None,
             result_ttl: Duration::from_secs(1800),
             result_memory_bytes: DEFAULT_RESULT_MEMORY_BYTES,
+            max_n: DEFAULT_MAX_N,
+            multipart_max_parts: 64,
+            multipart_max_part_bytes: 20 * 1024 * 1024,
         }
     }
 }
@@ -501,8 +537,15 @@ mod tests {
         assert!(parse(&["--lightning", "false"]).map(|s| !s.lightning).unwrap_or(true));
         assert!(parse(&["--batch-size", "0"]).unwrap_err().contains("BATCH_SIZE"));
         assert!(parse(&["--max-queue", "0"]).unwrap_err().contains("MAX_QUEUE"));
+        // MAX_N's default follows a small MAX_QUEUE; only an explicit MAX_N over it is refused.
+        assert_eq!(parse(&["--max-queue", "3"]).unwrap().max_n, 3);
+        assert_eq!(parse(&["--max-queue", "64"]).unwrap().max_n, DEFAULT_MAX_N);
+        assert!(parse(&["--max-queue", "3", "--max-n", "4"]).unwrap_err().contains("MAX_N"));
+        assert!(parse(&["--max-n", "0"]).unwrap_err().contains("MAX_N"));
         assert!(parse(&["--log-format", "xml"]).unwrap_err().contains("LOG_FORMAT"));
         assert!(parse(&["--precision", "int3"]).unwrap_err().contains("PRECISION_MODE"));
+        assert_eq!(parse(&["--precision", "8bit"]).unwrap().precision.to_string(), "fp8");
+        assert_eq!(parse(&["--precision", "BF16"]).unwrap().precision.to_string(), "bf16");
         assert!(parse(&["--request-timeout=-1"]).unwrap_err().contains("REQUEST_TIMEOUT"));
         assert!(parse(&["--allow-private-urls", "maybe"]).unwrap_err().contains("ALLOW_PRIVATE_URLS"));
         assert!(parse(&["--backend", "tpu"]).is_err());

@@ -1,6 +1,7 @@
 //! The `edit` subcommand: edits images from the command line with a bundle, several
 //! `--image`/`--prompt` pairs running as one batch; exit code 0 ok, 1 failure, 2 bad input.
 
+use crate::bundle::PrecisionMode;
 use crate::imaging::{self, Limits, OutputFormat};
 use crate::pipeline::{EditError, EditRequest, Pipeline, PipelineOptions, Prepared};
 use crate::runtime::backend::BackendRequest;
@@ -60,6 +61,9 @@ pub struct EditArgs {
     /// ONNX Runtime intra-op threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Precision: auto (what the bundle has) or one it must have: fp32, fp16, bf16, fp8 (alias 8bit).
+    #[arg(long, env = "PRECISION_MODE", default_value = "auto")]
+    pub precision: PrecisionMode,
 }
 
 /// Why `edit` failed: bad input (exit 2) or a failure of the model (exit 1).
@@ -148,6 +152,7 @@ pub fn run(args: &EditArgs) -> Result<(), Error> {
     let options = PipelineOptions {
         backend: args.backend,
         ort: OrtSettings { library: args.ort_lib.clone(), intra_threads: args.threads, ..Default::default() },
+        precision: args.precision,
         ..Default::default()
     };
     let started = Instant::now();
@@ -156,7 +161,14 @@ pub fn run(args: &EditArgs) -> Result<(), Error> {
         other => Error::Failed(other.to_string()),
     })?;
     let info = pipeline.info().clone();
-    eprintln!("loaded {} ({}) on {} in {:.1} s", info.bundle, info.variant, info.backend, started.elapsed().as_secs_f32());
+    eprintln!(
+        "loaded {} ({}, {}) on {} in {:.1} s",
+        info.bundle,
+        info.variant,
+        info.precision,
+        info.backend,
+        started.elapsed().as_secs_f32()
+    );
     let pre = pipeline.preprocessor();
     let steps = args.steps.unwrap_or(if args.lightning { info.lightning_steps } else { info.default_steps });
     let cfg = args.true_cfg_scale.unwrap_or(info.default_true_cfg_scale);

@@ -15,9 +15,12 @@ fn bundle(name: &str) -> Bundle {
 fn tiny_bundles_open_verify_and_match_their_graphs() {
     let ort = OrtBackend::new(OrtSettings { intra_threads: Some(1), ..Default::default() })
         .unwrap_or_else(|e| panic!("ONNX Runtime is needed for this test: {e}"));
-    for (name, variant, zero_cond_t) in
-        [("tiny", Variant::Edit, false), ("tiny-2509", Variant::EditPlus, false), ("tiny-2511", Variant::EditPlus, true)]
-    {
+    for (name, variant, zero_cond_t) in [
+        ("tiny", Variant::Edit, false),
+        ("tiny-2509", Variant::EditPlus, false),
+        ("tiny-2511", Variant::EditPlus, true),
+        ("tiny-fp8", Variant::Edit, false),
+    ] {
         let b = bundle(name);
         let m = b.manifest();
         assert_eq!(m.variant, variant, "{name}");
@@ -27,6 +30,9 @@ fn tiny_bundles_open_verify_and_match_their_graphs() {
             let engine = ort.load(c, &b.onnx_path(c).unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"));
             b.check_engine(&engine).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(engine.inputs().len(), b.component(c).unwrap().inputs.len());
+            // Only the FP8 twin's transformer carries FP8 Q/DQ, as its manifest says.
+            let fp8 = name == "tiny-fp8" && c == "transformer";
+            assert_eq!((engine.fp8_qdq(), m.is_fp8(c)), (fp8, fp8), "{name}/{c}");
             assert_eq!(b.plan_path(c).unwrap(), b.dir().join(format!("{c}.plan")));
         }
     }

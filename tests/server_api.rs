@@ -15,18 +15,6 @@ use tokio::io::AsyncWriteExt;
 
 const STEPS: u32 = 2;
 
-async fn start(settings: Settings) -> Server {
-    let server = Server::start(settings).await.expect("server starts");
-    tokio::time::timeout(Duration::from_secs(120), server.ready()).await.expect("loads in time").expect("the tiny bundle loads");
-    server
-}
-
-async fn stop(server: Server) {
-    server.shutdown();
-    let drained = server.wait().await.expect("clean stop");
-    assert_eq!(drained, qwen_edit::server::Drain::Clean);
-}
-
 fn image_b64(variant: u32) -> String {
     b64(&png(&picture(64, 48, variant)))
 }

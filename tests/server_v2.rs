@@ -10,19 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use qwen_edit::config::{PrivateUrls, Settings};
-use qwen_edit::server::Server;
 use server_support::*;
-
-async fn start(settings: Settings) -> Server {
-    let server = Server::start(settings).await.expect("server starts");
-    tokio::time::timeout(Duration::from_secs(120), server.ready()).await.expect("loads in time").expect("the tiny bundle loads");
-    server
-}
-
-async fn stop(server: Server) {
-    server.shutdown();
-    assert_eq!(server.wait().await.expect("clean stop"), qwen_edit::server::Drain::Clean);
-}
 
 fn input(i: u64, steps: u32, side: u32) -> serde_json::Value {
     serde_json::json!({"prompt": format!("async edit {i}"), "image_base64": b64(&png(&picture(side, side, i as u32))),

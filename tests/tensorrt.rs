@@ -205,6 +205,19 @@ fn dry_run_plans_every_component_without_a_gpu() {
 }
 
 #[test]
+fn the_fp8_bundle_plans_an_fp8_transformer_with_the_fp8_tolerance() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/tiny-fp8");
+    let args = BuildArgs { bundle: dir.clone(), dry_run: true, ..BuildArgs::default() };
+    let report = builder::build(&args, &mut |_| {});
+    assert_eq!(report.exit_code, exit::OK, "{:?}", report.error);
+    for c in &report.components {
+        assert_eq!(c.precision, if c.component == "transformer" { "fp8" } else { "fp32" }, "{}", c.component);
+    }
+    assert_eq!(builder::default_tolerance("fp8"), (0.1, 0.1));
+    assert!(!dir.join("transformer.plan").exists() && !dir.join("tensorrt.timing.cache").exists());
+}
+
+#[test]
 fn build_without_a_gpu_exits_with_the_unavailable_code() {
     if has_gpu_driver() {
         return;

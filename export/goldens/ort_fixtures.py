@@ -108,6 +108,57 @@ def symbolic() -> onnx.ModelProto:
     return _model(g)
 
 
+# The FP8 Q/DQ fixture: y = DQ(Q(x)) @ DQ(W8) with a per-tensor activation scale and per-channel weight
+# scales (the form export/fp8.py writes), no bias: the pattern ONNX Runtime's QDQ selector would turn into
+# MatMulIntegerToFloat, which has no float8 kernel.
+FP8_X_SCALE = 2.0**-5
+FP8_W = np.array([[1.0, -0.5, 0.25], [2.0, 0.75, -1.5], [-0.375, 1.25, 3.0], [0.5, -2.0, 0.125]], dtype=np.float32)
+FP8_W_SCALE = np.array([2.0**-7, 2.0**-7, 2.0**-6], dtype=np.float32)
+FP8_OPSET = 21
+FP8_IR_VERSION = 10
+
+
+def matmul_fp8() -> onnx.ModelProto:
+    """x f32[batch, 4] -> y f32[batch, 3] through FP8 Q/DQ (opset 21)."""
+    import ml_dtypes
+
+    w8 = (FP8_W / FP8_W_SCALE).astype(ml_dtypes.float8_e4m3fn)
+    fp8 = TensorProto.FLOAT8E4M3FN
+    inits = [
+        numpy_helper.from_array(np.array(FP8_X_SCALE, dtype=np.float32), "x_scale"),
+        helper.make_tensor("zero", fp8, [], np.zeros(1, np.uint8).tobytes(), raw=True),
+        helper.make_tensor("w8", fp8, [4, 3], w8.view(np.uint8).tobytes(), raw=True),
+        numpy_helper.from_array(FP8_W_SCALE, "w_scale"),
+        helper.make_tensor("w_zero", fp8, [3], np.zeros(3, np.uint8).tobytes(), raw=True),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "zero"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "x_scale", "zero"], ["xdq"]),
+        helper.make_node("DequantizeLinear", ["w8", "w_scale", "w_zero"], ["wdq"], axis=1),
+        helper.make_node("MatMul", ["xdq", "wdq"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "matmul_fp8",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        initializer=inits,
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", FP8_OPSET)], producer_name="qwen-edit-fixtures")
+    m.ir_version = FP8_IR_VERSION
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def matmul_fp8_emulated(x: np.ndarray) -> np.ndarray:
+    """What matmul_fp8 computes, in numpy (e4m3fn rounding by ml_dtypes, saturating at +-448)."""
+    import ml_dtypes
+
+    xq = np.clip(x / FP8_X_SCALE, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * FP8_X_SCALE
+    w = (FP8_W / FP8_W_SCALE).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * FP8_W_SCALE
+    return (xq.astype(np.float64) @ w.astype(np.float64)).astype(np.float32)
+
+
 def _np_dtype(name: str):
     import ml_dtypes
 
@@ -131,6 +182,8 @@ CASES = {
     },
     "two_outputs": {"x": ("float32", [5], [1, -2, 3.5, 0.25, 4])},
     "symbolic": {"a": ("float32", [1, 2, 8], [float(i) for i in range(16)])},
+    # 1.1 / 2^-5 = 35.2 rounds to 36 (e4m3: 4 significant bits); 20 saturates at 448 * 2^-5 = 14.
+    "matmul_fp8": {"x": ("float32", [2, 4], [1.1, -0.3, 2.7, 0.05, 20.0, -0.9, 0.33, -3.3])},
 }
 
 
@@ -168,15 +221,24 @@ def main() -> None:
         "int64_gather": int64_gather(),
         "two_outputs": two_outputs(),
         "symbolic": symbolic(),
+        "matmul_fp8": matmul_fp8(),
     }
     expected = {}
     for name, model in models.items():
         path = OUT / f"{name}.onnx"
         path.write_bytes(model.SerializeToString(deterministic=True))
-        # The default SessionOptions of onnxruntime (ORT_ENABLE_ALL), as the export checks use.
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        # The default SessionOptions of onnxruntime (ORT_ENABLE_ALL), as the export checks use; for the FP8
+        # graph with the QDQ selector off, as the export and the Rust backend build its sessions.
+        opts = ort.SessionOptions()
+        if name == "matmul_fp8":
+            opts.add_session_config_entry("optimization.disable_specified_optimizers", "QDQSelectorActionTransformer")
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         feeds = {k: np.array(v, dtype=_np_dtype(dt)).reshape(shape) for k, (dt, shape, v) in CASES[name].items()}
         outs = _run(sess, feeds)
+        if name == "matmul_fp8":
+            assert np.array_equal(outs[0], matmul_fp8_emulated(feeds["x"])), (
+                "ORT's FP8 Q/DQ differs from e4m3fn rounding"
+            )
         expected[name] = {
             "inputs": {
                 k: {"dtype": dt, "shape": shape, "data": [float(x) for x in v]}

@@ -10,6 +10,7 @@ use super::verify::{Backends, Verification};
 use super::{exit, BuildArgs, Error, Planned};
 use crate::bundle::{Bundle, Manifest};
 use crate::onnx::{self, Profile, ProfileSettings};
+use crate::runtime::loader::check_fp8_device;
 use crate::runtime::shim::{
     self, BuildOutput, BuildProfile, BuildSettings, BuilderLibrary, CudaRuntime, CudaStatus, ProfileInput, TrtVersion,
 };
@@ -130,6 +131,7 @@ struct GpuEnv {
     ordinal: i32,
     version: TrtVersion,
     cc: String,
+    cc_pair: (i32, i32),
     device: DeviceReport,
 }
 
@@ -158,6 +160,7 @@ fn open_gpu(device: usize) -> Result<GpuEnv, Error> {
         version,
         device: DeviceReport { ordinal, compute_capability: cc.clone(), total_bytes: info.total_bytes },
         cc,
+        cc_pair: (info.cc_major, info.cc_minor),
     })
 }
 
@@ -206,6 +209,9 @@ fn build_into(args: &BuildArgs, report: &mut BuildReport, progress: &mut dyn FnM
     let gpu = open_gpu(args.device)?;
     report.tensorrt = Some(gpu.version.to_string());
     report.device = Some(gpu.device.clone());
+    // FP8 graphs (Q/DQ with float8 weights) build only on FP8 GPUs: say so before building anything.
+    let fp8: Vec<&str> = planned.iter().filter(|p| p.info.precision.fp8).map(|p| p.name.as_str()).collect();
+    check_fp8_device(&fp8, gpu.cc_pair, args.device).map_err(Error::Unavailable)?;
     progress(&format!("TensorRT {} ({}) on device {} (sm {})", gpu.version, gpu.builder.path(), gpu.ordinal, gpu.cc));
     let mut builds = Builds { args, bundle: &bundle, backends: Backends::new(args.device), gpu, timing_path };
     let mut first_error: Option<Error> = None;

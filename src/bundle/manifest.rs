@@ -36,6 +36,9 @@ pub struct Manifest {
     pub scheduler: Schedulers,
     pub defaults: Defaults,
     pub profiles: Profiles,
+    /// Components whose graphs compute in 8 bits (Q/DQ nodes), by component name; absent or `null`: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<BTreeMap<String, Quantization>>,
 }
 
 /// Which pipeline the bundle is: Qwen-Image-Edit or Edit Plus (2509/2511).
@@ -273,6 +276,59 @@ pub struct Profiles {
     pub max_text_tokens: usize,
 }
 
+/// How one component's graph is quantized (`quantization.<component>`, written by `export bundle --precision fp8`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Quantization {
+    /// The 8-bit type of the quantized weights and activations.
+    pub format: QuantFormat,
+    /// Granularity of the weight scales.
+    pub weights: ScaleGranularity,
+    /// Granularity of the (static, calibrated) activation scales.
+    pub activations: ScaleGranularity,
+    /// Linear layers computed in 8 bits.
+    pub layers: usize,
+    /// Layers kept in the graph's own precision: module-name prefixes (`*` stands for any block).
+    #[serde(default)]
+    pub kept: Vec<String>,
+    /// How the activation scales were calibrated.
+    pub calibration: Calibration,
+}
+
+/// The 8-bit number format of a quantized graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum QuantFormat {
+    /// FP8 E4M3 (no infinities, +-448): what TensorRT's FP8 GEMMs take (compute capability 8.9+).
+    #[serde(rename = "float8e4m3fn")]
+    Float8E4m3fn,
+}
+
+/// One scale per tensor or per output channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScaleGranularity {
+    PerTensor,
+    PerChannel,
+}
+
+/// Calibration of the activation scales.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Calibration {
+    /// `max`: the largest magnitude seen (the FP8 recipes' method).
+    pub method: CalibrationMethod,
+    /// Denoising runs of the pipeline calibrated on.
+    pub runs: usize,
+    /// Steps of each run.
+    pub steps: u32,
+    /// Forward calls of the component observed (steps x true-CFG branches x runs).
+    pub calls: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CalibrationMethod {
+    Max,
+}
+
 /// A required key whose value may be `null` (serde's default would also accept it missing).
 fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
     Option::<T>::deserialize(d)
@@ -420,6 +476,14 @@ impl Manifest {
         if self.profiles.batch_sizes.is_empty() || self.profiles.batch_sizes.contains(&0) {
             p.push("`profiles.batch_sizes` must list batch sizes of at least 1".into());
         }
+        for (name, q) in self.quantization.iter().flatten() {
+            if !self.components.contains_key(name) {
+                p.push(format!("`quantization.{name}`: the bundle has no component `{name}`"));
+            }
+            if q.layers == 0 {
+                p.push(format!("`quantization.{name}.layers` is 0: a quantized graph quantizes at least one layer"));
+            }
+        }
         p
     }
 }
@@ -521,6 +585,25 @@ mod contract {
         }
     }
 
+    fn quantization_record() -> serde_json::Value {
+        serde_json::json!({"transformer": {
+            "format": "float8e4m3fn", "weights": "per-channel", "activations": "per-tensor", "layers": 21,
+            "kept": ["img_in", "proj_out"], "calibration": {"method": "max", "runs": 4, "steps": 4, "calls": 32}
+        }})
+    }
+
+    fn quantization_with(key: &str, value: serde_json::Value) -> serde_json::Value {
+        let mut q = quantization_record();
+        q["transformer"][key] = value;
+        q
+    }
+
+    fn quantization_without(key: &str) -> serde_json::Value {
+        let mut q = quantization_record();
+        q["transformer"].as_object_mut().unwrap().remove(key);
+        q
+    }
+
     /// The schema refuses what the loader refuses (and accepts what it accepts), on the key kinds
     /// that broke before: a required key missing, a nullable key absent, an optional key absent.
     #[test]
@@ -560,6 +643,10 @@ mod contract {
                 }),
             ),
             ("unknown extra key", Box::new(|m| m["exporter_note"] = "hello".into())),
+            ("quantization null", Box::new(|m| m["quantization"] = serde_json::Value::Null)),
+            ("quantization record", Box::new(|m| m["quantization"] = quantization_record())),
+            ("quantization format unknown", Box::new(|m| m["quantization"] = quantization_with("format", "int4".into()))),
+            ("quantization without calibration", Box::new(|m| m["quantization"] = quantization_without("calibration"))),
         ];
         for (what, edit) in edits {
             let mut m = base.clone();

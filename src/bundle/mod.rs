@@ -9,8 +9,10 @@
 //! are tens of GB.
 
 mod manifest;
+mod precision;
 
 pub use manifest::*;
+pub use precision::{Precision, PrecisionMode};
 
 use crate::runtime::{Dim, Engine, TensorInfo};
 use sha2::{Digest, Sha256};
@@ -52,6 +54,8 @@ pub enum Error {
     HashMismatch { mismatches: Vec<String> },
     #[error("component `{component}` does not match the manifest's IO contract (was the engine built from another export?):\n  {}", .differences.join("\n  "))]
     ContractMismatch { component: String, differences: Vec<String> },
+    #[error("PRECISION_MODE={requested}, but bundle {dir} computes in {found}: {fix}")]
+    PrecisionMismatch { dir: PathBuf, requested: Precision, found: Precision, fix: String },
 }
 
 fn key_suffix(key: &str) -> String {

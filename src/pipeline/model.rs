@@ -12,7 +12,7 @@ use super::rope::{Rope, RopeSpec};
 use super::schedule::SchedulerConfig;
 use super::torch_cpu::CpuKernels;
 use super::vision::Vision;
-use crate::bundle::{self, Bundle, Variant};
+use crate::bundle::{self, Bundle, Precision, PrecisionMode, Variant};
 use crate::runtime::backend::{BackendChoice, BackendKind, BackendRequest};
 use crate::runtime::counters::RunCounters;
 use crate::runtime::loader::{self, EngineFiles, LoadOptions, OrtSettings, TrtOptions};
@@ -39,6 +39,8 @@ pub struct PipelineOptions {
     /// The torch CPU kernel flavour of the seeded noise and the RoPE tables; `None` = what torch
     /// computes on this CPU ([`cpu_kernels`]). Set it to reproduce vectors made on another machine.
     pub kernels: Option<CpuKernels>,
+    /// `PRECISION_MODE`: `auto` runs what the bundle has; another mode must be what it has.
+    pub precision: PrecisionMode,
     /// Rows per staging block of preprocessed pixels: the batch size the server forms (0 = 1).
     pub staging_rows: usize,
 }
@@ -52,6 +54,8 @@ pub struct PipelineInfo {
     pub variant: &'static str,
     pub zero_cond_t: bool,
     pub dtype: DType,
+    /// What the transformer computes in: the dtype's precision, or `fp8` for an FP8-quantized bundle.
+    pub precision: Precision,
     pub backend: BackendKind,
     pub backend_reason: String,
     pub gpu_available: bool,
@@ -129,6 +133,7 @@ impl Model {
     fn new(
         bundle: &Bundle,
         choice: &BackendChoice,
+        precision: Precision,
         options: &PipelineOptions,
         counters: &Arc<RunCounters>,
     ) -> Result<Model, LoadError> {
@@ -153,6 +158,7 @@ impl Model {
             variant: if plus { "edit-plus" } else { "edit" },
             zero_cond_t: t.zero_cond_t,
             dtype: m.dtype,
+            precision,
             backend: choice.backend,
             backend_reason: choice.reason.clone(),
             gpu_available: choice.gpu_available,
@@ -221,6 +227,7 @@ pub(crate) struct Engines {
 /// manifest's IO contract.
 pub(crate) fn open(dir: &Path, options: &PipelineOptions) -> Result<(Model, Engines), LoadError> {
     let bundle = if options.verify_hashes { Bundle::open_verified(dir)? } else { Bundle::open(dir)? };
+    let precision = bundle.check_precision(options.precision)?;
     let files = bundle::COMPONENTS
         .iter()
         .map(|c| {
@@ -231,12 +238,13 @@ pub(crate) fn open(dir: &Path, options: &PipelineOptions) -> Result<(Model, Engi
                 plan: bundle.plan_path(c)?,
                 inputs: contract.inputs.clone(),
                 outputs: contract.outputs.clone(),
+                fp8: bundle.manifest().is_fp8(c),
             })
         })
         .collect::<Result<Vec<_>, bundle::Error>>()?;
     let choice = loader::choose(&files, options.backend)?;
     let counters = Arc::new(RunCounters::default());
-    let mut model = Model::new(&bundle, &choice, options, &counters)?;
+    let mut model = Model::new(&bundle, &choice, precision, options, &counters)?;
     let load =
         LoadOptions { backend: options.backend, ort: options.ort.clone(), trt: options.trt.clone(), counters: counters.clone() };
     let opened = loader::open(&files, &choice, &load)?;
@@ -259,6 +267,7 @@ pub(crate) fn open(dir: &Path, options: &PipelineOptions) -> Result<(Model, Engi
     tracing::info!(
         bundle = %model.info.bundle,
         backend = %choice.backend,
+        precision = %precision,
         reason = %choice.reason,
         denoise_loop = model.info.denoise_loop,
         "pipeline loaded"

@@ -8,6 +8,7 @@ pub mod cuda;
 pub mod loader;
 pub mod nvrtc;
 pub mod ort;
+pub mod qdq;
 pub mod shim;
 #[cfg(qe_trt)]
 mod shim_ffi;

@@ -13,6 +13,9 @@
 //! count), so results match the export's onnxruntime checks. Before a session is built, each attention
 //! of the graph becomes one `com.microsoft.MultiHeadAttention` (runtime::attention: flash attention
 //! where ONNX Runtime has it), unless `OrtSettings::plain_attention` asks for the graph as it is.
+//! A graph with FP8 Q/DQ (found by `qdq::scan`) gets `QDQSelectorActionTransformer` disabled, which
+//! would otherwise fuse its DequantizeLinear -> MatMul into an operator without float8 kernels (the
+//! export does the same).
 //!
 //! Thread safety: an `OrtEngine` is `Send` and is owned by the engine worker; `run` takes `&mut self`
 //! (ORT sessions are not run concurrently here), so no locks are needed on the hot path.
@@ -331,13 +334,18 @@ impl OrtBackend {
         if self.shared_arena {
             builder = builder.with_env_allocators().map_err(|e| load_err(e.to_string()))?;
         }
+        let fp8_qdq = super::qdq::scan(path).map_err(|e| load_err(e.to_string()))?.fp8_qdq();
+        if fp8_qdq {
+            builder =
+                builder.with_disabled_optimizers(super::qdq::ORT_FP8_DISABLED_OPTIMIZERS).map_err(|e| load_err(e.to_string()))?;
+        }
         let (session, attention) = self.commit(builder, component, path).map_err(load_err)?;
         let io = |outlets: &[ort::value::Outlet]| -> Result<Vec<TensorInfo>, Error> {
             outlets.iter().map(|o| tensor_info(o.name(), o.dtype()).map_err(&load_err)).collect()
         };
         let inputs = io(session.inputs())?;
         let outputs = io(session.outputs())?;
-        Ok(OrtEngine { component: component.to_string(), session, inputs, outputs, attention })
+        Ok(OrtEngine { component: component.to_string(), session, inputs, outputs, attention, fp8_qdq })
     }
 }
 
@@ -409,12 +417,19 @@ pub struct OrtEngine {
     inputs: Vec<TensorInfo>,
     outputs: Vec<TensorInfo>,
     attention: Summary,
+    /// The graph carries FP8 Q/DQ (its session runs without the QDQ selector).
+    fp8_qdq: bool,
 }
 
 impl OrtEngine {
     /// What the attention rewrite did to this component's graph.
     pub fn attention(&self) -> &Summary {
         &self.attention
+    }
+
+    /// Whether the graph carries FP8 Q/DQ (and its session was built for it).
+    pub fn fp8_qdq(&self) -> bool {
+        self.fp8_qdq
     }
 }
 
@@ -659,7 +674,7 @@ mod tests {
         let text = std::fs::read_to_string(fixture("expected.json")).unwrap();
         let cases: serde_json::Value = serde_json::from_str(&text).unwrap();
         let cases = cases.as_object().unwrap();
-        assert_eq!(cases.len(), 6);
+        assert_eq!(cases.len(), 7);
         for (name, case) in cases {
             let mut e = load(name);
             let mut inputs = Vec::new();
@@ -687,6 +702,29 @@ mod tests {
                 assert_eq!(got, want, "{name}.{oname}");
             }
         }
+    }
+
+    /// An FP8 Q/DQ graph runs at the default optimization level (its session without the QDQ selector);
+    /// other graphs keep every optimizer. Without the option ONNX Runtime cannot build the session at all.
+    #[test]
+    fn fp8_qdq_graphs_get_their_own_session_option() {
+        let mut e = load("matmul_fp8");
+        assert!(e.fp8_qdq());
+        assert!(!load("matmul_add_f32").fp8_qdq() && !load("matmul_add_bf16").fp8_qdq());
+        // 1.1 / 2^-5 = 35.2 rounds to 36 (3 mantissa bits); 20 saturates at 448 * 2^-5 = 14 (see ort_fixtures.py).
+        let x = Tensor::f32(&[2, 4], vec![1.1, -0.3, 2.7, 0.05, 20.0, -0.9, 0.33, -3.3]);
+        let y = e.run(&[("x", &x)]).unwrap().take("y").unwrap().into_f32().unwrap();
+        // Exact in f32 (sums of a few powers of two); compared as f64 so the literals can be written out in full.
+        let y: Vec<f64> = y.iter().map(|&v| f64::from(v)).collect();
+        assert_eq!(y, vec![-0.505859375, 2.5390625, 9.00634765625, 10.49609375, -0.7265625, 5.4375]);
+
+        let b = backend();
+        let plain = Session::builder(&b.env)
+            .map_err(|e| e.to_string())
+            .and_then(|s| s.with_optimization_level(GraphOptimizationLevel::All).map_err(|e| e.to_string()))
+            .and_then(|mut s| s.commit_from_file(fixture("matmul_fp8.onnx")).map_err(|e| e.to_string()));
+        let err = plain.err().unwrap_or_default();
+        assert!(err.contains("float8") || err.contains("MatMulIntegerToFloat"), "the trap this option avoids is gone? {err}");
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! and their webhooks are sent), stops the engine worker, and `Server::wait` reports whether all
 //! of that happened within `SHUTDOWN_TIMEOUT`.
 
+mod openai;
+pub mod openapi;
 mod routes;
 mod v2;
 mod wire;

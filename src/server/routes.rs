@@ -1,5 +1,6 @@
-//! The routes: `POST /run` and `/runsync` (one edit), `GET /health`, `GET /ping`, `GET /metrics`, and
-//! RunPod's `/v2/...` layout (`v2.rs`); every response gets `X-Process-Time` (milliseconds) and a log
+//! The routes: `POST /run` and `/runsync` (one edit), `GET /health`, `GET /ping`, `GET /metrics`,
+//! RunPod's `/v2/...` layout (`v2.rs`), OpenAI's `POST /v1/images/edits` (`openai.rs`) and
+//! `GET /openapi.json` (`openapi.rs`); every response gets `X-Process-Time` (milliseconds) and a log
 //! line, slow ones a warning.
 
 use std::sync::Arc;
@@ -28,16 +29,30 @@ where
         (&Method::GET, "/health") => health(&state),
         (&Method::GET, "/ping") => ping(&state),
         (&Method::GET, "/metrics") => metrics(&state),
-        (&Method::POST, "/run" | "/runsync") => run(&state, req, started).await,
-        (_, "/health" | "/metrics" | "/ping") => method_not_allowed("GET"),
+        (&Method::GET, "/openapi.json") => super::openapi::response(),
+        (&Method::POST, "/run" | "/runsync") => counted(&state, started, edit(&state, req, started), error_response).await,
+        (&Method::POST, "/v1/images/edits") => {
+            counted(&state, started, super::openai::edits(&state, req, started), super::openai::openai_error).await
+        }
+        (_, "/health" | "/metrics" | "/ping" | "/openapi.json") => method_not_allowed("GET"),
         (_, "/run" | "/runsync") => method_not_allowed("POST"),
+        (_, "/v1/images/edits") => {
+            let mut r = super::openai::openai_error(&ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use POST on /v1/images/edits",
+            ));
+            r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+            r
+        }
         (_, p) if p.starts_with("/v2/") => super::v2::handle(&state, req, &path).await,
         _ => error_response(&ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
             format!(
-                "no route {path}; the API is POST /run, POST /runsync, GET /health, GET /ping, GET /metrics and \
-                 RunPod's /v2/{{endpoint_id}}/... (run, runsync, status, cancel, health, purge-queue)"
+                "no route {path}; the API is POST /run, POST /runsync, POST /v1/images/edits, GET /health, GET /ping, \
+                 GET /metrics, GET /openapi.json and RunPod's /v2/{{endpoint_id}}/... (run, runsync, status, cancel, \
+                 health, purge-queue)"
             ),
         )),
     };
@@ -81,7 +96,8 @@ fn health(state: &AppState) -> Response<Body> {
         "batch_timeout_ms": s.batch_timeout.as_millis() as u64,
         "bundle": s.bundle.display().to_string(),
         "lightning_enabled": s.lightning,
-        "precision": s.precision,
+        "precision": model.map(|m| m.precision.clone()),
+        "precision_mode": s.precision,
         "uptime_seconds": state.started.elapsed().as_secs_f64(),
         "version": env!("CARGO_PKG_VERSION"),
     });
@@ -96,6 +112,7 @@ fn health(state: &AppState) -> Response<Body> {
                 "default_true_cfg_scale": m.default_true_cfg_scale,
                 "lightning_fused": m.lightning_fused,
                 "max_text_tokens": m.max_text_tokens,
+                "dtype": m.dtype,
             }),
         );
     }
@@ -161,13 +178,16 @@ impl Drop for Outcome {
     }
 }
 
-async fn run<B>(state: &Arc<AppState>, req: Request<B>, started: Instant) -> Response<Body>
-where
-    B: hyper::body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
+/// An edit route's answer, counted in the metrics and logged; `render` writes the error body (the
+/// RunPod-style one or OpenAI's).
+async fn counted(
+    state: &Arc<AppState>,
+    started: Instant,
+    work: impl std::future::Future<Output = Result<Response<Body>, ApiError>>,
+    render: fn(&ApiError) -> Response<Body>,
+) -> Response<Body> {
     let outcome = Outcome { metrics: state.service.metrics().clone(), started, done: false };
-    match edit(state, req, started).await {
+    match work.await {
         Ok(r) => {
             outcome.finish(r.status(), None);
             r
@@ -179,7 +199,7 @@ where
                 tracing::debug!(status = e.status.as_u16(), error_type = e.error_type, "{}", e.message);
             }
             outcome.finish(e.status, Some(e.error_type));
-            error_response(&e)
+            render(&e)
         }
     }
 }

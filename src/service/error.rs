@@ -15,6 +15,7 @@ use crate::pipeline::EditError;
 /// | 400 | `invalid_json` | the body is not JSON, not an object, or has no `input` object |
 /// | 400 | `invalid_base64` | `image_base64` is not base64 (or a data URI that is not base64) |
 /// | 400 | `invalid_image` | the image is corrupt or truncated |
+/// | 400 | `invalid_multipart` / `invalid_request` | `/v1/images/edits`: a malformed multipart body / a refused form field |
 /// | 401 | `unauthorized` | `API_KEY` is set and the bearer token is missing or wrong |
 /// | 404 / 405 | `not_found` / `method_not_allowed` | unknown route or method |
 /// | 408 | `body_timeout` | the body did not arrive within `BODY_READ_TIMEOUT` |

@@ -217,23 +217,32 @@ impl Fetcher {
     pub async fn fetch(&self, url: &str) -> Result<Bytes, FetchError> {
         let start = Url::parse(url.trim()).map_err(|e| FetchError::InvalidUrl(format!("`{}`: {e}", clip(url))))?;
         check_url(&start)?;
-        let deadline = Instant::now() + self.policy.total_timeout;
+        self.retrying(url, || self.fetch_once(&start)).await
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, runs out of `URL_RETRIES` or of `URL_TIMEOUT`
+    /// in all; transient failures wait an exponential backoff with jitter between attempts.
+    async fn retrying<T, F, Fut>(&self, url: &str, mut attempt: F) -> Result<T, FetchError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, AttemptError>>,
+    {
         let total = self.policy.total_timeout;
+        let deadline = Instant::now() + total;
         let work = async {
-            let mut attempt = 0u32;
+            let mut tries = 0u32;
             loop {
-                match self.fetch_once(&start).await {
-                    Ok(b) => return Ok(b),
-                    Err(e) if e.transient && attempt < self.policy.retries => {
-                        let base = self.policy.backoff.saturating_mul(1u32 << attempt.min(16));
-                        let jitter = base.mul_f64(rand::random::<f64>() * 0.5);
-                        let wait = base + jitter;
+                match attempt().await {
+                    Ok(v) => return Ok(v),
+                    Err(e) if e.transient && tries < self.policy.retries => {
+                        let base = self.policy.backoff.saturating_mul(1u32 << tries.min(16));
+                        let wait = base + base.mul_f64(rand::random::<f64>() * 0.5);
                         if Instant::now() + wait >= deadline {
                             return Err(e.error);
                         }
-                        tracing::debug!(url = %clip(url), attempt, error = %e.error, "image_url fetch failed, retrying");
+                        tracing::debug!(url = %clip(url), attempt = tries, error = %e.error, "request failed, retrying");
                         tokio::time::sleep(wait).await;
-                        attempt += 1;
+                        tries += 1;
                     }
                     Err(e) => return Err(e.error),
                 }
@@ -266,38 +275,16 @@ impl Fetcher {
     /// 408, 429, 5xx) like `fetch`; returns the final status (2xx) or why it failed.
     pub async fn post_json(&self, url: &str, body: Bytes) -> Result<u16, FetchError> {
         let target = self.vet(url)?;
-        let total = self.policy.total_timeout;
-        let deadline = Instant::now() + total;
-        let work = async {
-            let mut attempt = 0u32;
-            loop {
-                let result: Result<u16, AttemptError> = match self.request(&target, http::Method::POST, body.clone()).await {
-                    Ok(r) if r.status().is_success() => Ok(r.status().as_u16()),
-                    Ok(r) => {
-                        let status = r.status();
-                        let e = FetchError::Failed(format!("the server answered {status} for {}", clip(url)));
-                        Err(AttemptError { error: e, transient: matches!(status.as_u16(), 408 | 429 | 500..=599) })
-                    }
-                    Err(e) => Err(e),
-                };
-                match result {
-                    Ok(status) => return Ok(status),
-                    Err(e) if e.transient && attempt < self.policy.retries => {
-                        let wait = self.policy.backoff.saturating_mul(1u32 << attempt.min(16));
-                        if Instant::now() + wait >= deadline {
-                            return Err(e.error);
-                        }
-                        tokio::time::sleep(wait).await;
-                        attempt += 1;
-                    }
-                    Err(e) => return Err(e.error),
-                }
+        self.retrying(url, || async {
+            let r = self.request(&target, http::Method::POST, body.clone()).await?;
+            let status = r.status();
+            if status.is_success() {
+                return Ok(status.as_u16());
             }
-        };
-        match tokio::time::timeout(total, work).await {
-            Ok(r) => r,
-            Err(_) => Err(FetchError::Failed(format!("timed out after {:.1} s (URL_TIMEOUT)", total.as_secs_f64()))),
-        }
+            let error = FetchError::Failed(format!("the server answered {status} for {}", clip(url)));
+            Err(AttemptError { error, transient: matches!(status.as_u16(), 408 | 429 | 500..=599) })
+        })
+        .await
     }
 
     async fn fetch_once(&self, start: &Url) -> Result<Bytes, AttemptError> {

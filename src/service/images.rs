@@ -211,6 +211,7 @@ pub async fn load_images(
                 Ok(bytes) => blocking(cpu, move || decode_image(&bytes, &limits)).await,
                 Err(e) => Err(e.into()),
             },
+            ImageSource::Bytes(b) => blocking(cpu, move || decode_image(&b, &limits)).await,
             ImageSource::Path(p) => {
                 let policy = paths.clone();
                 blocking(cpu, move || decode_image(&read_path(&policy, &p)?, &limits)).await

@@ -31,7 +31,7 @@ pub use error::ApiError;
 use fetch::{FetchPolicy, Fetcher};
 use images::PathPolicy;
 pub use model::ModelInfo;
-use schema::{EditParams, EditResponse, Timings};
+use schema::{EditParams, EditResponse, RawInput, Timings};
 
 /// Where the service is in its life.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -245,6 +245,21 @@ impl EditService {
         })
     }
 
+    /// `n` more queue places at once, all or none, for the further images of a request that already
+    /// holds one ([`EditService::edit_fields`]); 503 `overloaded` when fewer are free.
+    pub fn admit_n(&self, n: usize) -> Result<Vec<Ticket>, ApiError> {
+        self.loaded()?;
+        self.batcher.try_admit_many(n).ok_or_else(|| {
+            ApiError::overloaded(
+                format!(
+                    "the queue has no room for {n} more images (MAX_QUEUE {}); retry after the Retry-After seconds or ask for fewer",
+                    self.settings.max_queue
+                ),
+                self.batcher.retry_after(),
+            )
+        })
+    }
+
     fn loaded(&self) -> Result<&LoadedModel, ApiError> {
         match self.phase() {
             Phase::Ready => self.model.get().ok_or_else(|| ApiError::internal("ready without a model")),
@@ -260,8 +275,39 @@ impl EditService {
     /// are ignored), holding the queue place `ticket`. Fails with 504 `timeout` when `REQUEST_TIMEOUT`
     /// has passed since `started`.
     pub async fn edit(&self, ticket: Ticket, body: Bytes, started: Instant) -> Result<EditResponse, ApiError> {
+        self.timed(started, self.edit_untimed(ticket, body, started)).await
+    }
+
+    /// Edits of an input whose fields a front end parsed itself (a form): validated by the same
+    /// rules as `edit`'s JSON ([`schema::validate`], fields named without `input.`), one result per
+    /// ticket. The `n = tickets.len()` images use seeds `seed..seed+n-1` and are submitted as one
+    /// group: they run in one batch when `n <= BATCH_SIZE`, else in consecutive full batches.
+    pub async fn edit_fields(
+        &self,
+        tickets: Vec<Ticket>,
+        input: RawInput,
+        started: Instant,
+    ) -> Result<Vec<EditResponse>, ApiError> {
+        self.timed(started, async move {
+            let model = self.loaded()?;
+            let limits = model.limits.clone();
+            let params = images::blocking(&self.cpu, move || {
+                schema::validate(input, &limits, schema::Names::FORM, || u64::from(rand::random::<u32>()))
+            })
+            .await?;
+            self.run(tickets, model, params, started).await
+        })
+        .await
+    }
+
+    /// Runs `work` within `REQUEST_TIMEOUT` from `started` (504 `timeout` after it).
+    async fn timed<T>(
+        &self,
+        started: Instant,
+        work: impl std::future::Future<Output = Result<T, ApiError>>,
+    ) -> Result<T, ApiError> {
         let timeout = self.settings.request_timeout;
-        match tokio::time::timeout_at((started + timeout).into(), self.edit_untimed(ticket, body, started)).await {
+        match tokio::time::timeout_at((started + timeout).into(), work).await {
             Ok(r) => r,
             Err(_) => Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -279,17 +325,19 @@ impl EditService {
         let limits = model.limits.clone();
         let params =
             images::blocking(&self.cpu, move || schema::parse(&body, &limits, || u64::from(rand::random::<u32>()))).await?;
-        self.run(ticket, model, params, started).await
+        let mut one = self.run(vec![ticket], model, params, started).await?;
+        one.pop().ok_or_else(|| ApiError::internal("no result"))
     }
 
-    /// Loads the images of `params`, prepares the job, runs it in a batch and encodes the result.
+    /// Loads the images of `params`, prepares one job per ticket (seeds `seed`, `seed + 1`, ...),
+    /// runs them as one group in the batcher and encodes the results, in order.
     async fn run(
         &self,
-        ticket: Ticket,
+        tickets: Vec<Ticket>,
         model: &LoadedModel,
         params: EditParams,
         started: Instant,
-    ) -> Result<EditResponse, ApiError> {
+    ) -> Result<Vec<EditResponse>, ApiError> {
         let EditParams {
             prompt,
             negative_prompt,
@@ -301,54 +349,62 @@ impl EditService {
             height,
             output_format,
         } = params;
+        let n = tickets.len() as u64;
+        if seed.checked_add(n.saturating_sub(1)).is_none() {
+            return Err(ApiError::validation(format!("seed {seed} + {} does not fit in 64 bits; use a smaller seed", n - 1)));
+        }
         let images = images::load_images(images, &self.fetcher, &self.paths, self.image_limits, &self.cpu).await?;
-        let request = EditRequest {
-            images,
-            prompt: prompt.clone(),
-            negative_prompt,
-            num_inference_steps,
-            true_cfg_scale,
-            seed,
-            width,
-            height,
-            lightning: self.settings.lightning,
-            noise: None,
-        };
-        let pre = model.preprocessor.clone();
-        let prepared = images::blocking(&self.cpu, move || pre.prepare(request).map_err(ApiError::from)).await?;
+        let mut jobs = Vec::with_capacity(tickets.len());
+        for i in 0..n {
+            let request = EditRequest {
+                images: images.clone(),
+                prompt: prompt.clone(),
+                negative_prompt: negative_prompt.clone(),
+                num_inference_steps,
+                true_cfg_scale,
+                seed: seed + i,
+                width,
+                height,
+                lightning: self.settings.lightning,
+                noise: None,
+            };
+            let pre = model.preprocessor.clone();
+            jobs.push(images::blocking(&self.cpu, move || pre.prepare(request).map_err(ApiError::from)).await?);
+        }
         let preprocess = started.elapsed();
 
-        let key = prepared.key().clone();
-        let done = self
-            .batcher
-            .submit(ticket, key, prepared)
-            .await
-            .map_err(|_| ApiError::internal("the batcher stopped before this job ran; retry the request"))?
-            .map_err(ApiError::from)?;
-
-        let encode_start = Instant::now();
-        let out = done.output;
-        let (image, width, height) = (out.image, out.width, out.height);
-        let encoded =
-            images::blocking(&self.cpu, move || Ok(images::encode_base64(&imaging::encode(&image, output_format)?))).await?;
-        Ok(EditResponse {
-            image: encoded,
-            prompt,
-            num_inference_steps: out.steps,
-            lightning_enabled: out.lightning,
-            seed: out.seed,
-            width,
-            height,
-            true_cfg_scale,
-            output_format: schema::format_name(output_format),
-            timings: Timings {
-                preprocess_ms: ms(preprocess),
-                queue_ms: ms(done.queue_time),
-                compute_ms: ms(done.compute_time),
-                encode_ms: ms(encode_start.elapsed()),
-                batch_size: done.batch_size,
-            },
-        })
+        let key = jobs.first().ok_or_else(|| ApiError::internal("an edit without a job"))?.key().clone();
+        let mut responses = Vec::with_capacity(jobs.len());
+        for rx in self.batcher.submit_group(tickets, key, jobs) {
+            let done = rx
+                .await
+                .map_err(|_| ApiError::internal("the batcher stopped before this job ran; retry the request"))?
+                .map_err(ApiError::from)?;
+            let encode_start = Instant::now();
+            let out = done.output;
+            let (image, width, height) = (out.image, out.width, out.height);
+            let encoded =
+                images::blocking(&self.cpu, move || Ok(images::encode_base64(&imaging::encode(&image, output_format)?))).await?;
+            responses.push(EditResponse {
+                image: encoded,
+                prompt: prompt.clone(),
+                num_inference_steps: out.steps,
+                lightning_enabled: out.lightning,
+                seed: out.seed,
+                width,
+                height,
+                true_cfg_scale,
+                output_format: schema::format_name(output_format),
+                timings: Timings {
+                    preprocess_ms: ms(preprocess),
+                    queue_ms: ms(done.queue_time),
+                    compute_ms: ms(done.compute_time),
+                    encode_ms: ms(encode_start.elapsed()),
+                    batch_size: done.batch_size,
+                },
+            });
+        }
+        Ok(responses)
     }
 }
 

@@ -31,6 +31,10 @@ pub struct ModelInfo {
     pub max_text_tokens: usize,
     /// `device` or `host`: where the denoising loop runs between transformer calls.
     pub denoise_loop: String,
+    /// What the transformer computes in (`fp32`, `fp16`, `bf16` or `fp8`).
+    pub precision: String,
+    /// The bundle's graph dtype (`float32`, ...): the precision of everything but FP8 layers.
+    pub dtype: String,
 }
 
 /// What the worker hands back once the pipeline is open.
@@ -52,7 +56,12 @@ impl From<Failure> for EditError {
 
 /// Opens the bundle (call on the engine worker thread).
 pub fn open(settings: &Settings) -> Result<(BatchFn, Loaded), String> {
-    let options = PipelineOptions { backend: settings.backend, staging_rows: settings.batch_size, ..PipelineOptions::default() };
+    let options = PipelineOptions {
+        backend: settings.backend,
+        staging_rows: settings.batch_size,
+        precision: settings.precision,
+        ..PipelineOptions::default()
+    };
     let mut pipeline = Pipeline::open(&settings.bundle, &options)
         .map_err(|e| format!("cannot open the model bundle {}: {e}", settings.bundle.display()))?;
     let info = describe(pipeline.info(), settings);
@@ -76,5 +85,7 @@ fn describe(info: &PipelineInfo, settings: &Settings) -> ModelInfo {
         lightning_fused: info.lightning_fused,
         max_text_tokens: info.max_text_tokens,
         denoise_loop: info.denoise_loop.to_string(),
+        precision: info.precision.to_string(),
+        dtype: serde_json::to_value(info.dtype).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
     }
 }

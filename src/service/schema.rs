@@ -1,6 +1,10 @@
 //! The JSON of `POST /run` / `/runsync`: parsing and validating `{"input": {...}}` into an
 //! [`EditParams`], and the response body. Knows JSON, not images or tensors.
 //!
+//! A front end whose fields arrive already parsed (the OpenAI route's multipart form) fills a
+//! [`RawInput`] itself (images as [`ImageSource::Bytes`]) and the service runs the same [`validate`]
+//! on it; only the field names in messages differ ([`Names`]).
+//!
 //! Field rules (the API contract; README "HTTP API" repeats them):
 //! - `prompt`: required string, not empty or only whitespace, at most `MAX_PROMPT_CHARS` characters;
 //!   passed on exactly as sent (not trimmed).
@@ -19,6 +23,8 @@
 //! - Unknown fields, inside `input` and beside it (RunPod's `id`, `webhook`, `policy`, ...), are ignored,
 //!   as the Python handler (and RunPod's own handlers, which read the keys they know) did.
 
+use bytes::Bytes;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
@@ -33,6 +39,8 @@ pub enum ImageSource {
     Url(String),
     /// The `image_path` string as sent (resolved under `IMAGE_PATH_ROOT` when the image is loaded).
     Path(String),
+    /// The image file itself (an upload), decoded later off the reactor under the same limits.
+    Bytes(Bytes),
 }
 
 /// A validated edit request with every default applied.
@@ -68,33 +76,75 @@ pub const MAX_CFG: f64 = 20.0;
 pub const SIZE_MULTIPLE: u32 = 16;
 pub const DEFAULT_JPEG_QUALITY: u8 = 90;
 
-#[derive(Deserialize)]
-struct Envelope {
+/// The body of `POST /run` / `/runsync` (other top-level keys, like RunPod's `id`, are ignored).
+#[derive(Deserialize, JsonSchema)]
+#[schemars(rename = "RunRequest")]
+pub struct Envelope {
+    #[schemars(required)]
     input: Option<RawInput>,
 }
 
-#[derive(Deserialize)]
-struct RawImage {
-    image_base64: Option<String>,
-    image_url: Option<String>,
-    image_path: Option<String>,
+/// One input image: exactly one of the three sources.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(rename = "InputImage")]
+pub struct RawImage {
+    /// Raw base64 (standard or URL-safe alphabet, padding optional) or a `data:image/...;base64,` URI.
+    pub image_base64: Option<String>,
+    /// An http(s) URL, fetched with the SSRF guard.
+    pub image_url: Option<String>,
+    /// A file under `IMAGE_PATH_ROOT`.
+    pub image_path: Option<String>,
+    /// The file itself (a front end's upload; not part of the JSON).
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub bytes: Option<Bytes>,
 }
 
-#[derive(Deserialize)]
-struct RawInput {
-    prompt: Option<String>,
-    image_base64: Option<String>,
-    image_url: Option<String>,
-    image_path: Option<String>,
-    images: Option<Vec<RawImage>>,
-    negative_prompt: Option<String>,
-    num_inference_steps: Option<i64>,
-    true_cfg_scale: Option<f64>,
-    seed: Option<u64>,
-    width: Option<i64>,
-    height: Option<i64>,
-    output_format: Option<String>,
-    output_quality: Option<i64>,
+/// The `input` of an edit request, as sent: types checked, nothing else. [`validate`] applies the rules.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(rename = "EditInput")]
+pub struct RawInput {
+    /// What to change in the image; not empty, at most `MAX_PROMPT_CHARS` characters.
+    #[schemars(required)]
+    pub prompt: Option<String>,
+    pub image_base64: Option<String>,
+    pub image_url: Option<String>,
+    pub image_path: Option<String>,
+    /// Edit Plus bundles: the input images in order ("Picture 1" first), instead of the single-image fields.
+    pub images: Option<Vec<RawImage>>,
+    /// True CFG runs when this is given (even empty) and `true_cfg_scale > 1`.
+    pub negative_prompt: Option<String>,
+    #[schemars(range(min = 1, max = 100))]
+    pub num_inference_steps: Option<i64>,
+    #[schemars(range(min = 1.0, max = 20.0))]
+    pub true_cfg_scale: Option<f64>,
+    /// Absent or null: random below 2^32, returned in the response.
+    pub seed: Option<u64>,
+    /// Floored to a multiple of 16, then 16..=`MAX_OUTPUT_SIDE`; absent: the reference's size.
+    pub width: Option<i64>,
+    /// As `width`.
+    pub height: Option<i64>,
+    /// `png` (default), `jpeg`/`jpg`, `webp` (lossless).
+    pub output_format: Option<String>,
+    /// JPEG quality (default 90).
+    #[schemars(range(min = 1, max = 100))]
+    pub output_quality: Option<i64>,
+}
+
+/// How messages name the fields: `input.prompt` in the JSON API, `prompt` in a form.
+#[derive(Clone, Copy, Debug)]
+pub struct Names {
+    /// Before every field name (`input.` or nothing).
+    pub prefix: &'static str,
+    /// The image list (`input.images`, or a form's `image`).
+    pub images: &'static str,
+    /// The JPEG quality (`input.output_quality`, or OpenAI's `output_compression`).
+    pub quality: &'static str,
+}
+
+impl Names {
+    pub const JSON: Names = Names { prefix: "input.", images: "input.images", quality: "input.output_quality" };
+    pub const FORM: Names = Names { prefix: "", images: "image", quality: "output_compression" };
 }
 
 /// Parses and validates a request body. `random_seed` supplies the seed when none is given.
@@ -134,7 +184,7 @@ pub fn parse(body: &[u8], limits: &Limits, random_seed: impl FnOnce() -> u64) ->
     let input = envelope.input.ok_or_else(|| {
         ApiError::invalid_json("the body has no \"input\" object; send {\"input\": {\"prompt\": ..., \"image_base64\": ...}}")
     })?;
-    validate(input, limits, random_seed)
+    validate(input, limits, Names::JSON, random_seed)
 }
 
 /// serde_json appends " at line 1 column 42" to data errors; the path already says where.
@@ -146,38 +196,42 @@ fn strip_position(e: &serde_json::Error) -> String {
     }
 }
 
-fn validate(r: RawInput, l: &Limits, random_seed: impl FnOnce() -> u64) -> Result<EditParams, ApiError> {
-    let prompt = r.prompt.ok_or_else(|| ApiError::validation("input.prompt is required: say what to change in the image"))?;
+/// Validates an input against the rules above (the JSON API's and every other front end's), naming
+/// fields as `names` says. `random_seed` supplies the seed when none is given.
+pub fn validate(r: RawInput, l: &Limits, names: Names, random_seed: impl FnOnce() -> u64) -> Result<EditParams, ApiError> {
+    let p = names.prefix;
+    let prompt =
+        r.prompt.ok_or_else(|| ApiError::validation(format!("{p}prompt is required: say what to change in the image")))?;
     if prompt.trim().is_empty() {
-        return Err(ApiError::validation("input.prompt is empty: say what to change in the image"));
+        return Err(ApiError::validation(format!("{p}prompt is empty: say what to change in the image")));
     }
-    check_chars("input.prompt", &prompt, l.max_prompt_chars)?;
+    check_chars(&format!("{p}prompt"), &prompt, l.max_prompt_chars)?;
     if let Some(n) = &r.negative_prompt {
-        check_chars("input.negative_prompt", n, l.max_prompt_chars)?;
+        check_chars(&format!("{p}negative_prompt"), n, l.max_prompt_chars)?;
     }
 
-    let single = RawImage { image_base64: r.image_base64, image_url: r.image_url, image_path: r.image_path };
-    let images = image_sources(single, r.images, l.max_images)?;
+    let single = RawImage { image_base64: r.image_base64, image_url: r.image_url, image_path: r.image_path, bytes: None };
+    let images = image_sources(single, r.images, l.max_images, names)?;
 
     let num_inference_steps = match r.num_inference_steps {
         None => l.default_steps,
         Some(s) if (MIN_STEPS..=MAX_STEPS).contains(&s) => s as u32,
         Some(s) => {
-            return Err(ApiError::validation(format!("input.num_inference_steps must be in {MIN_STEPS}..={MAX_STEPS}, got {s}")))
+            return Err(ApiError::validation(format!("{p}num_inference_steps must be in {MIN_STEPS}..={MAX_STEPS}, got {s}")))
         }
     };
     let true_cfg_scale = match r.true_cfg_scale {
         None => l.default_true_cfg_scale,
         Some(c) if (MIN_CFG..=MAX_CFG).contains(&c) => c as f32,
-        Some(c) => return Err(ApiError::validation(format!("input.true_cfg_scale must be in {MIN_CFG}..={MAX_CFG}, got {c}"))),
+        Some(c) => return Err(ApiError::validation(format!("{p}true_cfg_scale must be in {MIN_CFG}..={MAX_CFG}, got {c}"))),
     };
     let seed = r.seed.unwrap_or_else(random_seed);
-    let width = r.width.map(|w| output_side("input.width", w, l.max_output_side)).transpose()?;
-    let height = r.height.map(|h| output_side("input.height", h, l.max_output_side)).transpose()?;
+    let width = r.width.map(|w| output_side(&format!("{p}width"), w, l.max_output_side)).transpose()?;
+    let height = r.height.map(|h| output_side(&format!("{p}height"), h, l.max_output_side)).transpose()?;
     let quality = match r.output_quality {
         None => DEFAULT_JPEG_QUALITY,
         Some(q) if (1..=100).contains(&q) => q as u8,
-        Some(q) => return Err(ApiError::validation(format!("input.output_quality must be in 1..=100, got {q}"))),
+        Some(q) => return Err(ApiError::validation(format!("{} must be in 1..=100, got {q}", names.quality))),
     };
     let output_format = match r.output_format.as_deref().map(|s| s.trim().to_ascii_lowercase()) {
         None => OutputFormat::Png,
@@ -185,7 +239,7 @@ fn validate(r: RawInput, l: &Limits, random_seed: impl FnOnce() -> u64) -> Resul
             "png" => OutputFormat::Png,
             "jpeg" | "jpg" => OutputFormat::Jpeg { quality },
             "webp" => OutputFormat::Webp,
-            _ => return Err(ApiError::validation(format!("input.output_format `{f}` is not supported: use png, jpeg or webp"))),
+            _ => return Err(ApiError::validation(format!("{p}output_format `{f}` is not supported: use png, jpeg or webp"))),
         },
     };
     Ok(EditParams {
@@ -220,6 +274,16 @@ fn output_side(name: &str, v: i64, max: u32) -> Result<u32, ApiError> {
 }
 
 fn one_source(where_: &str, raw: RawImage) -> Result<ImageSource, ApiError> {
+    if let Some(b) = raw.bytes {
+        if b.is_empty() {
+            return Err(ApiError::new(
+                http::StatusCode::BAD_REQUEST,
+                "invalid_image",
+                format!("{} is an empty file", where_.trim_end_matches('.')),
+            ));
+        }
+        return Ok(ImageSource::Bytes(b));
+    }
     let given = [raw.image_base64.is_some(), raw.image_url.is_some(), raw.image_path.is_some()];
     if given.iter().filter(|g| **g).count() > 1 {
         let names: Vec<String> = ["image_base64", "image_url", "image_path"]
@@ -256,32 +320,38 @@ fn one_source(where_: &str, raw: RawImage) -> Result<ImageSource, ApiError> {
     Err(ApiError::validation(format!("{where_}image_base64, {where_}image_url or {where_}image_path is required")))
 }
 
-fn image_sources(single: RawImage, images: Option<Vec<RawImage>>, max_images: usize) -> Result<Vec<ImageSource>, ApiError> {
+fn image_sources(
+    single: RawImage,
+    images: Option<Vec<RawImage>>,
+    max_images: usize,
+    names: Names,
+) -> Result<Vec<ImageSource>, ApiError> {
+    let (p, list_name) = (names.prefix, names.images);
     match images {
-        None => Ok(vec![one_source("input.", single)?]),
+        None => Ok(vec![one_source(p, single)?]),
         Some(_) if single.image_base64.is_some() || single.image_url.is_some() || single.image_path.is_some() => {
-            Err(ApiError::validation(
-                "input.images cannot be combined with input.image_base64, input.image_url or input.image_path: send one of them",
-            ))
+            Err(ApiError::validation(format!(
+                "{list_name} cannot be combined with {p}image_base64, {p}image_url or {p}image_path: send one of them"
+            )))
         }
         Some(list) => {
             if list.is_empty() {
-                return Err(ApiError::validation("input.images is empty: send at least one image"));
+                return Err(ApiError::validation(format!("{list_name} is empty: send at least one image")));
             }
             if list.len() > max_images {
                 return Err(ApiError::validation(if max_images == 1 {
-                    format!("this bundle edits exactly one image, input.images has {}; multi-image editing needs an Edit Plus (2509/2511) bundle", list.len())
+                    format!("{list_name} has {} images; this bundle edits exactly one image (multi-image editing needs an Edit Plus (2509/2511) bundle)", list.len())
                 } else {
-                    format!("input.images has {} images; at most {max_images} are accepted", list.len())
+                    format!("{list_name} has {} images; at most {max_images} are accepted", list.len())
                 }));
             }
-            list.into_iter().enumerate().map(|(i, im)| one_source(&format!("input.images[{i}]."), im)).collect()
+            list.into_iter().enumerate().map(|(i, im)| one_source(&format!("{list_name}[{i}]."), im)).collect()
         }
     }
 }
 
 /// Per-request timings returned with the result.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq, JsonSchema)]
 pub struct Timings {
     /// Reading the body, base64, fetching and decoding the images, preparing the job.
     pub preprocess_ms: f64,
@@ -296,7 +366,7 @@ pub struct Timings {
 }
 
 /// The success body. `image` (base64, no data-URI prefix) is what existing clients read.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, JsonSchema)]
 pub struct EditResponse {
     /// Standard base64 (its alphabet needs no JSON escaping, which `to_json` relies on).
     #[serde(skip)]

@@ -19,6 +19,19 @@ use tokio::net::TcpStream;
 
 pub const BUNDLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/engines/tiny");
 
+/// An in-process server on `settings`, once its model is loaded.
+pub async fn start(settings: Settings) -> qwen_edit::server::Server {
+    let server = qwen_edit::server::Server::start(settings).await.expect("server starts");
+    tokio::time::timeout(Duration::from_secs(120), server.ready()).await.expect("loads in time").expect("the tiny bundle loads");
+    server
+}
+
+/// Shuts `server` down and checks that every request in flight was drained.
+pub async fn stop(server: qwen_edit::server::Server) {
+    server.shutdown();
+    assert_eq!(server.wait().await.expect("clean stop"), qwen_edit::server::Drain::Clean);
+}
+
 /// Settings for an in-process test server: the tiny bundle on CPU, an ephemeral loopback port.
 pub fn settings() -> Settings {
     Settings {

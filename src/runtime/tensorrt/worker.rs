@@ -94,6 +94,13 @@ impl TrtWorker {
         &self.device
     }
 
+    /// The worker's GPU's compute capability (major, minor).
+    pub fn compute_capability(&self) -> Result<(i32, i32), Error> {
+        let ordinal = i32::try_from(self.options.device).map_err(|_| unavailable("device ordinal out of range"))?;
+        let info = self.cuda.device(ordinal).map_err(|e| unavailable(e.to_string()))?;
+        Ok((info.cc_major, info.cc_minor))
+    }
+
     /// Loads the engine at `plan`. `contract` (the manifest's inputs and outputs) names the dynamic
     /// dims, which the text buckets need; without it no dim is bucketed.
     pub fn load(
