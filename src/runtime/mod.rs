@@ -1,6 +1,7 @@
 //! The engine seam: one trait between "what to compute" (pipeline) and "where it runs".
 //! `ort` runs the ONNX graphs on CPU (the reference); `tensorrt` runs compiled engines on a GPU.
 
+pub mod attention;
 pub mod backend;
 pub mod counters;
 pub mod cuda;
