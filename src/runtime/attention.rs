@@ -927,6 +927,17 @@ mod tests {
         ("tiny", "vae_decoder", Summary { flash: 1, per_row: 0, masked: 0, skipped: Vec::new() }),
     ];
 
+    /// Every Softmax of `model` sits in the one attention form TensorRT's fusion takes.
+    fn assert_fusable_form(bundle: &str, component: &str, model: &ModelProto) {
+        let g = model.graph.as_ref().unwrap();
+        let view = View::new(g);
+        for (i, n) in g.node.iter().enumerate().filter(|(_, n)| n.op_type == "Softmax") {
+            if let Err(e) = find(&view, i) {
+                panic!("{bundle}/{component}: {} is not in TensorRT's fused-attention form: {e}", label(n));
+            }
+        }
+    }
+
     /// TensorRT parses the exported graph: each Softmax over tokens x tokens sits in the one attention
     /// form its fusion takes (no guard, scale before Q·Kᵀ, only a mask add before the softmax).
     /// ONNX Runtime runs the rewritten graph: no such Softmax is left, each is a MultiHeadAttention.
@@ -936,13 +947,7 @@ mod tests {
             let (_, model) = committed(bundle, component);
             let softmaxes = token_softmaxes(&model);
             assert_eq!(softmaxes.len(), want.rewritten(), "{bundle}/{component}: {softmaxes:?}");
-            let g = model.graph.as_ref().unwrap();
-            let view = View::new(g);
-            for (i, n) in g.node.iter().enumerate().filter(|(_, n)| n.op_type == "Softmax") {
-                if let Err(e) = find(&view, i) {
-                    panic!("{bundle}/{component}: {} is not in TensorRT's fused-attention form: {e}", label(n));
-                }
-            }
+            assert_fusable_form(bundle, component, &model);
             let mut rewritten = model.clone();
             assert_eq!(rewrite(&mut rewritten), want, "{bundle}/{component}");
             assert_eq!(token_softmaxes(&rewritten), Vec::<String>::new(), "{bundle}/{component}");
@@ -958,13 +963,7 @@ mod tests {
             for (component, attentions) in [("transformer", 2), ("text_encoder", 6), ("vae_encoder", 1), ("vae_decoder", 1)] {
                 let (_, model) = committed(bundle, component);
                 assert_eq!(token_softmaxes(&model).len(), attentions, "{bundle}/{component}");
-                let g = model.graph.as_ref().unwrap();
-                let view = View::new(g);
-                for (i, n) in g.node.iter().enumerate().filter(|(_, n)| n.op_type == "Softmax") {
-                    if let Err(e) = find(&view, i) {
-                        panic!("{bundle}/{component}: {} is not in TensorRT's fused-attention form: {e}", label(n));
-                    }
-                }
+                assert_fusable_form(bundle, component, &model);
                 let mut rewritten = model.clone();
                 let s = rewrite(&mut rewritten);
                 assert_eq!((s.rewritten(), s.skipped.len()), (0, attentions), "{bundle}/{component}");
