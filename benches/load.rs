@@ -3,14 +3,15 @@
 //! every BATCH_SIZE at the timeouts of `LOAD_ADAPTIVE_TIMEOUTS_MS` (default `40,100`: for it the
 //! timeout is only the longest wait), and prints throughput, latency, batch size and 503 share.
 //!
-//! `cargo bench --bench load` (about 10 minutes on 2 cores). Open loop: request i is sent at
+//! `cargo bench --bench load` (about 25 minutes on 2 cores). Open loop: request i is sent at
 //! t0 + i/rate whatever the server does, and its latency counts from that moment, so a slow server
 //! cannot slow the client down and hide its queueing (no coordinated omission). Every configuration
 //! gets a fresh server process, two warm-up requests, then `LOAD_SECONDS` (default 6) of arrivals.
 //! The rates are multiples of the measured capacity of BATCH_SIZE=1 on this machine (calibrated
 //! first; `LOAD_RATE_FACTORS`, default `0.5,2`), or absolute with `LOAD_RATES` (requests/s).
 //! Other knobs: `LOAD_STEPS` (denoising steps per request, default 8), `LOAD_BATCH_SIZES`,
-//! `LOAD_TIMEOUTS_MS`. The table goes to stdout and to target/bench-tables/load.md.
+//! `LOAD_TIMEOUTS_MS`, `LOAD_REPEATS` (runs per row, default 3: each figure is the median of the
+//! runs, the 503 share their total, so one noisy run does not decide a row). The table goes to stdout and to target/bench-tables/load.md.
 //! Under `cargo test` (no `--bench`) it runs one short configuration as a smoke test.
 
 #[path = "../tests/server_support/mod.rs"]
@@ -145,6 +146,30 @@ async fn run(c: &Config) -> Outcome {
     }
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[(v.len() - 1) / 2]
+    }
+}
+
+/// One row from several runs of a configuration: medians of the figures, totals of the counts.
+fn combine(runs: &[Outcome]) -> Outcome {
+    let m = |f: fn(&Outcome) -> f64| median(runs.iter().map(f).collect());
+    Outcome {
+        sent: runs.iter().map(|o| o.sent).sum(),
+        ok: runs.iter().map(|o| o.ok).sum(),
+        rejected: runs.iter().map(|o| o.rejected).sum(),
+        failed: runs.iter().map(|o| o.failed).sum(),
+        throughput: m(|o| o.throughput),
+        p50_ms: m(|o| o.p50_ms),
+        p99_ms: m(|o| o.p99_ms),
+        avg_batch: m(|o| o.avg_batch),
+    }
+}
+
 fn row(c: &Config, o: &Outcome) -> String {
     format!(
         "| {:.1} | {} | {} | {} | {:.2} | {:.0} | {:.0} | {:.2} | {:.0}% |{}",
@@ -164,6 +189,7 @@ fn row(c: &Config, o: &Outcome) -> String {
 async fn bench() {
     let steps: u32 = env_list("LOAD_STEPS", &[8])[0];
     let seconds: f64 = env_list("LOAD_SECONDS", &[6.0])[0];
+    let repeats: usize = env_list("LOAD_REPEATS", &[3])[0].max(1);
     let sizes: Vec<usize> = env_list("LOAD_BATCH_SIZES", &[1, 2, 4, 8]);
     let timeouts: Vec<u64> = env_list("LOAD_TIMEOUTS_MS", &[0, 10, 40, 100]);
     let adaptive_timeouts: Vec<u64> = env_list("LOAD_ADAPTIVE_TIMEOUTS_MS", &[40, 100]);
@@ -173,8 +199,9 @@ async fn bench() {
         _ => env_list("LOAD_RATE_FACTORS", &[0.5, 2.0]).into_iter().map(|f: f64| f / per_request).collect(),
     };
     let mut table = format!(
-        "Tiny bundle, {steps} steps, one 256x192 PNG per request (edited at 128x128), {seconds} s of arrivals per row, \
-         MAX_QUEUE 64. Arrival rates are multiples of the rate of one client sending one request after another to \
+        "Tiny bundle, {steps} steps, one 256x192 PNG per request (edited at 128x128), {seconds} s of arrivals per run, \
+         {repeats} runs per row (each figure the median of the runs, the 503 share over all), MAX_QUEUE 64. \
+         Arrival rates are multiples of the rate of one client sending one request after another to \
          BATCH_SIZE=1 ({:.1} ms per request, {:.2} requests/s); under concurrency the server overlaps decoding and \
          encoding with the model, so it can serve more than that.\n\n\
          | arrivals/s | BATCH_SIZE | BATCH_TIMEOUT_MS | BATCH_POLICY | throughput/s | p50 ms | p99 ms | avg batch | 503 |\n\
@@ -187,8 +214,11 @@ async fn bench() {
             let fixed = timeouts.iter().map(|&t| ("fixed", t));
             for (policy, timeout_ms) in fixed.chain(adaptive_timeouts.iter().map(|&t| ("adaptive", t))) {
                 let c = Config { rate, policy, batch_size, timeout_ms, seconds, steps };
-                let o = run(&c).await;
-                let line = row(&c, &o);
+                let mut runs = Vec::new();
+                for _ in 0..repeats {
+                    runs.push(run(&c).await);
+                }
+                let line = row(&c, &combine(&runs));
                 eprintln!("{line}");
                 writeln!(table, "{line}").unwrap();
             }

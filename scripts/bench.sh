@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every bench and rewrites the README's performance tables from their results (about 20 minutes
+# Runs every bench and rewrites the README's performance tables from their results (about 35 minutes
 # on 2 cores; the first real-size comparison also exports a 1 MP bundle into target/, 3 more).
 # Usage: scripts/bench.sh   (or `make bench`). Needs `scripts/setup.sh all` (it runs it).
 set -euo pipefail

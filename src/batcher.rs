@@ -1081,6 +1081,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn adaptive_wait_stops_waiting_for_a_client_that_sends_one_job_after_another() {
+        // One client, its next job once the last is answered: the arrival rate alone makes company
+        // look likely within a 2 s timeout, but it never comes; after fruitless waits, jobs start at once.
+        let policy = BatchPolicy {
+            batch_size: 4,
+            batch_timeout: Duration::from_secs(2),
+            max_queue: 16,
+            wait: WaitMode::Adaptive,
+            watchdog: Watchdog::default(),
+        };
+        let log: Log = Arc::new(Mutex::new(Vec::new()));
+        let l = log.clone();
+        let (b, _ready, fin): Started<Key, u32, u32, TestError, ()> =
+            Batcher::start(policy, Arc::new(NoObserver), move || Ok((Echo { batches: l, delay: Duration::from_millis(20) }, ())))
+                .unwrap();
+        let mut slow = Vec::new();
+        for j in 0..12 {
+            let t = std::time::Instant::now();
+            assert_eq!(b.submit(b.try_admit().unwrap(), key(1), j).await.unwrap().unwrap().batch_size, 1);
+            if t.elapsed() > Duration::from_millis(300) {
+                slow.push(j);
+            }
+        }
+        assert!(slow.len() <= 3 && slow.iter().all(|&j| j < 4), "jobs that waited: {slow:?}");
+        assert!(b.learned().wait_success < 0.6, "{:?}", b.learned());
+        b.close();
+        fin.await.unwrap();
+    }
+
+    #[tokio::test]
     async fn each_job_gets_its_own_result_and_batches_form() {
         let (b, log, fin) = start(4, 50, 16, 20);
         let mut rxs = Vec::new();

@@ -25,7 +25,7 @@
 //! | `qwen_edit_stage_duration_seconds{stage,batch_size}` | histogram | one pipeline stage of one batch: `text_encoder`, `vae_encoder`, `denoise_step` (one sample per step), `vae_decoder`; per job `preprocess` and `encode`, labelled with the batch the job ran in |
 //! | `qwen_edit_process_resident_bytes`, `qwen_edit_process_resident_peak_bytes`, `qwen_edit_host_memory_available_bytes` | gauges | process RSS now / highest since the model loaded; host (or cgroup) memory available |
 //! | `qwen_edit_device_memory_total_bytes`, `qwen_edit_device_memory_used_bytes`, `qwen_edit_engine_memory_bytes{component,kind}` | gauges | the GPU (TensorRT only): its memory, and each engine's `weights`, `activation` and `io` bytes |
-//! | `qwen_edit_batch_policy{policy}`, `qwen_edit_arrival_rate`, `qwen_edit_batch_cost_per_image_seconds{batch_size}` | gauges | the batch wait policy in force and what it learned: jobs per second arriving, seconds per image by batch size (moving averages) |
+//! | `qwen_edit_batch_policy{policy}`, `qwen_edit_arrival_rate`, `qwen_edit_batch_wait_success`, `qwen_edit_batch_cost_per_image_seconds{batch_size}` | gauges | the batch wait policy in force and what it learned: jobs per second arriving, the share of recent waits that brought company, seconds per image by batch size (moving averages) |
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -107,6 +107,7 @@ impl Metrics {
         describe("qwen_edit_engine_memory_bytes", "Device memory of each TensorRT engine: weights, activation, io");
         describe("qwen_edit_batch_policy", "The batch wait policy in force (BATCH_POLICY)");
         describe("qwen_edit_arrival_rate", "Jobs per second arriving at the batcher (moving average)");
+        describe("qwen_edit_batch_wait_success", "Share of recent adaptive batch waits that brought company");
         describe("qwen_edit_batch_cost_per_image_seconds", "Engine seconds per image by batch size (moving average)");
         for (name, _) in CounterSnapshot::default().fields() {
             recorder.describe_counter(format!("qwen_edit_{name}_total").into(), None, ENGINE_HELP.into());

@@ -191,9 +191,11 @@ async fn queue_status_counts_what_was_sent_and_stages_are_timed_per_batch() {
     let costs = learned["costs"].as_array().unwrap();
     assert!(costs.iter().any(|c| c["batch_size"] == 1 && c["seconds_per_image"].as_f64().unwrap() > 0.0), "{learned}");
     assert!(learned["arrival_rate"].as_f64().unwrap() >= 0.0);
+    assert!((0.0..=1.0).contains(&learned["wait_success"].as_f64().unwrap()), "{learned}");
     let text = get(addr, "/metrics").await.text();
     assert_eq!(metric(&text, "qwen_edit_batch_policy{policy=\"adaptive\"}"), 1.0);
     assert!(metric(&text, "qwen_edit_batch_cost_per_image_seconds{batch_size=\"1\"}") > 0.0);
     metric(&text, "qwen_edit_arrival_rate");
+    metric(&text, "qwen_edit_batch_wait_success");
     stop(server).await;
 }

@@ -6,7 +6,12 @@
 //! bucket's recent arrival rate `λ` (jobs/s of that key: an average of the gaps between arrivals, and
 //! never more than one over the time since the last one) and `r` the wait left of `batch_timeout`:
 //!
-//! - another compatible job must be likely within the wait: `1 - exp(-λ r) >= 1/2`;
+//! - another compatible job must be likely within the wait: `h (1 - exp(-λ r)) >= 1/2`, where `h` is
+//!   the share of this key's recent waits that brought company (a moving average, 1 before any wait,
+//!   drifting back to 1 so a change of load is noticed, more slowly after each fruitless wait in a
+//!   row). Arrivals that are evenly spaced, or that follow the previous response (clients sending one
+//!   request after another), look likely to a rate alone but never come within the wait: after one
+//!   to three fruitless waits the bucket starts at once, and a probe wait comes ever more rarely;
 //! - and the batch of `k + 1` must save more engine time than the wait idles it: with `c(n)` the
 //!   measured seconds per unit of work at batch size `n` and `w` one job's work,
 //!   `(k + 1) (c(k) - c(k + 1)) w > 1/λ` (the expected gap). A size not measured yet counts as paying
@@ -58,13 +63,53 @@ const LIKELY: f64 = 0.5;
 /// Keys not seen for this long are forgotten (when many keys are tracked).
 const FORGET: Duration = Duration::from_secs(60);
 const MAX_KEYS: usize = 64;
+/// Half-life of the memory of fruitless waits: the odds drift back to 1 so a changed load is noticed.
+/// Each fruitless wait in a row doubles it (up to 2^`MAX_BACKOFF` times), so a load whose waits never
+/// pay is probed less and less often; a wait that brings company resets it.
+const RECOVER: Duration = Duration::from_secs(10);
+const MAX_BACKOFF: u32 = 5;
 
-/// Arrivals of one key (or of all of them): the last one and the average gap.
+/// How often waits brought company: a moving average of outcomes (1: a job joined the waiting
+/// bucket, 0: the wait ended alone) that drifts back to 1 (see `RECOVER`).
+#[derive(Clone, Copy, Debug)]
+struct Odds {
+    hit: f64,
+    /// When the last outcome was recorded (None: no wait yet).
+    at: Option<Instant>,
+    /// Fruitless waits in a row.
+    misses: u32,
+}
+
+impl Default for Odds {
+    fn default() -> Self {
+        Odds { hit: 1.0, at: None, misses: 0 }
+    }
+}
+
+impl Odds {
+    fn at(&self, now: Instant) -> f64 {
+        let Some(at) = self.at else { return self.hit };
+        let half_life = RECOVER.as_secs_f64() * f64::from(1u32 << self.misses.min(MAX_BACKOFF));
+        let halves = now.saturating_duration_since(at).as_secs_f64() / half_life;
+        1.0 - (1.0 - self.hit) * 0.5f64.powf(halves)
+    }
+
+    fn record(&mut self, company: bool, now: Instant) {
+        self.hit = self.at(now) * (1.0 - ALPHA) + if company { ALPHA } else { 0.0 };
+        self.at = Some(now);
+        self.misses = if company { 0 } else { self.misses.saturating_add(1) };
+    }
+}
+
+/// Arrivals of one key (or of all of them): the last one and the average gap, and how its waits went.
 #[derive(Clone, Copy, Debug, Default)]
 struct Arrivals {
     last: Option<Instant>,
     /// Seconds between arrivals, moving average (None until two arrived).
     gap: Option<f64>,
+    /// A partial bucket of this key is waiting for company.
+    waiting: bool,
+    odds: Odds,
 }
 
 impl Arrivals {
@@ -101,6 +146,8 @@ pub struct SizeCost {
 pub struct Learned {
     /// Jobs per second over every key.
     pub arrival_rate: f64,
+    /// The share of recent waits (every key) that brought company; 1 before any wait.
+    pub wait_success: f64,
     /// One entry per batch size that ran (a batch of n jobs), smallest first.
     pub costs: Vec<SizeCost>,
 }
@@ -113,6 +160,8 @@ pub struct WaitPolicy<K> {
     pub batch_size: usize,
     keys: HashMap<K, Arrivals>,
     all: Arrivals,
+    /// How the waits of every key went (what /metrics shows; the decision uses each key's own).
+    waits: Odds,
     /// Index n - 1: batches of n jobs.
     costs: Vec<SizeCost>,
 }
@@ -121,7 +170,7 @@ impl<K: std::hash::Hash + Eq + Clone> WaitPolicy<K> {
     pub fn new(mode: WaitMode, timeout: Duration, batch_size: usize) -> Self {
         let batch_size = batch_size.max(1);
         let costs = (1..=batch_size).map(|n| SizeCost { batch_size: n, ..SizeCost::default() }).collect();
-        WaitPolicy { mode, timeout, batch_size, keys: HashMap::new(), all: Arrivals::default(), costs }
+        WaitPolicy { mode, timeout, batch_size, keys: HashMap::new(), all: Arrivals::default(), waits: Odds::default(), costs }
     }
 
     /// `jobs` jobs of `key` arrived at `now` (a group counts as one arrival).
@@ -130,7 +179,12 @@ impl<K: std::hash::Hash + Eq + Clone> WaitPolicy<K> {
             return;
         }
         self.all.arrived(now);
-        self.keys.entry(key.clone()).or_default().arrived(now);
+        let a = self.keys.entry(key.clone()).or_default();
+        a.arrived(now);
+        if std::mem::take(&mut a.waiting) {
+            a.odds.record(true, now);
+            self.waits.record(true, now);
+        }
         if self.keys.len() > MAX_KEYS {
             self.keys.retain(|_, a| a.last.is_some_and(|l| now.saturating_duration_since(l) < FORGET));
         }
@@ -150,7 +204,11 @@ impl<K: std::hash::Hash + Eq + Clone> WaitPolicy<K> {
     }
 
     pub fn learned(&self, now: Instant) -> Learned {
-        Learned { arrival_rate: self.all.rate(now), costs: self.costs.iter().filter(|c| c.batches > 0).copied().collect() }
+        Learned {
+            arrival_rate: self.all.rate(now),
+            wait_success: self.waits.at(now),
+            costs: self.costs.iter().filter(|c| c.batches > 0).copied().collect(),
+        }
     }
 
     fn cost(&self, n: usize) -> Option<f64> {
@@ -159,8 +217,23 @@ impl<K: std::hash::Hash + Eq + Clone> WaitPolicy<K> {
 
     /// For a bucket of `key` with `jobs` jobs whose oldest arrived at `head`: `None` to start now,
     /// `Some(t)` to wait and decide again at `t` (or at the next arrival). `unit_work` is one job's
-    /// work in the units of [`WaitPolicy::ran`]. A full bucket always starts.
-    pub fn decide(&self, key: &K, jobs: usize, head: Instant, now: Instant, unit_work: f64) -> Option<Instant> {
+    /// work in the units of [`WaitPolicy::ran`]. A full bucket always starts. A wait that ends
+    /// without an arrival of its key counts against the key's odds of company.
+    pub fn decide(&mut self, key: &K, jobs: usize, head: Instant, now: Instant, unit_work: f64) -> Option<Instant> {
+        let wake = self.wake(key, jobs, head, now, unit_work);
+        if self.mode == WaitMode::Adaptive {
+            if let Some(a) = self.keys.get_mut(key) {
+                let was_waiting = std::mem::replace(&mut a.waiting, wake.is_some());
+                if was_waiting && wake.is_none() {
+                    a.odds.record(false, now);
+                    self.waits.record(false, now);
+                }
+            }
+        }
+        wake
+    }
+
+    fn wake(&self, key: &K, jobs: usize, head: Instant, now: Instant, unit_work: f64) -> Option<Instant> {
         let deadline = head + self.timeout;
         if jobs >= self.batch_size || now >= deadline {
             return None;
@@ -168,26 +241,30 @@ impl<K: std::hash::Hash + Eq + Clone> WaitPolicy<K> {
         if self.mode == WaitMode::Fixed {
             return Some(deadline);
         }
-        let rate = self.keys.get(key).map_or(0.0, |a| a.rate(now));
-        if rate <= 0.0 {
+        let arrivals = self.keys.get(key)?;
+        let (last, gap) = (arrivals.last?, arrivals.gap?);
+        let odds = arrivals.odds.at(now);
+        if odds <= LIKELY {
             return None;
         }
-        let gap = 1.0 / rate;
+        let since = now.saturating_duration_since(last).as_secs_f64();
         let left = deadline.saturating_duration_since(now).as_secs_f64();
-        if 1.0 - (-rate * left).exp() < LIKELY {
+        // Company within the wait left `t` is likely (`odds (1 - exp(-t / g)) >= 1/2`) while `t >= c g`,
+        // with `g` the expected gap, which grows with the time since the last arrival (`max(gap, since)`):
+        // that holds for `likely_for` more seconds if nobody comes.
+        let c = -(1.0 - LIKELY / odds).ln();
+        let likely_for = (left - c * gap).min((left - c * since) / (1.0 + c));
+        if likely_for <= 0.0 {
             return None;
         }
-        // Company stays likely until `ln 2 / λ` before the deadline.
-        let mut wake = deadline - Duration::from_secs_f64((std::f64::consts::LN_2 * gap).min(left));
+        let mut wake = now + Duration::from_secs_f64(likely_for);
         if let (Some(now_cost), Some(next_cost)) = (self.cost(jobs), self.cost(jobs + 1)) {
             let saving = (jobs + 1) as f64 * (now_cost - next_cost) * unit_work.max(0.0);
-            if saving <= gap {
+            if saving <= gap.max(since) {
                 return None;
             }
-            // The expected gap grows with the time since the last arrival; past `saving` it no longer pays.
-            if let Some(last) = self.keys.get(key).and_then(|a| a.last) {
-                wake = wake.min(last + Duration::from_secs_f64(saving.min(1e6)));
-            }
+            // Past `saving` after the last arrival, the expected gap is longer than what the batch saves.
+            wake = wake.min(last + Duration::from_secs_f64(saving.min(1e6)));
         }
         (wake > now).then_some(wake)
     }
@@ -226,7 +303,7 @@ mod tests {
         let now = t0 + 2500 * MS;
         assert_eq!(p.decide(&1, 1, now, now, 1.0), None);
         // The same lone request under the fixed policy waits the whole timeout.
-        let fixed = policy(WaitMode::Fixed);
+        let mut fixed = policy(WaitMode::Fixed);
         assert_eq!(fixed.decide(&1, 1, now, now, 1.0), Some(now + 40 * MS));
     }
 
@@ -276,6 +353,85 @@ mod tests {
         assert_eq!(q.decide(&1, 1, now, now, 1.0), None);
         // The same saving on jobs with 10x the work pays.
         assert!(q.decide(&1, 1, now, now, 10.0).is_some());
+    }
+
+    /// Asks as the scheduler does (at the arrival, then at each wake-up) until the bucket of one job
+    /// that arrived at `at` starts; returns how long it waited.
+    fn lone_wait(p: &mut WaitPolicy<u8>, at: Instant) -> Duration {
+        let mut now = at;
+        while let Some(wake) = p.decide(&1, 1, at, now, 1.0) {
+            assert!(wake > now && wake <= at + p.timeout, "{:?}", wake - at);
+            now = wake;
+        }
+        now - at
+    }
+
+    #[test]
+    fn evenly_spaced_arrivals_stop_waiting_after_fruitless_waits() {
+        // Arrivals 127 ms apart and a 100 ms timeout: the rate alone makes company likely
+        // (1 - exp(-100/127) = 0.55), but none ever comes within the wait.
+        let t0 = Instant::now();
+        let mut p = WaitPolicy::new(WaitMode::Adaptive, 100 * MS, 4);
+        let mut waited = Vec::new();
+        for i in 0..60u32 {
+            let at = t0 + 127 * MS * i;
+            p.arrived(&1, 1, at);
+            waited.push(lone_wait(&mut p, at));
+        }
+        let waits: Vec<usize> = (0..waited.len()).filter(|&i| waited[i] > Duration::ZERO).collect();
+        assert!(!waits.is_empty() && waits.len() <= 2 && waits.iter().all(|&i| i < 4), "{waits:?} {waited:?}");
+        let end = t0 + 127 * MS * 60;
+        assert!(p.learned(end).wait_success < 0.8, "{:?}", p.learned(end));
+
+        // One client sending a request as soon as the last one is answered (70 ms of compute) with a
+        // long timeout: a probe wait comes ever more rarely.
+        let mut q = WaitPolicy::new(WaitMode::Adaptive, 1000 * MS, 4);
+        let (mut at, mut waits, mut idle) = (t0, Vec::new(), Duration::ZERO);
+        for _ in 0..2000 {
+            q.arrived(&1, 1, at);
+            let waited = lone_wait(&mut q, at);
+            if waited > Duration::ZERO {
+                waits.push(at - t0);
+                idle += waited;
+            }
+            at += waited + 70 * MS;
+        }
+        let elapsed = at - t0;
+        assert!(waits.len() <= 8, "{} fruitless waits in {elapsed:?}: {waits:?}", waits.len());
+        assert!(idle.as_secs_f64() < 0.03 * elapsed.as_secs_f64(), "waited {idle:?} of {elapsed:?}: {waits:?}");
+        let spacing: Vec<Duration> = waits.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(spacing.windows(2).skip(1).all(|s| s[1] >= s[0]), "probes must come ever more rarely: {waits:?}");
+
+        // After a quiet minute the odds are back, and a burst waits for company again.
+        let t1 = end + Duration::from_secs(60);
+        assert!(p.learned(t1).wait_success > 0.9, "{:?}", p.learned(t1));
+        for i in 0..20 {
+            p.arrived(&1, 1, t1 + 5 * MS * i);
+        }
+        let now = t1 + 95 * MS;
+        assert!(p.decide(&1, 1, now, now, 1.0).is_some());
+    }
+
+    #[test]
+    fn waits_that_bring_company_keep_waiting() {
+        // A job every 10 ms, batches of 4: every wait brings company, every batch starts full.
+        let t0 = Instant::now();
+        let mut p = policy(WaitMode::Adaptive);
+        let (mut jobs, mut head, mut sizes) = (0, t0, Vec::new());
+        for i in 0..40u32 {
+            let now = t0 + 10 * MS * i;
+            p.arrived(&1, 1, now);
+            if jobs == 0 {
+                head = now;
+            }
+            jobs += 1;
+            if i > 0 && p.decide(&1, jobs, head, now, 1.0).is_none() {
+                sizes.push(jobs);
+                jobs = 0;
+            }
+        }
+        assert!(sizes[1..].iter().all(|&n| n == 4), "{sizes:?}");
+        assert!(p.learned(t0 + 400 * MS).wait_success > 0.99);
     }
 
     #[test]

@@ -225,12 +225,13 @@ fn queue_status_schema() -> Value {
             "reason": {"type": ["string", "null"]},
             "requests": counters(&crate::metrics::OUTCOMES),
             "jobs": counters(&["in_queue", "in_progress", "completed", "failed", "cancelled", "timed_out"]),
-            "batch_policy": {"type": "object", "required": ["policy", "batch_size", "batch_timeout_ms", "arrival_rate", "costs"],
+            "batch_policy": {"type": "object", "required": ["policy", "batch_size", "batch_timeout_ms", "arrival_rate", "wait_success", "costs"],
                 "properties": {
                     "policy": {"enum": ["adaptive", "fixed"]},
                     "batch_size": {"type": "integer", "minimum": 1},
                     "batch_timeout_ms": {"type": "integer", "minimum": 0},
                     "arrival_rate": {"type": "number", "minimum": 0},
+                    "wait_success": {"type": "number", "minimum": 0, "maximum": 1},
                     "costs": {"type": "array", "items": {"type": "object",
                         "required": ["batch_size", "seconds_per_image", "seconds_per_work", "batches"],
                         "properties": {

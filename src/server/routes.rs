@@ -245,6 +245,7 @@ fn metrics(state: &AppState) -> Response<Body> {
     let policy = state.service.queue_status().batch_policy;
     m.labelled_gauge("qwen_edit_batch_policy", &[("policy", policy.policy.into())], 1.0);
     m.gauge("qwen_edit_arrival_rate", policy.learned.arrival_rate);
+    m.gauge("qwen_edit_batch_wait_success", policy.learned.wait_success);
     for c in &policy.learned.costs {
         m.labelled_gauge(
             "qwen_edit_batch_cost_per_image_seconds",
