@@ -381,8 +381,8 @@ impl EditForm {
             width,
             height,
             output_format: self.output_format,
-            // OpenAI's 0..=100; JPEG's lowest quality is 1.
-            output_quality: self.output_compression.map(|q| if q == 0 { 1 } else { q }),
+            // OpenAI's 0..=100 (`Names::FORM`: 0 is taken as 1, JPEG's lowest quality).
+            output_quality: self.output_compression,
             ..RawInput::default()
         };
         Ok((input, n as usize))
@@ -476,7 +476,7 @@ mod tests {
         assert_eq!(n, 2);
         assert_eq!(
             (input.width, input.height, input.output_quality, input.seed),
-            (Some(1031), Some(40), Some(1), Some(u64::MAX))
+            (Some(1031), Some(40), Some(0), Some(u64::MAX))
         );
         let images = input.images.unwrap();
         assert_eq!(images.iter().map(|i| i.bytes.clone().unwrap()).collect::<Vec<_>>(), vec![Bytes::from("a"), Bytes::from("b")]);

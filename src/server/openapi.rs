@@ -140,7 +140,11 @@ fn hand_schemas() -> Vec<(&'static str, Value)> {
                 "required": ["status", "gpu_available", "backend", "backend_reason", "queue_depth", "max_queue", "batch_size",
                              "batch_timeout_ms", "bundle", "lightning_enabled", "precision", "uptime_seconds", "version", "engine"],
                 "properties": {
-                    "status": {"enum": ["ready", "loading", "draining", "failed"]},
+                    "status": {"enum": ["ready", "loading", "draining", "stalled", "failed"]},
+                    "stall": {"type": "object", "required": ["jobs", "running_seconds", "expected_seconds"], "properties": {
+                        "jobs": {"type": "integer", "minimum": 1},
+                        "running_seconds": {"type": "number", "minimum": 0},
+                        "expected_seconds": {"type": "number", "minimum": 0}}},
                     "gpu_available": {"type": "boolean"},
                     "backend": {"type": "string"},
                     "backend_reason": {"type": "string"},

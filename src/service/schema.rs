@@ -145,11 +145,13 @@ pub struct Names {
     pub images: &'static str,
     /// The JPEG quality (`input.output_quality`, or OpenAI's `output_compression`).
     pub quality: &'static str,
+    /// Its lowest accepted value: 1, or OpenAI's 0 (taken as 1, JPEG's lowest quality).
+    pub quality_min: i64,
 }
 
 impl Names {
-    pub const JSON: Names = Names { prefix: "input.", images: "input.images", quality: "input.output_quality" };
-    pub const FORM: Names = Names { prefix: "", images: "image", quality: "output_compression" };
+    pub const JSON: Names = Names { prefix: "input.", images: "input.images", quality: "input.output_quality", quality_min: 1 };
+    pub const FORM: Names = Names { prefix: "", images: "image", quality: "output_compression", quality_min: 0 };
 }
 
 /// `input.images`, refused as soon as it has more than [`MAX_IMAGES_PARSED`] entries: a body of
@@ -277,8 +279,10 @@ pub fn validate(r: RawInput, l: &Limits, names: Names, random_seed: impl FnOnce(
     let height = r.height.map(|h| output_side(&format!("{p}height"), h, l.max_output_side)).transpose()?;
     let quality = match r.output_quality {
         None => DEFAULT_JPEG_QUALITY,
-        Some(q) if (1..=100).contains(&q) => q as u8,
-        Some(q) => return Err(ApiError::validation(format!("{} must be in 1..=100, got {q}", names.quality))),
+        Some(q) if (names.quality_min..=100).contains(&q) => q.max(1) as u8,
+        Some(q) => {
+            return Err(ApiError::validation(format!("{} must be in {}..=100, got {q}", names.quality, names.quality_min)));
+        }
     };
     let output_format = match r.output_format.as_deref().map(|s| s.trim().to_ascii_lowercase()) {
         None => OutputFormat::Png,
@@ -635,5 +639,23 @@ mod tests {
         assert!(e.message.contains("1..=8, got 9 (MAX_STEPS)"), "{}", e.message);
         let e = parse(br#"{"input": {"prompt": "x", "image_base64": "AA"}}"#, &l, || 1).unwrap_err();
         assert!(e.message.contains("default (50) is above MAX_STEPS (8)"), "{}", e.message);
+    }
+
+    #[test]
+    fn the_jpeg_quality_range_is_the_front_ends() {
+        let input = |q: i64| RawInput {
+            prompt: Some("x".into()),
+            image_base64: Some("AA".into()),
+            output_format: Some("jpeg".into()),
+            output_quality: Some(q),
+            ..RawInput::default()
+        };
+        // OpenAI's output_compression takes 0..=100, 0 as JPEG's lowest quality.
+        let r = validate(input(0), &limits(), Names::FORM, || 1).unwrap();
+        assert_eq!(r.output_format, OutputFormat::Jpeg { quality: 1 });
+        let e = validate(input(-1), &limits(), Names::FORM, || 1).unwrap_err();
+        assert_eq!(e.message, "output_compression must be in 0..=100, got -1");
+        let e = validate(input(0), &limits(), Names::JSON, || 1).unwrap_err();
+        assert_eq!(e.message, "input.output_quality must be in 1..=100, got 0");
     }
 }
