@@ -445,6 +445,28 @@ fn a_job_is_the_same_alone_and_in_a_batch_of_four() {
     }
 }
 
+/// The `n` images of one request share its preparation (`Preprocessor::reseed`: only the noise is
+/// made again): a reseeded job gives bit for bit what a job prepared with that seed gives, in one
+/// batch with the job it came from (the two share their images' staging rows).
+#[test]
+fn a_reseeded_job_equals_one_prepared_with_its_seed() {
+    for bundle in ["tiny", "tiny-2511"] {
+        let case = Case::load(bundle, if bundle == "tiny" { "edit_square" } else { "plus2511_two_images_cfg" });
+        let base = case.requests(false).remove(0);
+        let p = pipeline(bundle);
+        let mut p = p.lock().unwrap();
+        let pre = p.preprocessor();
+        let first = pre.prepare(EditRequest { seed: 11, ..base.clone() }).unwrap();
+        let reseeded = pre.reseed(&first, 12).unwrap();
+        let direct = pre.prepare(EditRequest { seed: 12, ..base }).unwrap();
+        assert_eq!((reseeded.key(), reseeded.seed()), (direct.key(), 12));
+        let (together, _) = p.run_batch_traced(&[first, reseeded]).unwrap();
+        let (alone, _) = p.run_batch_traced(&[direct]).unwrap();
+        assert_eq!(together[1], alone[0], "{bundle}: a reseeded job differs from one prepared with its seed");
+        assert_ne!(together[0], together[1], "{bundle}: another seed must give another image");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The 16-bit bundles
 // ---------------------------------------------------------------------------------------------

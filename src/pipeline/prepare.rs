@@ -104,6 +104,24 @@ impl Preprocessor {
         };
         Ok(Prepared { key, seed: req.seed, true_cfg_scale: req.true_cfg_scale, sizes, vl, vae, tokens, schedule, rope, noise })
     }
+
+    /// The same job with another seed: only the initial noise is made again; the images' staging
+    /// rows, tokens, schedule and RoPE tables are shared. For the `n` images of one request.
+    pub fn reseed(&self, job: &Prepared, seed: u64) -> Result<Prepared, EditError> {
+        let noise = initial_noise(None, seed, &job.sizes, &self.model)?;
+        Ok(Prepared {
+            key: job.key.clone(),
+            seed,
+            true_cfg_scale: job.true_cfg_scale,
+            sizes: job.sizes.clone(),
+            vl: job.vl.clone(),
+            vae: job.vae.clone(),
+            tokens: job.tokens.clone(),
+            schedule: job.schedule.clone(),
+            rope: job.rope.clone(),
+            noise,
+        })
+    }
 }
 
 impl Preprocessor {

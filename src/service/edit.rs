@@ -190,8 +190,9 @@ impl EditService {
         memory.at_least(memory.bytes() + extra).map_err(|r| r.to_api("this request's images"))
     }
 
-    /// Prepares one job per image (seeds `seed`, `seed + 1`, ...), takes their queue places (all or
-    /// none), runs them as one group and encodes the results, in order.
+    /// Prepares the request once and one job per image from it (seeds `seed`, `seed + 1`, ...: only
+    /// the noise differs), takes their queue places (all or none), runs them as one group and encodes
+    /// the results, in order.
     #[allow(clippy::too_many_arguments)] // the request's pieces, each used once; a struct would only rename them
     async fn run(
         &self,
@@ -206,25 +207,28 @@ impl EditService {
         let EditParams {
             prompt, negative_prompt, num_inference_steps, true_cfg_scale, seed, width, height, output_format, ..
         } = params;
-        let mut jobs = Vec::with_capacity(n);
-        let mut images = Some(images);
-        for i in 0..n as u64 {
-            let request = EditRequest {
-                images: if i + 1 == n as u64 { images.take().unwrap_or_default() } else { images.clone().unwrap_or_default() },
-                prompt: prompt.clone(),
-                negative_prompt: negative_prompt.clone(),
-                num_inference_steps,
-                true_cfg_scale,
-                seed: seed + i,
-                width,
-                height,
-                lightning: self.settings.lightning,
-                noise: None,
-            };
-            let pre = model.preprocessor.clone();
-            let prepared = self.pool.run(cancel, Some(memory), move || pre.prepare(request).map_err(ApiError::from)).await?;
-            jobs.push(Job { prepared, memory: Some(memory.clone()) });
-        }
+        let request = EditRequest {
+            images,
+            prompt: prompt.clone(),
+            negative_prompt,
+            num_inference_steps,
+            true_cfg_scale,
+            seed,
+            width,
+            height,
+            lightning: self.settings.lightning,
+            noise: None,
+        };
+        let pre = model.preprocessor.clone();
+        let prepared = self
+            .pool
+            .run(cancel, Some(memory), move || {
+                let first = pre.prepare(request)?;
+                let rest = (1..n as u64).map(|i| pre.reseed(&first, seed + i)).collect::<Result<Vec<_>, _>>()?;
+                Ok(std::iter::once(first).chain(rest).collect::<Vec<_>>())
+            })
+            .await?;
+        let jobs: Vec<Job> = prepared.into_iter().map(|prepared| Job { prepared, memory: Some(memory.clone()) }).collect();
         let preprocess = started.elapsed();
 
         let tickets = self.batcher.try_admit_many(n).ok_or_else(|| self.no_room(n))?;
