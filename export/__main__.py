@@ -68,6 +68,20 @@ def cmd_tiny(args) -> int:
     return 0
 
 
+def cmd_scale_model(args) -> int:
+    from . import scale
+
+    scale.make_checkpoint(
+        Path(args.out),
+        get_variant(args.variant),
+        layers=args.layers,
+        text_layers=args.text_layers,
+        vision_layers=args.vision_layers,
+        seed=args.seed,
+    )
+    return 0
+
+
 def cmd_check(args) -> int:
     from . import tinyset
 
@@ -145,6 +159,23 @@ def main(argv=None) -> int:
     t.add_argument("--no-references", action="store_true")
     t.add_argument("--report", help="write the verification report (JSON) here")
     t.set_defaults(fn=cmd_tiny)
+
+    s = sub.add_parser(
+        "scale-model",
+        help="a random checkpoint at the real widths with few layers (export/scale.py; several GB, not committed)",
+    )
+    s.add_argument("--variant", required=True, help="edit-2509 | edit-2511")
+    s.add_argument("--out", required=True, help="checkpoint directory to write")
+    s.add_argument("--layers", type=int, default=2, help="transformer blocks (real: 60; default 2)")
+    s.add_argument("--text-layers", type=int, default=2, help="language-model layers (real: 28; default 2)")
+    s.add_argument(
+        "--vision-layers",
+        type=int,
+        default=2,
+        help="vision blocks (real: 32; default 2: one windowed, one full attention)",
+    )
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_scale_model)
 
     c = sub.add_parser("check", help="regenerate the tiny set in a temp dir and compare with the committed one")
     c.add_argument("--engines", default="engines")
