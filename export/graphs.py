@@ -30,7 +30,12 @@ def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 
 class _RealRopeJointAttn:
-    """QwenDoubleStreamAttnProcessor2_0 with real RoPE tables ((img_cos, img_sin), (txt_cos, txt_sin))."""
+    """QwenDoubleStreamAttnProcessor2_0 with real RoPE tables ((img_cos, img_sin), (txt_cos, txt_sin)). Called with
+    diffusers' complex tables (the model's own forward, as torch references run it), it is the original processor:
+    the graph wrapper shares the model's weights instead of copying them (a copy doubles the exporter's memory)."""
+
+    def __init__(self, original):
+        self.original = original
 
     def __call__(
         self,
@@ -41,6 +46,15 @@ class _RealRopeJointAttn:
         attention_mask=None,
         image_rotary_emb=None,
     ):
+        if not (isinstance(image_rotary_emb, tuple) and isinstance(image_rotary_emb[0], tuple)):
+            return self.original(
+                attn,
+                hidden_states=hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_hidden_states_mask=encoder_hidden_states_mask,
+                attention_mask=attention_mask,
+                image_rotary_emb=image_rotary_emb,
+            )
         seq_txt = encoder_hidden_states.shape[1]
         head_dim = attn.inner_dim // attn.heads
         img_q = attn.to_q(hidden_states).unflatten(-1, (-1, head_dim))
@@ -74,9 +88,10 @@ class TransformerGraph(nn.Module):
 
     def __init__(self, transformer):
         super().__init__()
-        self.m = copy.deepcopy(transformer)
+        self.m = transformer  # shared, not copied: the processor below keeps the model's own forward as it was
         for block in self.m.transformer_blocks:
-            block.attn.set_processor(_RealRopeJointAttn())
+            if not isinstance(block.attn.processor, _RealRopeJointAttn):
+                block.attn.set_processor(_RealRopeJointAttn(block.attn.processor))
         self.zero_cond_t = bool(getattr(self.m.config, "zero_cond_t", False))
 
     def input_names(self):
@@ -207,7 +222,7 @@ class TextEncoderGraph(nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        self.m = copy.deepcopy(model.model)
+        self.m = model.model  # shared, not copied (the graph only reads it): one copy of the weights in memory
         self.visual = self.m.visual
         self.lm = self.m.language_model
 

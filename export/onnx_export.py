@@ -136,8 +136,18 @@ def _strip_metadata(model: onnx.ModelProto) -> None:
             del node.metadata_props[:]
 
 
-def export(spec: GraphSpec, out_dir: Path) -> Path:
-    """Exports `spec` to `out_dir/<name>.onnx` (+ `<name>.onnx.data` when large) and returns the path."""
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    """Bytes of an initializer's values from its shape and type. Not `ByteSize()`: protobuf cannot serialise a
+    message over 2 GB, and one tensor can be (Qwen2.5-VL-7B's fp32 embedding table is 2.18 GB)."""
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def export(spec: GraphSpec, out_dir: Path, external_threshold: int | None = None) -> Path:
+    """Exports `spec` to `out_dir/<name>.onnx` (+ `<name>.onnx.data` when its weights exceed
+    `external_threshold` bytes, default EXTERNAL_DATA_THRESHOLD) and returns the path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{spec.name}.onnx"
     data_name = f"{spec.name}.onnx.data"
@@ -159,8 +169,8 @@ def export(spec: GraphSpec, out_dir: Path) -> Path:
         )
     model = program.model_proto
     _strip_metadata(model)
-    size = sum(t.ByteSize() for t in model.graph.initializer)
-    if size > EXTERNAL_DATA_THRESHOLD:
+    size = sum(_tensor_bytes(t) for t in model.graph.initializer)
+    if size > (EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold):
         onnx.save_model(
             model,
             str(path),
