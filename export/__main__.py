@@ -82,6 +82,17 @@ def cmd_scale_model(args) -> int:
     return 0
 
 
+def cmd_scale_check(args) -> int:
+    from . import scale_check
+
+    for p in (args.checkpoint, args.bundle):
+        if not Path(p).is_dir():
+            raise UsageError(f"not a directory: {p}")
+    r = scale_check.check(Path(args.checkpoint), Path(args.bundle), Path(args.out), Path(args.qwen_edit), args.side)
+    print(json.dumps(r, indent=2))
+    return 0
+
+
 def cmd_check(args) -> int:
     from . import tinyset
 
@@ -176,6 +187,14 @@ def main(argv=None) -> int:
     )
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_scale_model)
+
+    sc = sub.add_parser("scale-check", help="the wide run: qwen-edit edit on an fp32 scale bundle vs diffusers")
+    sc.add_argument("--checkpoint", required=True, help="the scale-model checkpoint")
+    sc.add_argument("--bundle", required=True, help="its fp32 bundle (`export bundle --dtype float32`)")
+    sc.add_argument("--out", required=True, help="directory for the run bundle, images and scale_check.json")
+    sc.add_argument("--qwen-edit", default="target/release/qwen-edit", help="the qwen-edit binary")
+    sc.add_argument("--side", type=int, default=512, help="working side in pixels (VAE area side*side; default 512)")
+    sc.set_defaults(fn=cmd_scale_check)
 
     c = sub.add_parser("check", help="regenerate the tiny set in a temp dir and compare with the committed one")
     c.add_argument("--engines", default="engines")

@@ -231,14 +231,17 @@ def ort_session_options(path: Path, opts) -> None:
         opts.add_session_config_entry("optimization.disable_specified_optimizers", ORT_FP8_DISABLED_OPTIMIZERS)
 
 
-def run_ort(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+def ort_session(path: Path):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     ort_session_options(path, opts)
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_ort(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return ort_session(path).run(None, feeds)
 
 
 def verify(path: Path, name: str, cases, tolerance: float) -> list[dict]:
@@ -246,8 +249,10 @@ def verify(path: Path, name: str, cases, tolerance: float) -> list[dict]:
     reference output. `cases` yields (label, feeds: dict[str, torch.Tensor], reference: torch.Tensor,
     valid_mask or None). Raises VerificationError beyond `tolerance` (rel L2)."""
     rows = []
+    sess = None  # one session for every case: opening one reads (and optimises) all the weights
     for label, feeds, ref, valid in cases:
-        out = run_ort(path, {k: v.numpy() for k, v in feeds.items()})[0]
+        sess = sess or ort_session(path)
+        out = sess.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
         ref = ref.detach().float().numpy()
         if valid is not None:
             out, ref = out[valid.numpy()], ref[valid.numpy()]
