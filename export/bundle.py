@@ -6,6 +6,7 @@ working areas differ (the tiny bundle declares small ones so a CPU edit takes we
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -121,10 +122,22 @@ def release_module(pipe, name: str) -> None:
 
 
 def peak_rss_gb() -> float:
-    """This process's peak resident memory so far (GB)."""
+    """This process's peak resident memory so far (GB; Linux: since the last `reset_peak_rss`)."""
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def reset_peak_rss() -> None:
+    """Starts a new peak (Linux: `5` to /proc/self/clear_refs resets VmHWM); elsewhere the peak stays cumulative."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def calculate_dimensions(target_area: int, ratio: float) -> tuple[int, int]:
@@ -516,7 +529,10 @@ def export_bundle(
     pipe = load_pipeline(checkpoint, variant, tdtype, modules=whole)
     lightning, paths, rows, timings = None, {}, [], {}
     quantization = fp8_report = None
+    overall = 0.0
     for module, graphs_of in MODULES.items():
+        overall = max(overall, peak_rss_gb())
+        reset_peak_rss()
         t1 = time.time()
         if not whole:
             load_module(pipe, checkpoint, module, tdtype)
@@ -532,7 +548,7 @@ def export_bundle(
         if not whole:
             release_module(pipe, module)
         timings[module] = {"seconds": round(time.time() - t1, 1), "peak_rss_gb": round(peak_rss_gb(), 2)}
-        log(f"{module}: {timings[module]['seconds']} s, peak RSS so far {timings[module]['peak_rss_gb']} GB")
+        log(f"{module}: {timings[module]['seconds']} s, peak RSS {timings[module]['peak_rss_gb']} GB")
     pipe.tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
     manifest = build_manifest(
         pipe,
@@ -551,7 +567,7 @@ def export_bundle(
         "variant": variant.name,
         "dtype": DTYPE_NAMES[tdtype],
         "seconds": round(time.time() - t0, 1),
-        "peak_rss_gb": round(peak_rss_gb(), 2),
+        "peak_rss_gb": round(max(overall, peak_rss_gb()), 2),
         "modules": timings,
         "files": {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()},
         "verification": rows,
