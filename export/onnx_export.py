@@ -179,6 +179,8 @@ def export(spec: GraphSpec, out_dir: Path, external_threshold: int | None = None
             location=data_name,
             size_threshold=1024,
         )
+        # onnx creates the data file owner-only (0600): a server running as another user could not read it.
+        (out_dir / data_name).chmod(0o644)
     else:
         onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path))
