@@ -295,13 +295,28 @@ impl OrtBackend {
             builder =
                 builder.with_disabled_optimizers(super::qdq::ORT_FP8_DISABLED_OPTIMIZERS).map_err(|e| load_err(e.to_string()))?;
         }
-        let session = builder.commit_from_file(path).map_err(|e| load_err(e.to_string()))?;
+        let session = builder.commit_from_file(path).map_err(|e| load_err(explain_session_error(e.to_string())))?;
         let io = |outlets: &[ort::value::Outlet]| -> Result<Vec<TensorInfo>, Error> {
             outlets.iter().map(|o| tensor_info(o.name(), o.dtype()).map_err(&load_err)).collect()
         };
         let inputs = io(session.inputs())?;
         let outputs = io(session.outputs())?;
         Ok(OrtEngine { component: component.to_string(), session, inputs, outputs, fp8_qdq })
+    }
+}
+
+/// What ONNX Runtime says when it cannot build a session, plus the fix where we know it: its CPU provider has no
+/// bfloat16 kernels for most operators (Conv, LayerNorm, ...), so a bfloat16 bundle fails here, at start-up, never in
+/// a request.
+pub fn explain_session_error(msg: String) -> String {
+    if msg.contains("bfloat16") {
+        format!(
+            "{msg}. This is a bfloat16 graph, which ONNX Runtime's CPU provider cannot run: on a machine without a GPU \
+             use a float32 bundle (`python -m export bundle --dtype float32`); bfloat16 bundles are for TensorRT \
+             (`qwen-edit build`, then --backend tensorrt on a GPU)"
+        )
+    } else {
+        msg
     }
 }
 
