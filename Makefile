@@ -5,10 +5,12 @@
 #                 export tests, tiny-set regeneration check
 #   make check  - the inner loop: lint and the Rust unit tests only (a few minutes)
 #   make bench  - every bench; rewrites the README's performance tables (scripts/bench.sh)
+#   make memory-check - issue 21's check: a 1 MP bundle, eight concurrent requests under BATCH_SIZE=4,
+#                 peak RSS under MEMORY_LIMIT (5-10 minutes; not part of make test)
 #   make scale-check - the real-width run of docs/real-scale.md (not in CI: ~12 GB of disk, ~16 GB of RAM, ~1 h)
 SHELL := /bin/bash
 .ONESHELL:
-.PHONY: serve test check lint bench setup setup-runtime setup-check scale-check
+.PHONY: serve test check lint bench memory-check setup setup-runtime setup-check scale-check
 
 setup-runtime:
 	scripts/setup.sh runtime
@@ -49,6 +51,11 @@ test: setup
 
 bench:
 	scripts/bench.sh
+
+memory-check: setup
+	set -euo pipefail
+	source .deps/env
+	cargo test --release --test memory_check -- --ignored --nocapture
 
 # docs/real-scale.md: a random checkpoint at the real widths (export scale-model), exported with the users' command
 # as bf16 (GPU) and fp32 (CPU) bundles, `build --dry-run` on the bf16 one, then qwen-edit edit on the fp32 one

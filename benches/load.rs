@@ -1,7 +1,9 @@
 //! Load bench: drives the real `qwen-edit serve` (tiny bundle, CPU, loopback) at fixed arrival rates
-//! for every BATCH_SIZE x BATCH_TIMEOUT_MS and prints throughput, latency, batch size and 503 share.
+//! for every BATCH_SIZE x BATCH_TIMEOUT_MS under `BATCH_POLICY=fixed`, and under `adaptive` for
+//! every BATCH_SIZE at the timeouts of `LOAD_ADAPTIVE_TIMEOUTS_MS` (default `40,100`: for it the
+//! timeout is only the longest wait), and prints throughput, latency, batch size and 503 share.
 //!
-//! `cargo bench --bench load` (about 6 minutes on 2 cores). Open loop: request i is sent at
+//! `cargo bench --bench load` (about 10 minutes on 2 cores). Open loop: request i is sent at
 //! t0 + i/rate whatever the server does, and its latency counts from that moment, so a slow server
 //! cannot slow the client down and hide its queueing (no coordinated omission). Every configuration
 //! gets a fresh server process, two warm-up requests, then `LOAD_SECONDS` (default 6) of arrivals.
@@ -21,6 +23,7 @@ use server_support::*;
 
 struct Config {
     rate: f64,
+    policy: &'static str,
     batch_size: usize,
     timeout_ms: u64,
     seconds: f64,
@@ -66,10 +69,11 @@ async fn batch_totals(p: &Proc) -> (f64, f64) {
     (metric(&t, "qwen_edit_batch_size_sum"), metric(&t, "qwen_edit_batch_size_count"))
 }
 
-async fn start(batch_size: usize, timeout_ms: u64, steps: u32) -> Proc {
+async fn start(batch_size: usize, timeout_ms: u64, policy: &str, steps: u32) -> Proc {
     let p = spawn(&[
         ("BATCH_SIZE", &batch_size.to_string()),
         ("BATCH_TIMEOUT_MS", &timeout_ms.to_string()),
+        ("BATCH_POLICY", policy),
         ("REQUEST_TIMEOUT", "600"),
     ])
     .await;
@@ -82,7 +86,7 @@ async fn start(batch_size: usize, timeout_ms: u64, steps: u32) -> Proc {
 
 /// Mean seconds per request of BATCH_SIZE=1, one request at a time (the unit the rates scale).
 async fn calibrate(steps: u32) -> f64 {
-    let p = start(1, 0, steps).await;
+    let p = start(1, 0, "fixed", steps).await;
     let n = 8;
     let t = Instant::now();
     for i in 0..n {
@@ -93,7 +97,7 @@ async fn calibrate(steps: u32) -> f64 {
 }
 
 async fn run(c: &Config) -> Outcome {
-    let p = start(c.batch_size, c.timeout_ms, c.steps).await;
+    let p = start(c.batch_size, c.timeout_ms, c.policy, c.steps).await;
     let (sum0, count0) = batch_totals(&p).await;
     let n = (c.rate * c.seconds).round().max(1.0) as usize;
     let bodies: Vec<String> = (0..n).map(|i| body(i, c.steps)).collect();
@@ -143,10 +147,11 @@ async fn run(c: &Config) -> Outcome {
 
 fn row(c: &Config, o: &Outcome) -> String {
     format!(
-        "| {:.1} | {} | {} | {:.2} | {:.0} | {:.0} | {:.2} | {:.0}% |{}",
+        "| {:.1} | {} | {} | {} | {:.2} | {:.0} | {:.0} | {:.2} | {:.0}% |{}",
         c.rate,
         c.batch_size,
         c.timeout_ms,
+        c.policy,
         o.throughput,
         o.p50_ms,
         o.p99_ms,
@@ -161,6 +166,7 @@ async fn bench() {
     let seconds: f64 = env_list("LOAD_SECONDS", &[6.0])[0];
     let sizes: Vec<usize> = env_list("LOAD_BATCH_SIZES", &[1, 2, 4, 8]);
     let timeouts: Vec<u64> = env_list("LOAD_TIMEOUTS_MS", &[0, 10, 40, 100]);
+    let adaptive_timeouts: Vec<u64> = env_list("LOAD_ADAPTIVE_TIMEOUTS_MS", &[40, 100]);
     let per_request = calibrate(steps).await;
     let rates: Vec<f64> = match std::env::var("LOAD_RATES") {
         Ok(v) if !v.trim().is_empty() => env_list("LOAD_RATES", &[]),
@@ -171,15 +177,16 @@ async fn bench() {
          MAX_QUEUE 64. Arrival rates are multiples of the rate of one client sending one request after another to \
          BATCH_SIZE=1 ({:.1} ms per request, {:.2} requests/s); under concurrency the server overlaps decoding and \
          encoding with the model, so it can serve more than that.\n\n\
-         | arrivals/s | BATCH_SIZE | BATCH_TIMEOUT_MS | throughput/s | p50 ms | p99 ms | avg batch | 503 |\n\
-         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+         | arrivals/s | BATCH_SIZE | BATCH_TIMEOUT_MS | BATCH_POLICY | throughput/s | p50 ms | p99 ms | avg batch | 503 |\n\
+         | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n",
         per_request * 1e3,
         1.0 / per_request
     );
     for &rate in &rates {
         for &batch_size in &sizes {
-            for &timeout_ms in &timeouts {
-                let c = Config { rate, batch_size, timeout_ms, seconds, steps };
+            let fixed = timeouts.iter().map(|&t| ("fixed", t));
+            for (policy, timeout_ms) in fixed.chain(adaptive_timeouts.iter().map(|&t| ("adaptive", t))) {
+                let c = Config { rate, policy, batch_size, timeout_ms, seconds, steps };
                 let o = run(&c).await;
                 let line = row(&c, &o);
                 eprintln!("{line}");
@@ -195,7 +202,7 @@ async fn bench() {
 
 /// `cargo test`: one short configuration; every request must succeed and batches must form.
 async fn smoke() {
-    let c = Config { rate: 40.0, batch_size: 4, timeout_ms: 100, seconds: 1.0, steps: 2 };
+    let c = Config { rate: 40.0, policy: "fixed", batch_size: 4, timeout_ms: 100, seconds: 1.0, steps: 2 };
     let o = run(&c).await;
     eprintln!("{}", row(&c, &o));
     assert_eq!((o.ok, o.failed), (o.sent, 0), "every request of the smoke run must succeed");

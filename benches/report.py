@@ -156,6 +156,9 @@ def tables() -> dict[str, str | None]:
         "edit-vs-diffusers": file_table(
             "edit_vs_diffusers.md", "source .deps/env && .venv/bin/python benches/edit_vs_diffusers.py"
         ),
+        "real-size": file_table(
+            "real_size.md", "source .deps/env && .venv/bin/python benches/real_size_vs_diffusers.py"
+        ),
         "batch": pipeline_table(),
         "stages": file_table("stages.md", "cargo bench --bench pipeline"),
         "load": file_table("load.md", "cargo bench --bench load"),

@@ -37,7 +37,14 @@ fn picture() -> RgbImage {
 }
 
 fn limits() -> Limits {
-    Limits { default_steps: 50, default_true_cfg_scale: 4.0, max_images: 1, max_prompt_chars: 4096, max_output_side: 2048 }
+    Limits {
+        default_steps: 50,
+        default_true_cfg_scale: 4.0,
+        max_images: 1,
+        max_prompt_chars: 4096,
+        max_output_side: 2048,
+        max_steps: 100,
+    }
 }
 
 struct Fixture {

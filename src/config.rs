@@ -15,6 +15,7 @@ use clap::builder::BoolishValueParser;
 use clap::ArgAction;
 use ipnet::IpNet;
 
+use crate::batcher::WaitMode;
 use crate::bundle::PrecisionMode;
 use crate::runtime::backend::BackendRequest;
 
@@ -24,6 +25,12 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 28 * 1024 * 1024;
 pub const DEFAULT_RESULT_MEMORY_BYTES: usize = 1024 * 1024 * 1024;
 /// Default largest `n` of POST /v1/images/edits (lowered to MAX_QUEUE when that is smaller).
 pub const DEFAULT_MAX_N: usize = 10;
+
+/// Default largest output: 2048 x 2048.
+pub const DEFAULT_MAX_OUTPUT_PIXELS: u64 = 2048 * 2048;
+
+/// Grace before `BODY_MIN_RATE` applies to an upload.
+pub const BODY_RATE_GRACE: Duration = Duration::from_secs(5);
 
 /// Flags of `qwen-edit serve` (each with its environment variable): the service's, plus HTTP's own.
 #[derive(clap::Args, Clone, Debug)]
@@ -39,6 +46,18 @@ pub struct ServeArgs {
     /// If set, /run, /runsync and /v2/... require `Authorization: Bearer <API_KEY>` (/v2 also takes the raw key).
     #[arg(long, env = "API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// A file holding the API key (its content, trimmed; e.g. a mounted secret). Not with API_KEY.
+    #[arg(long, env = "API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Slowest accepted upload in bytes per second, after a grace of 5 s (408 `body_timeout` below it).
+    #[arg(long, env = "BODY_MIN_RATE", default_value_t = 16384)]
+    pub body_min_rate: u64,
+    /// Open connections at once (beyond it a new connection gets 503 and is closed).
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a response may be stuck (the client reads nothing) before its connection is closed.
+    #[arg(long, env = "RESPONSE_WRITE_TIMEOUT", default_value_t = 30.0)]
+    pub response_write_timeout: f64,
     /// Seconds a client has to send the request headers (slow-client guard).
     #[arg(long, env = "HEADER_READ_TIMEOUT", default_value_t = 10.0)]
     pub header_read_timeout: f64,
@@ -83,6 +102,10 @@ pub struct ServiceArgs {
     /// How long the oldest job of a partial batch waits for company before the batch runs anyway.
     #[arg(long, env = "BATCH_TIMEOUT_MS", default_value_t = 40)]
     pub batch_timeout_ms: u64,
+    /// Whether a partial batch waits BATCH_TIMEOUT_MS for company always (fixed) or only when the
+    /// recent arrivals and the measured batch costs say it pays (adaptive).
+    #[arg(long, env = "BATCH_POLICY", default_value = "adaptive")]
+    pub batch_policy: String,
     /// Use the Lightning schedule (and the Lightning LoRA fused into the bundle, if it has one).
     #[arg(long = "lightning", env = "USE_LIGHTNING_LORA", default_value = "false", num_args = 0..=1,
           default_missing_value = "true", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
@@ -140,6 +163,31 @@ pub struct ServiceArgs {
     /// Extra attempts for a transient image_url failure (connect error, timeout, 5xx, 429).
     #[arg(long, env = "URL_RETRIES", default_value_t = 2)]
     pub url_retries: u32,
+    /// Ports image_url may reach on public addresses (comma-separated, or `any`); networks opened by
+    /// ALLOW_PRIVATE_URLS are reachable on every port.
+    #[arg(long, env = "URL_ALLOWED_PORTS", default_value = "80,443")]
+    pub url_allowed_ports: String,
+    /// Largest num_inference_steps a request may ask for (422 above it).
+    #[arg(long, env = "MAX_STEPS", default_value_t = 100)]
+    pub max_steps: u32,
+    /// Largest output a request may ask for, in pixels (width x height, after the defaults; 422 above it).
+    #[arg(long, env = "MAX_OUTPUT_PIXELS", default_value_t = DEFAULT_MAX_OUTPUT_PIXELS)]
+    pub max_output_pixels: u64,
+    /// Memory the whole server may use: the loaded model, requests in flight and one batch (bytes, or
+    /// with a unit: 24G, 6000M). Default: the machine's or the container's memory minus 10%.
+    #[arg(long, env = "MEMORY_LIMIT")]
+    pub memory_limit: Option<String>,
+    /// Memory requests in flight may hold (bodies, decoded images, prepared jobs, results); beyond it
+    /// 503 `overloaded`. Default: a quarter of MEMORY_LIMIT.
+    #[arg(long, env = "REQUEST_MEMORY")]
+    pub request_memory: Option<String>,
+    /// Request bodies being received at once (beyond it: 503 at once, before the body is read).
+    #[arg(long, env = "MAX_BODY_READERS", default_value_t = 128)]
+    pub max_body_readers: usize,
+    /// A batch running longer than this many times its expected time (from the recent speed) plus
+    /// 30 s turns /health to `stalled` (503) and is logged; 0 turns the watchdog off.
+    #[arg(long, env = "WATCHDOG_FACTOR", default_value_t = 4.0)]
+    pub watchdog_factor: f64,
 }
 
 /// Flags of `qwen-edit worker`: the service's, plus the RunPod serverless variables (the names the
@@ -221,6 +269,7 @@ pub struct Settings {
     pub backend: BackendRequest,
     pub batch_size: usize,
     pub batch_timeout: Duration,
+    pub batch_policy: WaitMode,
     pub lightning: bool,
     pub lightning_steps: u32,
     pub precision: PrecisionMode,
@@ -242,6 +291,19 @@ pub struct Settings {
     pub url_timeout: Duration,
     pub url_connect_timeout: Duration,
     pub url_retries: u32,
+    /// Ports image_url may reach on public addresses; `None`: any.
+    pub url_allowed_ports: Option<Vec<u16>>,
+    pub max_steps: u32,
+    pub max_output_pixels: u64,
+    /// `None`: what the machine or container gives, minus a margin (resolved at start).
+    pub memory_limit: Option<u64>,
+    /// `None`: a quarter of the memory limit.
+    pub request_memory: Option<u64>,
+    pub max_body_readers: usize,
+    pub body_min_rate: u64,
+    pub max_connections: usize,
+    pub response_write_timeout: Duration,
+    pub watchdog_factor: f64,
     /// `IMAGE_PATH_ROOT`, canonical (symlinks and `..` resolved); `None` = image_path is off.
     pub image_path_root: Option<PathBuf>,
     /// How long a finished /v2 job's result is kept.
@@ -274,14 +336,52 @@ fn seconds(name: &'static str, v: f64) -> Result<Duration, ConfigError> {
     Ok(Duration::from_secs_f64(v))
 }
 
+/// The limits of hostile clients and memory (issues 11 and 21): MAX_STEPS, MAX_OUTPUT_PIXELS,
+/// MEMORY_LIMIT / REQUEST_MEMORY (returned, parsed), MAX_BODY_READERS, WATCHDOG_FACTOR (the service's;
+/// MAX_CONNECTIONS is checked with HTTP's settings).
+fn hardening_limits(a: &ServiceArgs) -> Result<(Option<u64>, Option<u64>), ConfigError> {
+    if !(1..=1000).contains(&a.max_steps) {
+        return Err(bad("MAX_STEPS", format!("{} is not in 1..=1000", a.max_steps)));
+    }
+    if a.lightning_steps > a.max_steps {
+        return Err(bad("LIGHTNING_STEPS", format!("{} is above MAX_STEPS ({})", a.lightning_steps, a.max_steps)));
+    }
+    if !(256..=(1 << 28)).contains(&a.max_output_pixels) {
+        return Err(bad("MAX_OUTPUT_PIXELS", format!("{} is not in 256..=268435456", a.max_output_pixels)));
+    }
+    let size = |name: &'static str, v: &Option<String>| -> Result<Option<u64>, ConfigError> {
+        match v.as_deref().map(str::trim) {
+            None | Some("") | Some("auto") => Ok(None),
+            Some(t) => match crate::sysmem::parse_bytes(t) {
+                Ok(n) if n >= 64 << 20 => Ok(Some(n)),
+                Ok(n) => Err(bad(name, format!("{n} bytes is less than 64 MiB"))),
+                Err(e) => Err(bad(name, e)),
+            },
+        }
+    };
+    let (memory_limit, request_memory) = (size("MEMORY_LIMIT", &a.memory_limit)?, size("REQUEST_MEMORY", &a.request_memory)?);
+    if let (Some(l), Some(r)) = (memory_limit, request_memory) {
+        if r >= l {
+            return Err(bad("REQUEST_MEMORY", format!("{r} bytes is not below MEMORY_LIMIT ({l} bytes)")));
+        }
+    }
+    if a.max_body_readers == 0 {
+        return Err(bad("MAX_BODY_READERS", "need at least 1 body reader"));
+    }
+    if !(a.watchdog_factor.is_finite() && a.watchdog_factor >= 0.0) {
+        return Err(bad("WATCHDOG_FACTOR", format!("{} is not a number >= 0", a.watchdog_factor)));
+    }
+    Ok((memory_limit, request_memory))
+}
+
 impl Settings {
     /// Validates the flags of `serve`.
     pub fn from_args(a: &ServeArgs) -> Result<Settings, ConfigError> {
         let service = Settings::from_service_args(&a.service)?;
-        let api_key = match a.api_key.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(k) => Some(k.to_string()),
-        };
+        let api_key = api_key(a)?;
+        if a.max_connections < 2 {
+            return Err(bad("MAX_CONNECTIONS", "need at least 2 connections"));
+        }
         if a.result_memory_bytes < 64 * 1024 {
             return Err(bad("RESULT_MEMORY_BYTES", format!("{} bytes is less than 64 KiB", a.result_memory_bytes)));
         }
@@ -309,6 +409,9 @@ impl Settings {
             max_n,
             multipart_max_parts: a.multipart_max_parts,
             multipart_max_part_bytes: a.multipart_max_part_bytes,
+            body_min_rate: a.body_min_rate,
+            max_connections: a.max_connections,
+            response_write_timeout: seconds("RESPONSE_WRITE_TIMEOUT", a.response_write_timeout)?,
             ..service
         })
     }
@@ -351,11 +454,13 @@ impl Settings {
         if a.url_retries > 10 {
             return Err(bad("URL_RETRIES", format!("{} is more than 10", a.url_retries)));
         }
+        let (memory_limit, request_memory) = hardening_limits(a)?;
         Ok(Settings {
             bundle: a.bundle.clone(),
             backend: a.backend,
             batch_size: a.batch_size,
             batch_timeout: Duration::from_millis(a.batch_timeout_ms),
+            batch_policy: a.batch_policy.parse().map_err(|e| bad("BATCH_POLICY", e))?,
             lightning: a.use_lightning_lora,
             lightning_steps: a.lightning_steps,
             precision,
@@ -373,6 +478,13 @@ impl Settings {
             url_timeout: seconds("URL_TIMEOUT", a.url_timeout)?,
             url_connect_timeout: seconds("URL_CONNECT_TIMEOUT", a.url_connect_timeout)?,
             url_retries: a.url_retries,
+            url_allowed_ports: ports(&a.url_allowed_ports)?,
+            max_steps: a.max_steps,
+            max_output_pixels: a.max_output_pixels,
+            memory_limit,
+            request_memory,
+            max_body_readers: a.max_body_readers,
+            watchdog_factor: a.watchdog_factor,
             image_path_root: image_path_root(a.image_path_root.as_deref())?,
             ..Settings::builtin()
         })
@@ -386,6 +498,7 @@ impl Settings {
             backend: BackendRequest::Auto,
             batch_size: 4,
             batch_timeout: Duration::from_millis(40),
+            batch_policy: WaitMode::Adaptive,
             lightning: false,
             lightning_steps: 8,
             precision: PrecisionMode::Auto,
@@ -407,6 +520,16 @@ impl Settings {
             url_timeout: Duration::from_secs(20),
             url_connect_timeout: Duration::from_secs(5),
             url_retries: 2,
+            url_allowed_ports: Some(vec![80, 443]),
+            max_steps: 100,
+            max_output_pixels: DEFAULT_MAX_OUTPUT_PIXELS,
+            memory_limit: None,
+            request_memory: None,
+            max_body_readers: 128,
+            body_min_rate: 16384,
+            max_connections: 1024,
+            response_write_timeout: Duration::from_secs(30),
+            watchdog_factor: 4.0,
             image_path_root: None,
             result_ttl: Duration::from_secs(1800),
             result_memory_bytes: DEFAULT_RESULT_MEMORY_BYTES,
@@ -415,6 +538,51 @@ impl Settings {
             multipart_max_part_bytes: 20 * 1024 * 1024,
         }
     }
+}
+
+/// The API key from API_KEY or API_KEY_FILE: a key of only whitespace is an error (it would turn
+/// authentication off without a word); an empty API_KEY means none.
+fn api_key(a: &ServeArgs) -> Result<Option<String>, ConfigError> {
+    let from_file = match &a.api_key_file {
+        None => None,
+        Some(path) => {
+            if a.api_key.as_deref().is_some_and(|k| !k.is_empty()) {
+                return Err(bad("API_KEY_FILE", "API_KEY is set too: give the key one way"));
+            }
+            let text =
+                std::fs::read_to_string(path).map_err(|e| bad("API_KEY_FILE", format!("cannot read {}: {e}", path.display())))?;
+            if text.trim().is_empty() {
+                return Err(bad("API_KEY_FILE", format!("{} is empty or only whitespace", path.display())));
+            }
+            Some(text.trim().to_string())
+        }
+    };
+    match (from_file, a.api_key.as_deref()) {
+        (Some(k), _) => Ok(Some(k)),
+        (None, None | Some("")) => Ok(None),
+        (None, Some(k)) if k.trim().is_empty() => {
+            Err(bad("API_KEY", "is only whitespace, which would turn authentication off; unset it or give a real key"))
+        }
+        (None, Some(k)) => Ok(Some(k.trim().to_string())),
+    }
+}
+
+/// `URL_ALLOWED_PORTS`: a comma-separated list of ports, or `any`/`*`.
+fn ports(s: &str) -> Result<Option<Vec<u16>>, ConfigError> {
+    let t = s.trim().to_ascii_lowercase();
+    if t == "any" || t == "*" {
+        return Ok(None);
+    }
+    let list = t
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse::<u16>().ok().filter(|&n| n > 0).ok_or_else(|| bad("URL_ALLOWED_PORTS", format!("`{p}` is not a port"))))
+        .collect::<Result<Vec<u16>, _>>()?;
+    if list.is_empty() {
+        return Err(bad("URL_ALLOWED_PORTS", "lists no port (use `any` to allow every port)"));
+    }
+    Ok(Some(list))
 }
 
 /// What `qwen-edit worker` does, validated from its flags.
@@ -549,7 +717,37 @@ mod tests {
         assert!(parse(&["--request-timeout=-1"]).unwrap_err().contains("REQUEST_TIMEOUT"));
         assert!(parse(&["--allow-private-urls", "maybe"]).unwrap_err().contains("ALLOW_PRIVATE_URLS"));
         assert!(parse(&["--backend", "tpu"]).is_err());
-        assert_eq!(parse(&["--api-key", "  "]).unwrap().api_key, None);
+        assert!(parse(&["--max-steps", "0"]).unwrap_err().contains("MAX_STEPS"));
+        assert!(parse(&["--max-steps", "4", "--lightning-steps", "8"]).unwrap_err().contains("LIGHTNING_STEPS"));
+        assert!(parse(&["--max-output-pixels", "10"]).unwrap_err().contains("MAX_OUTPUT_PIXELS"));
+        assert!(parse(&["--memory-limit", "lots"]).unwrap_err().contains("MEMORY_LIMIT"));
+        assert!(parse(&["--memory-limit", "1M"]).unwrap_err().contains("64 MiB"));
+        assert!(parse(&["--memory-limit", "4G", "--request-memory", "4G"]).unwrap_err().contains("REQUEST_MEMORY"));
+        let s = parse(&["--memory-limit", "6G", "--request-memory", "1500M", "--url-allowed-ports", "443, 8443"]).unwrap();
+        assert_eq!((s.memory_limit, s.request_memory), (Some(6 << 30), Some(1500 << 20)));
+        assert_eq!(s.url_allowed_ports, Some(vec![443, 8443]));
+        assert_eq!(parse(&["--url-allowed-ports", "any"]).unwrap().url_allowed_ports, None);
+        assert!(parse(&["--url-allowed-ports", "http"]).unwrap_err().contains("URL_ALLOWED_PORTS"));
+        assert!(parse(&["--url-allowed-ports", ","]).unwrap_err().contains("URL_ALLOWED_PORTS"));
+        assert!(parse(&["--watchdog-factor=-1"]).unwrap_err().contains("WATCHDOG_FACTOR"));
+    }
+
+    #[test]
+    fn api_key_of_only_whitespace_is_refused_and_can_come_from_a_file() {
+        assert!(parse(&["--api-key", "  "]).unwrap_err().contains("only whitespace"));
+        assert!(parse(&["--api-key", "\t\n"]).unwrap_err().contains("only whitespace"));
+        assert_eq!(parse(&["--api-key", ""]).unwrap().api_key, None, "empty = none");
+        assert_eq!(parse(&["--api-key", " k3y "]).unwrap().api_key.as_deref(), Some("k3y"));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key");
+        std::fs::write(&file, "s3cret-from-file\n").unwrap();
+        let f = file.to_str().unwrap();
+        assert_eq!(parse(&["--api-key-file", f]).unwrap().api_key.as_deref(), Some("s3cret-from-file"));
+        assert!(parse(&["--api-key-file", f, "--api-key", "other"]).unwrap_err().contains("one way"));
+        std::fs::write(&file, " \n\t ").unwrap();
+        assert!(parse(&["--api-key-file", f]).unwrap_err().contains("only whitespace"));
+        let missing = dir.path().join("nope");
+        assert!(parse(&["--api-key-file", missing.to_str().unwrap()]).unwrap_err().contains("cannot read"));
     }
 
     #[test]

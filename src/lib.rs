@@ -14,4 +14,5 @@ pub mod pipeline;
 pub mod runtime;
 pub mod server;
 pub mod service;
+pub mod sysmem;
 pub mod worker;

@@ -12,11 +12,22 @@
 //! | `qwen_edit_queue_size` | gauge | jobs admitted and not yet running |
 //! | `qwen_edit_jobs_cancelled_total` | counter | queued jobs dropped because the client went away |
 //! | `qwen_edit_batch_failures_total` | counter | jobs that failed inside a batch |
-//! | `qwen_edit_ready` | gauge | 1 when serving, 0 while loading or draining |
+//! | `qwen_edit_ready` | gauge | 1 when serving, 0 while loading, draining or stalled |
+//! | `qwen_edit_batches_stopped_total` | counter | running batches stopped because nobody waited for them |
+//! | `qwen_edit_batch_retries_total` | counter | failed batches whose jobs were run again one by one |
+//! | `qwen_edit_cpu_tasks_running`, `qwen_edit_cpu_tasks_peak` | gauges | CPU tasks (parse, decode, prepare, encode) running now / most at once |
+//! | `qwen_edit_cpu_tasks_skipped_total` | counter | CPU tasks not started because their request was gone |
+//! | `qwen_edit_request_memory_bytes`, `qwen_edit_request_memory_peak_bytes` | gauges | REQUEST_MEMORY reserved now / most at once |
+//! | `qwen_edit_connections` | gauge | open HTTP connections |
 //! | `qwen_edit_{graph_captures,graph_replays,uncaptured_runs,graph_evictions,capture_failures}_total` | counter | CUDA graphs of the engines (TensorRT): captured, replayed, runs without a graph, dropped from the full cache, failed captures |
 //! | `qwen_edit_{device_loop,host_loop}_steps_total` | counter | denoising steps on the device / stepped on the host |
 //! | `qwen_edit_staged_host_copies_total` | counter | host copies of staged inputs before their upload (0 on the pinned staging path) |
+//! | `qwen_edit_stage_duration_seconds{stage,batch_size}` | histogram | one pipeline stage of one batch: `text_encoder`, `vae_encoder`, `denoise_step` (one sample per step), `vae_decoder`; per job `preprocess` and `encode`, labelled with the batch the job ran in |
+//! | `qwen_edit_process_resident_bytes`, `qwen_edit_process_resident_peak_bytes`, `qwen_edit_host_memory_available_bytes` | gauges | process RSS now / highest since the model loaded; host (or cgroup) memory available |
+//! | `qwen_edit_device_memory_total_bytes`, `qwen_edit_device_memory_used_bytes`, `qwen_edit_engine_memory_bytes{component,kind}` | gauges | the GPU (TensorRT only): its memory, and each engine's `weights`, `activation` and `io` bytes |
+//! | `qwen_edit_batch_policy{policy}`, `qwen_edit_arrival_rate`, `qwen_edit_batch_cost_per_image_seconds{batch_size}` | gauges | the batch wait policy in force and what it learned: jobs per second arriving, seconds per image by batch size (moving averages) |
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -24,7 +35,7 @@ use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::batcher::Observer;
-use crate::runtime::counters::{CounterSnapshot, RunCounters};
+use crate::runtime::counters::{CounterSnapshot, DeviceStatus, RunCounters};
 
 /// Outcomes of a /run request (the `outcome` label).
 pub const OUTCOMES: [&str; 8] =
@@ -38,6 +49,8 @@ pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     requests: Vec<(&'static str, Counter)>,
+    /// The same counts, readable (`GET /queue/status`).
+    outcomes: Vec<AtomicU64>,
     request_duration: Histogram,
     queue_duration: Histogram,
     batch_duration: Histogram,
@@ -46,6 +59,8 @@ pub struct Metrics {
     cancelled: Counter,
     batch_failures: Counter,
     ready: Gauge,
+    stopped: Counter,
+    retried: Counter,
     /// The loaded model's engine counters, once it is loaded.
     engine: OnceLock<Arc<RunCounters>>,
 }
@@ -74,7 +89,25 @@ impl Metrics {
         describe("qwen_edit_queue_size", "Jobs admitted and not yet running");
         describe("qwen_edit_jobs_cancelled_total", "Queued jobs dropped before compute because the client went away");
         describe("qwen_edit_batch_failures_total", "Jobs that failed inside a batch (engine or pipeline error)");
-        describe("qwen_edit_ready", "1 while serving, 0 while loading or draining");
+        describe("qwen_edit_ready", "1 while serving, 0 while loading, draining or stalled");
+        describe("qwen_edit_batches_stopped_total", "Running batches stopped because nobody waited for their results");
+        describe("qwen_edit_batch_retries_total", "Failed batches whose jobs were run again one by one");
+        describe("qwen_edit_cpu_tasks_running", "CPU tasks (parse, decode, prepare, encode) running now");
+        describe("qwen_edit_cpu_tasks_peak", "Most CPU tasks that ever ran at once");
+        describe("qwen_edit_cpu_tasks_skipped_total", "CPU tasks not started because their request was gone");
+        describe("qwen_edit_request_memory_bytes", "Memory reserved by requests in flight (REQUEST_MEMORY)");
+        describe("qwen_edit_request_memory_peak_bytes", "Most memory requests in flight ever reserved at once");
+        describe("qwen_edit_connections", "Open HTTP connections");
+        describe("qwen_edit_stage_duration_seconds", "One pipeline stage of one batch (denoise_step: each step), by batch size");
+        describe("qwen_edit_process_resident_bytes", "Resident memory of the process");
+        describe("qwen_edit_process_resident_peak_bytes", "Highest resident memory of the process since the model loaded");
+        describe("qwen_edit_host_memory_available_bytes", "Memory the host (or the cgroup) still has available");
+        describe("qwen_edit_device_memory_total_bytes", "Memory of the GPU (TensorRT)");
+        describe("qwen_edit_device_memory_used_bytes", "Memory used on the GPU by every process (TensorRT)");
+        describe("qwen_edit_engine_memory_bytes", "Device memory of each TensorRT engine: weights, activation, io");
+        describe("qwen_edit_batch_policy", "The batch wait policy in force (BATCH_POLICY)");
+        describe("qwen_edit_arrival_rate", "Jobs per second arriving at the batcher (moving average)");
+        describe("qwen_edit_batch_cost_per_image_seconds", "Engine seconds per image by batch size (moving average)");
         for (name, _) in CounterSnapshot::default().fields() {
             recorder.describe_counter(format!("qwen_edit_{name}_total").into(), None, ENGINE_HELP.into());
         }
@@ -92,6 +125,7 @@ impl Metrics {
             })
             .collect();
         Metrics {
+            outcomes: OUTCOMES.iter().map(|_| AtomicU64::new(0)).collect(),
             requests,
             request_duration: histogram("qwen_edit_request_duration_seconds"),
             queue_duration: histogram("qwen_edit_queue_duration_seconds"),
@@ -101,6 +135,8 @@ impl Metrics {
             cancelled: counter("qwen_edit_jobs_cancelled_total"),
             batch_failures: counter("qwen_edit_batch_failures_total"),
             ready: gauge("qwen_edit_ready"),
+            stopped: counter("qwen_edit_batches_stopped_total"),
+            retried: counter("qwen_edit_batch_retries_total"),
             engine: OnceLock::new(),
             recorder,
             handle,
@@ -109,10 +145,28 @@ impl Metrics {
 
     /// Counts one finished /run request.
     pub fn request(&self, outcome: &str, duration: Duration) {
-        if let Some((_, c)) = self.requests.iter().find(|(o, _)| *o == outcome) {
-            c.increment(1);
+        if let Some(i) = self.requests.iter().position(|(o, _)| *o == outcome) {
+            self.requests[i].1.increment(1);
+            self.outcomes[i].fetch_add(1, Ordering::Relaxed);
         }
         self.request_duration.record(duration.as_secs_f64());
+    }
+
+    /// Requests counted so far, by outcome (every outcome, in [`OUTCOMES`] order).
+    pub fn outcomes(&self) -> Vec<(&'static str, u64)> {
+        OUTCOMES.iter().zip(&self.outcomes).map(|(o, n)| (*o, n.load(Ordering::Relaxed))).collect()
+    }
+
+    /// One stage of a batch of `batch` jobs took `d` (`qwen_edit_stage_duration_seconds`).
+    pub fn stage(&self, stage: &'static str, batch: usize, d: Duration) {
+        let labels = vec![Label::new("stage", stage), Label::new("batch_size", batch.to_string())];
+        let key = Key::from_parts("qwen_edit_stage_duration_seconds", labels);
+        self.recorder.register_histogram(&key, &META).record(d.as_secs_f64());
+    }
+
+    /// The device and its engines' memory (TensorRT, once the model is loaded).
+    pub fn device_status(&self) -> Option<DeviceStatus> {
+        self.engine.get()?.device.status()
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -146,6 +200,17 @@ impl Metrics {
         self.handle.render()
     }
 
+    /// Sets a plain gauge (values read when /metrics is scraped: CPU tasks, memory, connections).
+    pub fn gauge(&self, name: &'static str, value: f64) {
+        self.recorder.register_gauge(&Key::from_name(name), &META).set(value);
+    }
+
+    /// Sets a labelled gauge.
+    pub fn labelled_gauge(&self, name: &'static str, labels: &[(&'static str, String)], value: f64) {
+        let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::new(*k, v.clone())).collect();
+        self.recorder.register_gauge(&Key::from_parts(name, labels), &META).set(value);
+    }
+
     /// Drains histogram samples into their buckets; call every few seconds so memory stays flat
     /// when nobody scrapes.
     pub fn upkeep(&self) {
@@ -166,6 +231,12 @@ impl Observer for Metrics {
     }
     fn cancelled(&self, n: usize) {
         self.cancelled.increment(n as u64);
+    }
+    fn batch_stopped(&self, _size: usize) {
+        self.stopped.increment(1);
+    }
+    fn batch_retried(&self, _size: usize) {
+        self.retried.increment(1);
     }
 }
 
@@ -193,7 +264,29 @@ mod tests {
         m.cancelled(2);
         m.set_ready(true);
         m.set_info(&[("bundle", "tiny".into())]);
+        m.batch_stopped(2);
+        m.batch_retried(3);
+        m.gauge("qwen_edit_cpu_tasks_peak", 2.0);
+        m.labelled_gauge("qwen_edit_batch_cost_per_image_seconds", &[("batch_size", "2".into())], 0.25);
+        for _ in 0..3 {
+            m.stage("denoise_step", 2, Duration::from_millis(3));
+        }
+        m.stage("text_encoder", 2, Duration::from_millis(30));
         let t = m.render(7);
+        assert_eq!(
+            sample(&t, "qwen_edit_stage_duration_seconds_count{stage=\"denoise_step\",batch_size=\"2\"}"),
+            Some(3.0),
+            "{t}"
+        );
+        assert_eq!(sample(&t, "qwen_edit_stage_duration_seconds_sum{stage=\"text_encoder\",batch_size=\"2\"}"), Some(0.03));
+        assert_eq!(sample(&t, "qwen_edit_batch_cost_per_image_seconds{batch_size=\"2\"}"), Some(0.25));
+        let outcomes = m.outcomes();
+        assert_eq!(outcomes.len(), OUTCOMES.len());
+        assert_eq!(outcomes.iter().find(|(o, _)| *o == "overloaded"), Some(&("overloaded", 1)));
+        assert_eq!(outcomes.iter().map(|(_, n)| n).sum::<u64>(), 2, "the unknown outcome is not counted");
+        assert_eq!(sample(&t, "qwen_edit_batches_stopped_total"), Some(1.0), "{t}");
+        assert_eq!(sample(&t, "qwen_edit_batch_retries_total"), Some(1.0));
+        assert_eq!(sample(&t, "qwen_edit_cpu_tasks_peak"), Some(2.0));
         assert_eq!(sample(&t, "qwen_edit_requests_total{outcome=\"success\"}"), Some(1.0), "{t}");
         assert_eq!(sample(&t, "qwen_edit_requests_total{outcome=\"overloaded\"}"), Some(1.0));
         assert_eq!(sample(&t, "qwen_edit_requests_total{outcome=\"timeout\"}"), Some(0.0));

@@ -48,6 +48,8 @@ struct Counters {
     executes: usize,
     steps: usize,
     downloads: usize,
+    /// Checkpoints the program asked at (a loop that can be stopped), by step.
+    checkpoints: Vec<usize>,
     dts: Vec<f32>,
     /// The time input each execute saw (first row).
     times: Vec<f32>,
@@ -113,7 +115,13 @@ impl EmulatedDevice {
     }
 
     /// Executes a program on emulated memory; returns the memory, the output shapes and what was kept.
-    fn exec(&mut self, plan: &RunPlan, ops: Vec<LoopOp>, time_input: Option<&str>) -> Result<Executed, Error> {
+    fn exec(
+        &mut self,
+        plan: &RunPlan,
+        ops: Vec<LoopOp>,
+        time_input: Option<&str>,
+        proceed: Option<&dyn Fn(usize) -> bool>,
+    ) -> Result<Executed, Error> {
         let inputs = self.inner.inputs().to_vec();
         let outputs = self.inner.outputs().to_vec();
         let mut c = self.counters.lock().unwrap();
@@ -214,6 +222,13 @@ impl EmulatedDevice {
                     done.kept =
                         Some(Kept { dtype: outputs[i].dtype, shape: shape.clone(), layout: shape, place: Place::Device(memory) });
                 }
+                LoopOp::Checkpoint { step } => {
+                    // The device would synchronize its stream here; the emulator runs in order already.
+                    c.checkpoints.push(step);
+                    if proceed.is_some_and(|go_on| !go_on(step)) {
+                        return Err(Error::Cancelled { step });
+                    }
+                }
             }
         }
         Ok(done)
@@ -222,7 +237,7 @@ impl EmulatedDevice {
     fn run_given(&mut self, given: &[(&str, Input<'_>)], keep: Option<&str>) -> Result<(Outputs, Option<Kept>), Error> {
         let io = (self.inner.inputs().to_vec(), self.inner.outputs().to_vec());
         let (plan, ops) = run_program(self.inner.component(), (&io.0, &io.1), &self.profiles, &self.bucketed, given, keep)?;
-        let done = self.exec(&plan, ops, None)?;
+        let done = self.exec(&plan, ops, None, None)?;
         let mut out = Vec::new();
         for i in done.downloaded {
             let bytes = done.mem[&LoopBuf::Output(i)].bytes();
@@ -279,7 +294,7 @@ impl DeviceLoop for EmulatedDevice {
         let outputs = self.inner.outputs().to_vec();
         let (plan, ops) = loop_program(self.inner.component(), &inputs, &outputs, &self.profiles, &self.bucketed, job)?;
         self.counters.lock().unwrap().loops += 1;
-        let done = self.exec(&plan, ops, Some(job.time_input))?;
+        let done = self.exec(&plan, ops, Some(job.time_input), job.proceed)?;
         Ok(done.result.expect("the program downloads the latents"))
     }
 }
@@ -374,6 +389,7 @@ fn same_as_cpu_on(open: &dyn Fn() -> Pipeline, requests: Vec<EditRequest>) -> Co
     assert!(!c.host_uploads.contains(&"encoder_hidden_states".to_string()));
     assert_eq!((c.loops, c.executes, c.steps, c.downloads), (1, steps, steps, 1), "{c:?}");
     assert_eq!(c.copies, steps - 1, "one time-row copy per step after the first");
+    assert_eq!(c.checkpoints, (1..steps).collect::<Vec<_>>(), "asked before every step after the first");
     assert!(c.dts.iter().all(|&d| d < 0.0), "sigmas decrease: {:?}", c.dts);
     assert!(c.times.windows(2).all(|w| w[1] < w[0]), "each step sees its own, decreasing time: {:?}", c.times);
     c
@@ -470,6 +486,34 @@ fn a_failing_device_loop_fails_only_its_batch() {
     assert_eq!(trace.latents.len(), 2);
 }
 
+/// A batch nobody waits for stops at the device loop's next checkpoint: the steps already launched
+/// finish (the device waits for them), no later step is launched, and the jobs are cancelled.
+#[test]
+fn a_device_loop_stops_at_its_next_checkpoint() {
+    use qwen_edit::pipeline::{Checkpoint, EditError};
+    let counters = Arc::new(Mutex::new(Counters::default()));
+    let c2 = counters.clone();
+    let mut dev = open("tiny").wrap_transformer(move |t| Box::new(EmulatedDevice::new(t, c2)));
+    let pre = dev.preprocessor();
+    let job = pre.prepare(request(vec![picture(64, 64, 6)], "x", None, 6, 4)).unwrap();
+    let asked = Mutex::new(Vec::new());
+    let control = |at: Checkpoint| {
+        asked.lock().unwrap().push(at);
+        !matches!(at, Checkpoint::Step(k) if k >= 3)
+    };
+    let r = dev.run_batch_with(&[&job], &control).pop().unwrap();
+    assert!(matches!(r, Err(EditError::Cancelled)), "{r:?}");
+    let c = counters.lock().unwrap().clone();
+    assert_eq!((c.executes, c.steps, c.downloads), (3, 3, 0), "steps 0..3 ran, nothing after: {c:?}");
+    assert_eq!(c.checkpoints, vec![1, 2, 3]);
+    let asked = asked.into_inner().unwrap();
+    assert_eq!(&asked[..3], &[Checkpoint::TextEncoder, Checkpoint::VaeEncoder, Checkpoint::Step(0)]);
+    assert!(!asked.contains(&Checkpoint::VaeDecoder), "the decoder never ran: {asked:?}");
+    // The same pipeline runs the next batch to the end.
+    let job = pre.prepare(request(vec![picture(64, 64, 6)], "x", None, 2, 4)).unwrap();
+    assert!(dev.run_batch(vec![job]).pop().unwrap().is_ok());
+}
+
 #[test]
 fn loop_description_is_checked() {
     let shape = StepShape { batch: 1, seq: 4, img_seq: 6, channels: 64, cfg: false };
@@ -486,6 +530,7 @@ fn loop_description_is_checked() {
         shape,
         dts: &[-0.5, -0.5],
         scales: None,
+        proceed: None,
     };
     assert!(ok.validate().is_ok());
     assert!(DenoiseLoop { dts: &[-0.5], ..ok }.validate().is_err(), "a dt per step");

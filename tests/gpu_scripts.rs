@@ -82,6 +82,7 @@ fn serve(port: u16) -> Served {
         .env("QWEN_EDIT_BUNDLE", Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/tiny"))
         .env("BATCH_SIZE", "4")
         .env("BATCH_TIMEOUT_MS", "1000")
+        .env("BATCH_POLICY", "fixed") // the smoke client checks that four concurrent requests form one batch
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

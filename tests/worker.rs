@@ -392,11 +392,12 @@ async fn twenty_jobs_in_batches_with_a_bad_one_and_a_failed_post() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn job_stop_drops_a_job_and_sigterm_posts_every_taken_job() {
     let plane = Plane::start().await;
-    // A job alone in its bucket waits BATCH_TIMEOUT_MS (5 s) for company: stopped meanwhile (once
-    // the heartbeat says the worker has it), it is dropped before it is computed.
+    // A job alone in its bucket waits BATCH_TIMEOUT_MS (5 s) for company under BATCH_POLICY=fixed:
+    // stopped meanwhile (once the heartbeat says the worker has it), it is dropped before it is computed.
     plane.push_jobs([serde_json::json!({"id": "stopped", "input": input(1, 2, 48)})]);
     let dir = tempfile::tempdir().unwrap();
-    let mut worker = WorkerProc::spawn(&env_with(&plane, &[("BATCH_SIZE", "2"), ("BATCH_TIMEOUT_MS", "5000")]), &[], dir.path());
+    let env = env_with(&plane, &[("BATCH_SIZE", "2"), ("BATCH_TIMEOUT_MS", "5000"), ("BATCH_POLICY", "fixed")]);
+    let mut worker = WorkerProc::spawn(&env, &[], dir.path());
     plane
         .wait_for("a heartbeat with the job", Duration::from_secs(120), |s| s.pings.iter().any(|(_, ids)| ids == &["stopped"]))
         .await;

@@ -65,6 +65,33 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<RgbImage, Error> {
     Ok(img)
 }
 
+/// An upper bound of the memory decoding an image (probed as `info`) takes at its peak, from its
+/// header alone: the decoder's pixel buffer (PNG: channels and bit depth from IHDR; JPEG: CMYK at
+/// most; WebP: RGBA), the RGB8 result, and a rotated copy when an EXIF orientation applies.
+pub fn decode_memory(bytes: &[u8], info: &ImageInfo) -> u64 {
+    let pixels = u64::from(info.width) * u64::from(info.height);
+    let source = match info.format {
+        ImageFormat::Png => png_bytes_per_pixel(bytes).unwrap_or(8),
+        ImageFormat::Jpeg | ImageFormat::WebP => 4,
+    };
+    // Saturating: a header may claim up to 2^32 x 2^32 pixels (the size limits refuse it after).
+    pixels.saturating_mul(source + 3 + 3).saturating_add(1 << 20)
+}
+
+/// Bytes per pixel of a PNG as the decoder outputs it (palettes expand to RGBA, depths under 8 to 8).
+fn png_bytes_per_pixel(b: &[u8]) -> Option<u64> {
+    let (depth, color) = (*b.get(24)?, *b.get(25)?);
+    let channels = match color {
+        0 => 1,
+        2 => 3,
+        3 => return Some(4),
+        4 => 2,
+        6 => 4,
+        _ => return None,
+    };
+    Some(if depth == 16 { channels * 2 } else { channels })
+}
+
 fn corrupt(format: ImageFormat, reason: impl std::fmt::Display) -> Error {
     Error::Corrupt { format: format.name(), reason: reason.to_string() }
 }
@@ -244,6 +271,24 @@ mod tests {
         assert!(matches!(l.check(101, 1), Err(Error::TooLarge { width: 101, .. })));
         assert!(matches!(l.check(1, 51), Err(Error::TooLarge { .. })));
         assert!(matches!(l.check(100, 41), Err(Error::TooLarge { .. })));
+    }
+
+    #[test]
+    fn decode_memory_bounds_what_the_decoders_allocate() {
+        let png = |w: u32, h: u32, depth: u8, color: u8| {
+            let mut v = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
+            v.extend_from_slice(&w.to_be_bytes());
+            v.extend_from_slice(&h.to_be_bytes());
+            v.extend_from_slice(&[depth, color, 0, 0, 0]);
+            v
+        };
+        let info = |f, w, h| ImageInfo { format: f, width: w, height: h };
+        let rgba16 = png(1000, 1000, 16, 6);
+        assert_eq!(decode_memory(&rgba16, &info(ImageFormat::Png, 1000, 1000)), 1_000_000 * 14 + (1 << 20));
+        let gray8 = png(1000, 1000, 8, 0);
+        assert_eq!(decode_memory(&gray8, &info(ImageFormat::Png, 1000, 1000)), 1_000_000 * 7 + (1 << 20));
+        assert_eq!(decode_memory(b"", &info(ImageFormat::Png, 10, 10)), 100 * 14 + (1 << 20), "unknown: the worst");
+        assert_eq!(decode_memory(b"", &info(ImageFormat::Jpeg, 10, 10)), 100 * 10 + (1 << 20));
     }
 
     #[test]

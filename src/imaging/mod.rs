@@ -13,7 +13,7 @@ mod probe;
 mod resize;
 pub mod torch_resize;
 
-pub use decode::{decode, Limits};
+pub use decode::{decode, decode_memory, Limits};
 pub use encode::{encode, OutputFormat};
 pub use normalize::{postprocess, postprocess_value, preprocess_into, preprocess_into_bf16, preprocess_into_f16};
 pub use probe::{probe, ImageFormat, ImageInfo};

@@ -65,7 +65,10 @@ pub enum EditError {
     PromptTooLong { tokens: usize, max: usize },
     /// An engine failed while running the batch (server error: HTTP 500).
     #[error(transparent)]
-    Engine(#[from] runtime::Error),
+    Engine(runtime::Error),
+    /// The batch was stopped at a checkpoint because nobody waits for its results any more.
+    #[error("the batch was stopped: nobody waits for its results")]
+    Cancelled,
     /// Anything else that went wrong inside the pipeline (server error: HTTP 500).
     #[error("internal pipeline error: {0}")]
     Internal(String),
@@ -79,12 +82,22 @@ impl EditError {
             EditError::PromptTooLong { tokens, max } => EditError::PromptTooLong { tokens: *tokens, max: *max },
             EditError::Engine(e) => EditError::Engine(runtime::Error::Run { component: "batch".into(), reason: e.to_string() }),
             EditError::Internal(m) => EditError::Internal(m.clone()),
+            EditError::Cancelled => EditError::Cancelled,
         }
     }
 
     /// Whether the client caused it (4xx) rather than the server (5xx).
     pub fn is_client_error(&self) -> bool {
         matches!(self, EditError::Invalid(_) | EditError::PromptTooLong { .. })
+    }
+}
+
+impl From<runtime::Error> for EditError {
+    fn from(e: runtime::Error) -> EditError {
+        match e {
+            runtime::Error::Cancelled { .. } => EditError::Cancelled,
+            e => EditError::Engine(e),
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod job;
 pub mod latents;
+pub mod memory;
 pub mod model;
 pub mod prepare;
 pub mod prompt;
@@ -18,6 +19,7 @@ pub mod torch_cpu;
 pub mod vision;
 
 pub use job::{BatchKey, EditError, EditOutput, EditRequest};
+pub use memory::MemoryModel;
 pub use model::{cpu_kernels, LoadError, PipelineInfo, PipelineOptions, DEFAULT_TEXT_BUCKET, MAX_PLUS_IMAGES};
 pub use prepare::{Prepared, Preprocessor};
-pub use run::{Pipeline, StageTimes, Trace};
+pub use run::{Checkpoint, Pipeline, StageTimes, Trace};

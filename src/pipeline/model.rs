@@ -70,6 +70,8 @@ pub struct PipelineInfo {
     pub max_text_tokens: usize,
     /// Pixel area of the default output (`vae.image_area`).
     pub image_area: u64,
+    /// The output sizes the bundle's engine profiles name (`profiles.resolutions`, `[w, h]`).
+    pub resolutions: Vec<(u32, u32)>,
     /// Where the denoising loop runs between transformer calls: `device` (TensorRT with the step
     /// kernel: latents never leave the GPU) or `host`.
     pub denoise_loop: &'static str,
@@ -169,6 +171,7 @@ impl Model {
             lightning_fused: m.lightning.is_some(),
             max_text_tokens: m.prompt.max_text_tokens,
             image_area: m.vae.image_area,
+            resolutions: m.profiles.resolutions.iter().map(|&[w, h]| (w, h)).collect(),
             denoise_loop: "host",
         };
         Ok(Model {

@@ -106,6 +106,49 @@ impl Preprocessor {
     }
 }
 
+impl Preprocessor {
+    /// The batch key a request will get, from its images' sizes alone (before any pixel is decoded)
+    /// and the longest text the bundle accepts: the real key, known once the prompt is tokenized, is
+    /// never longer. Admission sizes a job's memory with it; bad sizes are refused here already.
+    pub fn provisional_key(
+        &self,
+        dims: &[(u32, u32)],
+        output: (Option<u32>, Option<u32>),
+        steps: u32,
+        true_cfg: bool,
+        lightning: bool,
+    ) -> Result<BatchKey, EditError> {
+        let m = &*self.model;
+        let sizes = latents::edit_sizes(dims, output, m.info.image_area, m.condition_area).map_err(invalid)?;
+        Ok(BatchKey {
+            width: sizes.output.0,
+            height: sizes.output.1,
+            condition_sizes: sizes.vae,
+            steps,
+            true_cfg,
+            lightning,
+            text_len: m.info.max_text_tokens,
+        })
+    }
+
+    /// An upper bound of the bytes a prepared job of `key` holds until its batch runs: VAE inputs
+    /// (f32), VL patches (24 bytes per pixel of the VL copy: the VAE copy for Edit, the condition
+    /// area for Plus, 10% for the processor's rounding, at most its `max_pixels`), noise, RoPE tables.
+    pub fn prepared_bytes(&self, key: &BatchKey) -> u64 {
+        let m = &*self.model;
+        let px = |(w, h): (u32, u32)| u64::from(w) * u64::from(h);
+        let vae: u64 = key.condition_sizes.iter().map(|&c| 12 * px(c)).sum();
+        let vl: u64 = key
+            .condition_sizes
+            .iter()
+            .map(|&c| 24 * (m.condition_area.unwrap_or(px(c)) * 11 / 10).min(m.vision.max_pixels))
+            .sum();
+        let tokens = (px((key.width, key.height)) + key.condition_sizes.iter().map(|&c| px(c)).sum::<u64>()) / 256;
+        let seq = tokens + key.text_len as u64;
+        vae + vl + tokens * 256 + seq * 1024 + (64 << 10)
+    }
+}
+
 /// What can be refused from the request alone.
 fn check_request(req: &EditRequest, info: &PipelineInfo) -> Result<(), EditError> {
     let n = req.images.len();

@@ -26,8 +26,8 @@ pub struct Pipeline {
     last_stages: Option<StageTimes>,
 }
 
-/// Wall time of each stage of one batch (for benches and logs).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+/// Wall time of each stage of one batch (for benches, logs and the server's stage metrics).
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct StageTimes {
     pub batch: usize,
     /// VL processor patches to prompt embeddings (text encoder).
@@ -35,6 +35,9 @@ pub struct StageTimes {
     pub vae_encode: Duration,
     /// Every transformer step with its Euler update.
     pub denoise: Duration,
+    /// Each denoising step (from one step's checkpoint to the next; on a device loop, as the host
+    /// sees the steps finish).
+    pub steps: Vec<Duration>,
     /// VAE decoder and conversion to pictures.
     pub decode: Duration,
 }
@@ -60,6 +63,22 @@ pub struct Trace {
     /// VAE decoder input (denormalised) and output float image.
     pub decode_in: Option<ArrayD<f32>>,
     pub decoded: Option<ArrayD<f32>>,
+}
+
+/// Where a running batch asks its caller whether to go on (see [`Pipeline::run_batch_with`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// Before the text encoder (the first stage).
+    TextEncoder,
+    /// Before the VAE encoder.
+    VaeEncoder,
+    /// Before denoising step `k` (0-based). On a device loop, steps after the first are asked from
+    /// inside the loop, after the previous step finished on the device.
+    Step(usize),
+    /// Before the VAE decoder.
+    VaeDecoder,
+    /// After the decoder: the batch is complete (the answer is ignored).
+    Done,
 }
 
 /// Prompt embeddings of a batch, [rows, txt_seq, dim], and the mask [rows, txt_seq] (1 = token).
@@ -105,7 +124,12 @@ impl Pipeline {
 
     /// Stage times of the last batch that completed.
     pub fn last_stages(&self) -> Option<StageTimes> {
-        self.last_stages
+        self.last_stages.clone()
+    }
+
+    /// Stage times of the last batch that completed, once (`None` again until the next one completes).
+    pub fn take_stages(&mut self) -> Option<StageTimes> {
+        self.last_stages.take()
     }
 
     /// What the engines did (graph captures, replays, ...) and the host loop's steps, shared with them.
@@ -143,12 +167,25 @@ impl Pipeline {
     /// Runs jobs that share one batch key as one batch and returns their results in order. An
     /// engine failure fails every job of this batch (and nothing else).
     pub fn run_batch(&mut self, jobs: Vec<Prepared>) -> Vec<Result<EditOutput, EditError>> {
+        let refs: Vec<&Prepared> = jobs.iter().collect();
+        self.run_batch_with(&refs, &|_| true)
+    }
+
+    /// [`Pipeline::run_batch`] under `control`, which is asked at every [`Checkpoint`] (before each
+    /// stage and each denoising step) whether to go on: `false` stops the batch there and every job
+    /// gets [`EditError::Cancelled`]. The caller decides why (its clients left, their deadline
+    /// passed); an observer that always says `true` can measure the stages (`pipeline::memory`).
+    pub fn run_batch_with(
+        &mut self,
+        jobs: &[&Prepared],
+        control: &dyn Fn(Checkpoint) -> bool,
+    ) -> Vec<Result<EditOutput, EditError>> {
         let n = jobs.len();
         if n == 0 {
             return Vec::new();
         }
         let started = Instant::now();
-        match self.run_checked(&jobs, None) {
+        match self.run_checked(jobs, None, control) {
             Ok(images) => {
                 tracing::debug!(batch = n, ms = started.elapsed().as_millis() as u64, "batch done");
                 jobs.iter()
@@ -166,6 +203,10 @@ impl Pipeline {
                     })
                     .collect()
             }
+            Err(EditError::Cancelled) => {
+                tracing::info!(batch = n, ms = started.elapsed().as_millis() as u64, "batch stopped: nobody waits for it");
+                (0..n).map(|_| Err(EditError::Cancelled)).collect()
+            }
             Err(e) => {
                 tracing::error!(batch = n, error = %e, "batch failed");
                 (0..n).map(|_| Err(e.replicate())).collect()
@@ -176,26 +217,48 @@ impl Pipeline {
     /// [`Pipeline::run_batch`] that also returns the batch's intermediates (whole batch or error).
     pub fn run_batch_traced(&mut self, jobs: &[Prepared]) -> Result<(Vec<RgbImage>, Trace), EditError> {
         let mut trace = Trace::default();
-        let images = self.run_checked(jobs, Some(&mut trace))?;
+        let refs: Vec<&Prepared> = jobs.iter().collect();
+        let images = self.run_checked(&refs, Some(&mut trace), &|_| true)?;
         Ok((images, trace))
     }
 
-    fn run_checked(&mut self, jobs: &[Prepared], mut trace: Option<&mut Trace>) -> Result<Vec<RgbImage>, EditError> {
+    fn run_checked(
+        &mut self,
+        jobs: &[&Prepared],
+        mut trace: Option<&mut Trace>,
+        control: &dyn Fn(Checkpoint) -> bool,
+    ) -> Result<Vec<RgbImage>, EditError> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
         if let Some(bad) = jobs.iter().position(|j| j.key != jobs[0].key) {
             return Err(internal(format!("batch mixes incompatible jobs ({:?} vs {:?})", jobs[0].key, jobs[bad].key)));
         }
+        let at = |c: Checkpoint| if control(c) { Ok(()) } else { Err(EditError::Cancelled) };
         let t0 = Instant::now();
+        at(Checkpoint::TextEncoder)?;
         let text = self.encode_text(jobs, trace.as_deref_mut())?;
         let t1 = Instant::now();
+        at(Checkpoint::VaeEncoder)?;
         let image_latents = self.encode_images(jobs, trace.as_deref_mut())?;
         let t2 = Instant::now();
-        let x = self.denoise(jobs, text, &image_latents, trace.as_deref_mut())?;
+        let marks = std::cell::RefCell::new(Vec::new());
+        let timed = |c: Checkpoint| {
+            if matches!(c, Checkpoint::Step(_)) {
+                marks.borrow_mut().push(Instant::now());
+            }
+            control(c)
+        };
+        let x = self.denoise(jobs, text, &image_latents, trace.as_deref_mut(), &timed)?;
         let t3 = Instant::now();
+        at(Checkpoint::VaeDecoder)?;
         let images = self.decode(jobs, x, trace)?;
-        let stages = StageTimes { batch: jobs.len(), text: t1 - t0, vae_encode: t2 - t1, denoise: t3 - t2, decode: t3.elapsed() };
+        control(Checkpoint::Done);
+        let mut marks = marks.into_inner();
+        marks.push(t3);
+        let steps = marks.windows(2).map(|w| w[1] - w[0]).collect();
+        let (text, vae_encode, denoise, decode) = (t1 - t0, t2 - t1, t3 - t2, t3.elapsed());
+        let stages = StageTimes { batch: jobs.len(), text, vae_encode, denoise, steps, decode };
         tracing::debug!(?stages, "batch stages");
         self.last_stages = Some(stages);
         Ok(images)
@@ -203,7 +266,7 @@ impl Pipeline {
 
     /// Text encoder: the prompt rows of every job, then their negative rows; each job's images are
     /// encoded once and shared by its rows. The rows were tokenized when the jobs were prepared.
-    fn encode_text(&mut self, jobs: &[Prepared], mut trace: Option<&mut Trace>) -> Result<TextEmbeds, EditError> {
+    fn encode_text(&mut self, jobs: &[&Prepared], mut trace: Option<&mut Trace>) -> Result<TextEmbeds, EditError> {
         let m = self.model.clone();
         let mut vl_rows: Vec<&StagedRow> = Vec::new();
         let mut grids = Vec::new();
@@ -259,7 +322,7 @@ impl Pipeline {
 
     /// VAE encoder: the i-th condition image of every job has the same size (batch key), so each is
     /// one batched run; returns the packed, normalised condition latents [b, cond_seq, 64].
-    fn encode_images(&mut self, jobs: &[Prepared], trace: Option<&mut Trace>) -> Result<Array3<f32>, EditError> {
+    fn encode_images(&mut self, jobs: &[&Prepared], trace: Option<&mut Trace>) -> Result<Array3<f32>, EditError> {
         let b = jobs.len();
         let mut parts = Vec::new();
         for (i, &(w, h)) in jobs[0].key.condition_sizes.iter().enumerate() {
@@ -285,10 +348,11 @@ impl Pipeline {
     /// they always step here. Returns the final packed latents [b, seq, 64].
     fn denoise(
         &mut self,
-        jobs: &[Prepared],
+        jobs: &[&Prepared],
         text: TextEmbeds,
         image_latents: &Array3<f32>,
         mut trace: Option<&mut Trace>,
+        control: &dyn Fn(Checkpoint) -> bool,
     ) -> Result<Array3<f32>, EditError> {
         let b = jobs.len();
         let cfg = jobs[0].key.true_cfg;
@@ -320,8 +384,12 @@ impl Pipeline {
         fixed.extend([("encoder_hidden_states", text.input()), ("encoder_hidden_states_mask", Input::Host(&mask))]);
         let xs = x.as_slice_mut().ok_or_else(|| internal("latents not contiguous"))?;
         let state = Tensor::F32(hs.into_dyn());
+        let proceed = |k: usize| control(Checkpoint::Step(k));
         match (trace, self.engines.transformer.device_loop()) {
             (None, Some(device)) => {
+                if !proceed(0) {
+                    return Err(EditError::Cancelled);
+                }
                 let job = DenoiseLoop {
                     fixed: &fixed,
                     state_input: "hidden_states",
@@ -333,6 +401,7 @@ impl Pipeline {
                     shape,
                     dts: &dts,
                     scales,
+                    proceed: Some(&proceed),
                 };
                 let out = device.run_loop(&job)?;
                 if out.len() != xs.len() {
@@ -341,7 +410,7 @@ impl Pipeline {
                 xs.copy_from_slice(&out);
             }
             (trace, _) => {
-                let host = HostLoop { fixed: &fixed, shape, timesteps: &timesteps, dts: &dts, scales };
+                let host = HostLoop { fixed: &fixed, shape, timesteps: &timesteps, dts: &dts, scales, proceed: &proceed };
                 host.run(self.engines.transformer.as_mut(), state, xs, trace)?;
                 self.engines.counters.add(Counter::HostLoopSteps, steps as u64);
             }
@@ -351,7 +420,7 @@ impl Pipeline {
 
     /// The transformer inputs that are the same at every step besides the text: the RoPE tables (computed
     /// when the jobs were prepared), and `modulate_index` for `zero_cond_t` models.
-    fn transformer_inputs(&self, jobs: &[Prepared], rows: usize, seq: usize, img_seq: usize) -> Vec<(&'static str, Tensor)> {
+    fn transformer_inputs(&self, jobs: &[&Prepared], rows: usize, seq: usize, img_seq: usize) -> Vec<(&'static str, Tensor)> {
         let tables = &jobs[0].rope;
         let mut fixed = vec![
             ("img_cos", Tensor::F32(tables.img_cos.clone().into_dyn())),
@@ -368,7 +437,7 @@ impl Pipeline {
     }
 
     /// VAE decoder, then the conversion of each job's image to 8-bit RGB.
-    fn decode(&mut self, jobs: &[Prepared], x: Array3<f32>, trace: Option<&mut Trace>) -> Result<Vec<RgbImage>, EditError> {
+    fn decode(&mut self, jobs: &[&Prepared], x: Array3<f32>, trace: Option<&mut Trace>) -> Result<Vec<RgbImage>, EditError> {
         let b = jobs.len();
         let sizes = &jobs[0].sizes;
         let (lh, lw) = sizes.latent_size();
@@ -404,6 +473,8 @@ struct HostLoop<'a> {
     timesteps: &'a [f32],
     dts: &'a [f32],
     scales: Option<&'a [f32]>,
+    /// Asked before each step (its index); `false` stops the loop.
+    proceed: &'a dyn Fn(usize) -> bool,
 }
 
 impl HostLoop<'_> {
@@ -416,7 +487,10 @@ impl HostLoop<'_> {
     ) -> Result<(), EditError> {
         let rows = self.shape.rows();
         let mut hs = state;
-        for (&t, &dt) in self.timesteps.iter().zip(self.dts) {
+        for (k, (&t, &dt)) in self.timesteps.iter().zip(self.dts).enumerate() {
+            if !(self.proceed)(k) {
+                return Err(EditError::Cancelled);
+            }
             let t = Tensor::f32(&[rows], vec![t; rows]);
             let mut inputs = self.fixed.to_vec();
             inputs.extend([("hidden_states", Input::Host(&hs)), ("timestep", Input::Host(&t))]);

@@ -1,6 +1,7 @@
 //! The engine seam: one trait between "what to compute" (pipeline) and "where it runs".
 //! `ort` runs the ONNX graphs on CPU (the reference); `tensorrt` runs compiled engines on a GPU.
 
+pub mod attention;
 pub mod backend;
 pub mod counters;
 pub mod cuda;
@@ -85,6 +86,9 @@ pub enum Error {
     /// The engine failed while running.
     #[error("{component} failed: {reason}")]
     Run { component: String, reason: String },
+    /// The caller stopped a loop between two steps (nobody waits for its result any more).
+    #[error("the denoising loop was stopped before step {step}: nobody waits for its result")]
+    Cancelled { step: usize },
 }
 
 /// Named output tensors of one `run`.
@@ -121,6 +125,10 @@ pub struct DenoiseLoop<'a> {
     pub dts: &'a [f32],
     /// True CFG scale of each job (when `shape.cfg`).
     pub scales: Option<&'a [f32]>,
+    /// Asked before every step after the first with the step's index: `false` stops the loop there
+    /// ([`Error::Cancelled`]). A device engine waits for the previous step to finish before it asks,
+    /// so a stop takes effect within one step; what is already launched runs to its end.
+    pub proceed: Option<&'a dyn Fn(usize) -> bool>,
 }
 
 impl DenoiseLoop<'_> {

@@ -5,29 +5,29 @@
 //! 503) while the engine worker thread opens the bundle; then `ready`. `Server::shutdown` (the CLI
 //! calls it on SIGTERM/SIGINT) closes the listener (new connections are refused), turns `/health`
 //! to `draining`, lets in-flight requests and every queued job finish (keep-alive connections close
-//! after their current response; /v2 jobs still queued fail with `not_ready`, running ones finish
-//! and their webhooks are sent), stops the engine worker, and `Server::wait` reports whether all
-//! of that happened within `SHUTDOWN_TIMEOUT`.
+//! after their current response; connections with no request in flight close at once, see
+//! `conn`; /v2 jobs still queued fail with `not_ready`, running ones finish and their webhooks are
+//! sent), stops the engine worker, and `Server::wait` reports whether all of that happened within
+//! `SHUTDOWN_TIMEOUT`. At most `MAX_CONNECTIONS` connections are open at once; a response a client
+//! does not read for `RESPONSE_WRITE_TIMEOUT` closes its connection.
 
+mod conn;
 mod openai;
 pub mod openapi;
 mod routes;
 mod v2;
 mod wire;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::TokioTimer;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::config::{ServeArgs, Settings};
 use crate::lifecycle::{init_logging, shutdown_signal};
@@ -64,20 +64,20 @@ pub struct AppState {
     jobs: Arc<JobStore>,
     api_key_digest: Option<[u8; 32]>,
     started: Instant,
-    ids: AtomicU64,
+    open_connections: AtomicUsize,
 }
 
 impl AppState {
     fn new(service: Arc<EditService>) -> Result<AppState, String> {
         let api_key_digest = service.settings().api_key.as_deref().map(digest);
         let jobs = JobStore::start(service.clone())?;
-        Ok(AppState { service, jobs, api_key_digest, started: Instant::now(), ids: AtomicU64::new(1) })
+        Ok(AppState { service, jobs, api_key_digest, started: Instant::now(), open_connections: AtomicUsize::new(0) })
+    }
+    fn connections(&self) -> usize {
+        self.open_connections.load(Ordering::Relaxed)
     }
     fn settings(&self) -> &Settings {
         self.service.settings()
-    }
-    fn next_request_id(&self) -> u64 {
-        self.ids.fetch_add(1, Ordering::Relaxed)
     }
 }
 
@@ -169,9 +169,11 @@ async fn serve(
     mut stop: watch::Receiver<bool>,
     finished: crate::batcher::Finished,
 ) -> Result<Drain, ServeError> {
-    let graceful = GracefulShutdown::new();
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(state.settings().header_read_timeout).keep_alive(true);
+    let max = state.settings().max_connections;
+    let slots = Arc::new(Semaphore::new(max));
+    let (drain_tx, drain_rx) = watch::channel(false);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -185,17 +187,15 @@ async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let st = state.clone();
-                let svc = service_fn(move |req| {
-                    let st = st.clone();
-                    async move { Ok::<_, Infallible>(routes::handle(st, req).await) }
-                });
-                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, "connection ended: {e}");
+                match slots.clone().try_acquire_owned() {
+                    Ok(slot) => {
+                        tokio::spawn(conn::serve(stream, peer, slot, state.clone(), builder.clone(), drain_rx.clone()));
                     }
-                });
+                    Err(_) => {
+                        tracing::warn!(%peer, max, "connection refused: MAX_CONNECTIONS are open");
+                        conn::refuse(stream);
+                    }
+                }
             }
             changed = stop.changed() => {
                 if changed.is_err() || *stop.borrow() {
@@ -214,9 +214,11 @@ async fn serve(
         service.drain();
         tracing::info!(queued = service.queue_depth(), "shutting down: finishing in-flight requests and queued jobs");
     }
+    let _ = drain_tx.send(true);
     state.jobs.close();
     let deadline = tokio::time::Instant::now() + service.settings().shutdown_timeout;
-    let connections_done = tokio::time::timeout_at(deadline, graceful.shutdown()).await.is_ok();
+    // Every connection gives its slot back when it ends.
+    let connections_done = tokio::time::timeout_at(deadline, slots.acquire_many(max as u32)).await.is_ok();
     let jobs_drained = tokio::time::timeout_at(deadline, state.jobs.drained()).await.is_ok();
     service.close();
     let jobs_done = tokio::time::timeout_at(deadline, finished).await.is_ok();

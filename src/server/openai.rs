@@ -17,11 +17,11 @@ use http::{header, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use schemars::JsonSchema;
 
-use super::wire::{authorize, error_response, json_response, Body, BoxError};
+use super::wire::{authorize, error_response, json_response, read_body, Body, BodyLimits, BoxError};
 use super::AppState;
 use crate::config::Settings;
 use crate::service::schema::{EditResponse, RawImage, RawInput};
-use crate::service::ApiError;
+use crate::service::{Admission, ApiError};
 
 /// The form of `POST /v1/images/edits`: what the parser fills from the parts (the OpenAPI document's
 /// schema of the request body is generated from it). Unknown fields are ignored, as `/run` does.
@@ -201,30 +201,20 @@ fn bad_multipart(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_multipart", message)
 }
 
-/// `POST /v1/images/edits`: auth, a queue place (503 at once when there is none), the form (within
-/// `BODY_READ_TIMEOUT`), `n - 1` more places, then the service.
+/// `POST /v1/images/edits`: auth, admission (503 at once when there is no room), the body (within
+/// `BODY_READ_TIMEOUT` and `BODY_MIN_RATE`, counted against REQUEST_MEMORY as it arrives), the form,
+/// then the service, which takes the `n` queue places (all or none: 503 when fewer are free).
 pub async fn edits<B>(state: &Arc<AppState>, req: Request<B>, started: Instant) -> Result<Response<Body>, ApiError>
 where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     authorize(state, req.headers(), false)?;
-    let first = state.service.admit()?;
+    let admission = state.service.admit()?;
     let settings = state.settings();
-    let body_timeout = settings.body_read_timeout;
-    let form = tokio::time::timeout(body_timeout, read_form(req, settings)).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "body_timeout",
-            format!("the request body did not arrive within {:.0} s (BODY_READ_TIMEOUT)", body_timeout.as_secs_f64()),
-        )
-    })??;
+    let form = read_form(req, settings, Some(&admission)).await?;
     let (input, n) = form.into_input(settings.max_n)?;
-    let mut tickets = vec![first];
-    if n > 1 {
-        tickets.extend(state.service.admit_n(n - 1)?);
-    }
-    let results = state.service.edit_fields(tickets, input, started).await?;
+    let results = state.service.edit_fields(admission, n, input, started).await?;
     Ok(json_response(StatusCode::OK, images_response(results)))
 }
 
@@ -239,7 +229,7 @@ fn images_response(results: Vec<EditResponse>) -> Vec<u8> {
 }
 
 /// Reads the multipart body into an [`EditForm`] within the multipart limits.
-async fn read_form<B>(req: Request<B>, s: &Settings) -> Result<EditForm, ApiError>
+async fn read_form<B>(req: Request<B>, s: &Settings, admission: Option<&Admission>) -> Result<EditForm, ApiError>
 where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -253,13 +243,10 @@ where
     let boundary = multer::parse_boundary(content_type)
         .map_err(|e| bad_multipart(format!("the Content-Type has no usable boundary: {e}")))?;
     let max_body = s.max_body_bytes;
-    let declared =
-        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max_body as u64) {
-        return Err(ApiError::too_large(format!("the request body is larger than {max_body} bytes (MAX_BODY_BYTES)")));
-    }
+    // The whole body first, as /run reads it (size, rate, REQUEST_MEMORY); then its parts.
+    let body = read_body(req, BodyLimits::of(s), admission).await?;
     let limits = multer::SizeLimit::new().whole_stream(max_body as u64).per_field(s.multipart_max_part_bytes as u64);
-    let stream = req.into_body().into_data_stream();
+    let stream = http_body_util::Full::new(body).into_data_stream();
     let mut multipart = multer::Multipart::with_constraints(stream, boundary, multer::Constraints::new().size_limit(limits));
     let mut form = EditForm::default();
     let mut parts = 0;
@@ -533,23 +520,23 @@ mod tests {
         };
         let part = |name: &str, value: &str| format!("--B\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n");
         let ok = format!("{}{}--B--\r\n", part("prompt", "p"), part("image", "xyz"));
-        let f = read_form(req("multipart/form-data; boundary=B", ok.clone()), &s).await.unwrap();
+        let f = read_form(req("multipart/form-data; boundary=B", ok.clone()), &s, None).await.unwrap();
         assert_eq!((f.prompt.as_deref(), f.image.len()), (Some("p"), 1));
-        let e = read_form(req("multipart/form-data", ok.clone()), &s).await.unwrap_err();
+        let e = read_form(req("multipart/form-data", ok.clone()), &s, None).await.unwrap_err();
         assert_eq!((e.status.as_u16(), e.error_type), (400, "invalid_multipart"), "{e}");
-        let e = read_form(req("application/json", "{}".into()), &s).await.unwrap_err();
+        let e = read_form(req("application/json", "{}".into()), &s, None).await.unwrap_err();
         assert_eq!(e.error_type, "invalid_multipart");
         let many = format!("{}--B--\r\n", (0..4).map(|i| part(&format!("x{i}"), "v")).collect::<String>());
-        let e = read_form(req("multipart/form-data; boundary=B", many), &s).await.unwrap_err();
+        let e = read_form(req("multipart/form-data; boundary=B", many), &s, None).await.unwrap_err();
         assert!(e.message.contains("MULTIPART_MAX_PARTS"), "{e}");
         let big = format!("{}--B--\r\n", part("image", &"x".repeat(2000)));
-        let e = read_form(req("multipart/form-data; boundary=B", big), &s).await.unwrap_err();
+        let e = read_form(req("multipart/form-data; boundary=B", big), &s, None).await.unwrap_err();
         assert_eq!((e.status.as_u16(), e.message.starts_with("image:")), (413, true), "{e}");
-        let e = read_form(req("multipart/form-data; boundary=B", ok[..ok.len() - 12].to_string()), &s).await.unwrap_err();
+        let e = read_form(req("multipart/form-data; boundary=B", ok[..ok.len() - 12].to_string()), &s, None).await.unwrap_err();
         assert_eq!((e.status.as_u16(), e.error_type), (400, "invalid_multipart"), "truncated: {e}");
         let s = Settings { max_body_bytes: 2048, ..s };
         let huge = format!("{}--B--\r\n", (0..3).map(|_| part("image", &"x".repeat(1000))).collect::<String>());
-        let e = read_form(req("multipart/form-data; boundary=B", huge), &s).await.unwrap_err();
+        let e = read_form(req("multipart/form-data; boundary=B", huge), &s, None).await.unwrap_err();
         assert_eq!(e.status.as_u16(), 413, "{e}");
     }
 }

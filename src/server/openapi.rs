@@ -185,6 +185,8 @@ fn hand_schemas() -> Vec<(&'static str, Value)> {
             json!({"type": "object", "required": ["id", "status"], "properties": {
                 "id": {"type": "string"},
                 "status": {"enum": ["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"]},
+                "requestId": {"type": "string", "description": "The X-Request-ID of the request that submitted the job."},
+                "queuePosition": {"type": "integer", "minimum": 1, "description": "While IN_QUEUE: 1 for the next job to start."},
                 "delayTime": {"type": "integer", "minimum": 0, "description": "Milliseconds in the queue."},
                 "executionTime": {"type": "integer", "minimum": 0, "description": "Milliseconds running."},
                 "output": {"$ref": "#/components/schemas/EditResponse"},
@@ -199,11 +201,47 @@ fn hand_schemas() -> Vec<(&'static str, Value)> {
                 "store": counters(&["records", "bytes", "peakBytes", "budgetBytes", "evicted", "expired"]),
             }}),
         ),
+        ("QueueStatus", queue_status_schema()),
         (
             "Purged",
             json!({"type": "object", "required": ["removed", "status"], "properties": {"removed": {"type": "integer", "minimum": 0}, "status": {"const": "completed"}}}),
         ),
     ]
+}
+
+/// `GET /queue/status`'s body.
+fn queue_status_schema() -> Value {
+    let counters = |names: &[&str]| {
+        let props: Map<String, Value> = names.iter().map(|n| (n.to_string(), json!({"type": "integer", "minimum": 0}))).collect();
+        json!({"type": "object", "properties": props, "required": names})
+    };
+    json!({"type": "object",
+        "required": ["queue_depth", "max_queue", "running", "accepting", "reason", "requests", "jobs", "batch_policy"],
+        "properties": {
+            "queue_depth": {"type": "integer", "minimum": 0},
+            "max_queue": {"type": "integer", "minimum": 1},
+            "running": {"type": "integer", "minimum": 0},
+            "accepting": {"type": "boolean"},
+            "reason": {"type": ["string", "null"]},
+            "requests": counters(&crate::metrics::OUTCOMES),
+            "jobs": counters(&["in_queue", "in_progress", "completed", "failed", "cancelled", "timed_out"]),
+            "batch_policy": {"type": "object", "required": ["policy", "batch_size", "batch_timeout_ms", "arrival_rate", "costs"],
+                "properties": {
+                    "policy": {"enum": ["adaptive", "fixed"]},
+                    "batch_size": {"type": "integer", "minimum": 1},
+                    "batch_timeout_ms": {"type": "integer", "minimum": 0},
+                    "arrival_rate": {"type": "number", "minimum": 0},
+                    "costs": {"type": "array", "items": {"type": "object",
+                        "required": ["batch_size", "seconds_per_image", "seconds_per_work", "batches"],
+                        "properties": {
+                            "batch_size": {"type": "integer", "minimum": 1},
+                            "seconds_per_image": {"type": "number", "minimum": 0},
+                            "seconds_per_work": {"type": "number", "minimum": 0},
+                            "batches": {"type": "integer", "minimum": 1},
+                        }}},
+                }},
+        },
+    })
 }
 
 fn schema_ref(name: &str) -> Value {
@@ -271,6 +309,8 @@ fn paths(refs: &Map<String, Value>) -> Value {
         "/ping": {"get": op("RunPod load-balancer probe.", false, &[
             ("200", "Ready.", Some(schema_ref("Ping"))), ("204", "Loading.", None), ("503", "Draining or failed.", Some(schema_ref("Ping")))])},
         "/metrics": {"get": {"summary": "Prometheus metrics.", "security": [], "responses": {"200": {"description": "Prometheus text format 0.0.4.", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        "/queue/status": {"get": op("The queue, counts by outcome, admission and the batch policy.", false, &[
+            ("200", "Queue status.", Some(schema_ref("QueueStatus")))])},
         "/openapi.json": {"get": op("This document.", false, &[("200", "OpenAPI 3.1.", Some(json!({"type": "object"})))])},
         "/v2/{endpoint_id}/run": {"parameters": path_params(&["endpoint_id"]), "post": v2_run},
         "/v2/{endpoint_id}/runsync": {"parameters": path_params(&["endpoint_id"]), "post": v2_runsync},

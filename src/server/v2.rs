@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 
-use super::wire::{authorize, error_response, json_response, method_not_allowed, read_body, Body, BoxError};
+use super::wire::{authorize, error_response, json_response, method_not_allowed, read_body, Body, BodyLimits, BoxError};
 use super::AppState;
 use crate::service::jobs::{JobView, Kind};
 use crate::service::ApiError;
@@ -29,7 +29,7 @@ pub fn is_poll(path: &str) -> bool {
 }
 
 /// Serves one request under `/v2/`.
-pub async fn handle<B>(state: &Arc<AppState>, req: Request<B>, path: &str) -> Response<Body>
+pub async fn handle<B>(state: &Arc<AppState>, req: Request<B>, path: &str, request_id: &str) -> Response<Body>
 where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -63,8 +63,8 @@ where
         return error_response(&e);
     }
     let result = match parts.as_slice() {
-        [_, "run"] => run(state, req, false).await,
-        [_, "runsync"] => run(state, req, true).await,
+        [_, "run"] => run(state, req, false, request_id).await,
+        [_, "runsync"] => run(state, req, true, request_id).await,
         [_, "status", id] => status(state, id),
         [_, "cancel", id] => cancel(state, id),
         [_, "health"] => Ok(health(state)),
@@ -91,7 +91,7 @@ fn not_found(id: &str) -> ApiError {
 /// `run`: queue the job, answer `{"id", "status": "IN_QUEUE"}` at once. `runsync`: queue it, wait
 /// up to `?wait=` ms (default 90 s) and answer its record (`COMPLETED` with `output`, `FAILED` with
 /// `error`), or `{"id", "status"}` if it has not ended by then (the client polls `status`).
-async fn run<B>(state: &Arc<AppState>, req: Request<B>, sync: bool) -> Result<Response<Body>, ApiError>
+async fn run<B>(state: &Arc<AppState>, req: Request<B>, sync: bool, request_id: &str) -> Result<Response<Body>, ApiError>
 where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -99,16 +99,10 @@ where
     state.jobs.accepting()?;
     let wait = wait_param(req.uri().query());
     let settings = state.settings();
-    let body_timeout = settings.body_read_timeout;
-    let body = tokio::time::timeout(body_timeout, read_body(req, settings.max_body_bytes)).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "body_timeout",
-            format!("the request body did not arrive within {:.0} s (BODY_READ_TIMEOUT)", body_timeout.as_secs_f64()),
-        )
-    })??;
+    // Within MAX_BODY_BYTES, BODY_READ_TIMEOUT and BODY_MIN_RATE; the job store counts it (RESULT_MEMORY_BYTES).
+    let body = read_body(req, BodyLimits::of(settings), None).await?;
     let kind = if sync { Kind::Sync } else { Kind::Async };
-    let id = state.jobs.submit(body, kind).await?;
+    let id = state.jobs.submit(body, kind, request_id).await?;
     if !sync {
         return Ok(json(StatusCode::OK, serde_json::json!({"id": id, "status": "IN_QUEUE"})));
     }

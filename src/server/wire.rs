@@ -1,13 +1,16 @@
 //! What every route shares: reading a body within its limit, checking the API key, and writing
 //! JSON and error responses (`Retry-After`, `WWW-Authenticate`, `Allow` where they belong).
 
+use std::time::{Duration, Instant};
+
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use subtle::ConstantTimeEq;
 
 use super::AppState;
-use crate::service::ApiError;
+use crate::config::{Settings, BODY_RATE_GRACE};
+use crate::service::{Admission, ApiError};
 
 pub type Body = Full<Bytes>;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -64,12 +67,45 @@ pub fn authorize(state: &AppState, headers: &HeaderMap, raw_ok: bool) -> Result<
     }
 }
 
-/// Reads the body up to `max` bytes (413 beyond; a declared Content-Length over it is refused unread).
-pub async fn read_body<B>(req: Request<B>, max: usize) -> Result<Bytes, ApiError>
+/// How a request body must arrive.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyLimits {
+    /// `MAX_BODY_BYTES`.
+    pub max: usize,
+    /// `BODY_READ_TIMEOUT`: the whole body, however fast.
+    pub timeout: Duration,
+    /// `BODY_MIN_RATE` (bytes per second) after `grace`.
+    pub min_rate: u64,
+    pub grace: Duration,
+}
+
+impl BodyLimits {
+    pub fn of(s: &Settings) -> BodyLimits {
+        BodyLimits { max: s.max_body_bytes, timeout: s.body_read_timeout, min_rate: s.body_min_rate, grace: BODY_RATE_GRACE }
+    }
+
+    /// When `received` bytes, begun at `start`, must have become more: after the grace, the body
+    /// must keep up with `min_rate`; never later than the whole body's timeout.
+    pub fn deadline(&self, start: Instant, received: usize) -> (Instant, bool) {
+        let earned = Duration::from_secs_f64(received as f64 / self.min_rate.max(1) as f64);
+        let by_rate = self.grace.saturating_add(earned);
+        if by_rate < self.timeout {
+            (start + by_rate, true)
+        } else {
+            (start + self.timeout, false)
+        }
+    }
+}
+
+/// Reads the body up to `limits.max` bytes (413 beyond; a declared Content-Length over it is
+/// refused unread), counting it against the request's memory as it arrives, and cuts it off with
+/// 408 `body_timeout` when it arrives slower than `BODY_MIN_RATE` or not within `BODY_READ_TIMEOUT`.
+pub async fn read_body<B>(req: Request<B>, limits: BodyLimits, admission: Option<&Admission>) -> Result<Bytes, ApiError>
 where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
+    let max = limits.max;
     let too_large =
         || ApiError::too_large(format!("the request body is larger than {max} bytes (MAX_BODY_BYTES); send a smaller image"));
     let declared =
@@ -77,31 +113,41 @@ where
     if declared.is_some_and(|n| n > max as u64) {
         return Err(too_large());
     }
-    match Limited::new(req.into_body(), max).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(ApiError::invalid_json(format!("could not read the request body: {e}"))),
+    let start = Instant::now();
+    let mut body = Box::pin(req.into_body());
+    let mut buf: Vec<u8> = Vec::with_capacity(declared.map_or(64 << 10, |n| n as usize));
+    if let Some(a) = admission {
+        a.receiving(buf.capacity())?;
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use http::Method;
-
-    fn req(method: Method, path: &str, body: &str) -> Request<Full<Bytes>> {
-        Request::builder().method(method).uri(path).body(Full::new(Bytes::from(body.to_string()))).unwrap()
+    loop {
+        let (deadline, by_rate) = limits.deadline(start, buf.len());
+        let frame = match tokio::time::timeout_at(deadline.into(), body.frame()).await {
+            Ok(None) => break,
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(e))) => return Err(ApiError::invalid_json(format!("could not read the request body: {}", e.into()))),
+            Err(_) => {
+                let message = if by_rate {
+                    format!(
+                        "the request body arrived slower than {} bytes/s (BODY_MIN_RATE; {} bytes in {:.1} s)",
+                        limits.min_rate,
+                        buf.len(),
+                        start.elapsed().as_secs_f64()
+                    )
+                } else {
+                    format!("the request body did not arrive within {:.0} s (BODY_READ_TIMEOUT)", limits.timeout.as_secs_f64())
+                };
+                return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", message));
+            }
+        };
+        if let Some(data) = frame.data_ref() {
+            if buf.len() + data.len() > max {
+                return Err(too_large());
+            }
+            if let Some(a) = admission {
+                a.receiving((buf.len() + data.len()).max(buf.capacity()))?;
+            }
+            buf.extend_from_slice(data);
+        }
     }
-
-    #[tokio::test]
-    async fn body_limit() {
-        let ok = read_body(req(Method::POST, "/run", "12345"), 5).await.unwrap();
-        assert_eq!(&ok[..], b"12345");
-        let e = read_body(req(Method::POST, "/run", "123456"), 5).await.unwrap_err();
-        assert_eq!((e.status.as_u16(), e.error_type), (413, "payload_too_large"));
-        let mut r = req(Method::POST, "/run", "1");
-        r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from_static("999999999"));
-        let e = read_body(r, 5).await.unwrap_err();
-        assert_eq!(e.status.as_u16(), 413);
-    }
+    Ok(Bytes::from(buf))
 }

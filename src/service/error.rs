@@ -18,14 +18,15 @@ use crate::pipeline::EditError;
 /// | 400 | `invalid_multipart` / `invalid_request` | `/v1/images/edits`: a malformed multipart body / a refused form field |
 /// | 401 | `unauthorized` | `API_KEY` is set and the bearer token is missing or wrong |
 /// | 404 / 405 | `not_found` / `method_not_allowed` | unknown route or method |
-/// | 408 | `body_timeout` | the body did not arrive within `BODY_READ_TIMEOUT` |
+/// | 408 | `body_timeout` | the body did not arrive within `BODY_READ_TIMEOUT`, or slower than `BODY_MIN_RATE` |
 /// | 413 | `payload_too_large` | body over `MAX_BODY_BYTES`, download over `URL_MAX_BYTES` |
 /// | 413 | `image_too_large` | image dimensions over the limits (checked before decoding) |
+/// | 413 | `over_memory_limit` | even one job of this size does not fit in the memory a batch may use (MEMORY_LIMIT) |
 /// | 415 | `unsupported_image_format` | not JPEG, PNG or WebP |
 /// | 422 | `validation_error` | a field is missing, of the wrong type or out of range |
 /// | 422 | `prompt_too_long` | the prompt has more tokens than the bundle accepts |
 /// | 422 | `invalid_url` / `url_not_allowed` / `image_fetch_failed` | `image_url` problems |
-/// | 503 | `overloaded` (with `Retry-After`) / `not_ready` | queue full / loading or draining |
+/// | 503 | `overloaded` (with `Retry-After`) / `not_ready` | queue, body slots or REQUEST_MEMORY full / loading or draining |
 /// | 504 | `timeout` | the request took longer than `REQUEST_TIMEOUT` |
 /// | 500 | `engine_error` / `internal_error` | the engine failed this batch / a server bug |
 #[derive(Debug, Clone, PartialEq)]
@@ -96,6 +97,8 @@ impl From<EditError> for ApiError {
                 format!("the engine failed while running this request's batch: {m}; the server keeps serving, retry the request"),
             ),
             EditError::Internal(_) => ApiError::internal(m),
+            // Only a request that nobody waits for gets it; answered as a retryable 503 anyway.
+            EditError::Cancelled => ApiError::not_ready(m, Duration::from_secs(1)),
         }
     }
 }

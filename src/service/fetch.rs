@@ -6,6 +6,9 @@
 //! first, then counted while streaming), and retries with exponential backoff for transient failures
 //! (connection errors, 408/429/5xx). `ALLOW_PRIVATE_URLS` (see `config::PrivateUrls`) opens chosen
 //! non-public networks; the cloud metadata endpoints (169.254.169.254, fd00:ec2::254) stay blocked.
+//! Public addresses may be reached on `URL_ALLOWED_PORTS` only (80 and 443 by default), so the
+//! server cannot be made to probe arbitrary ports; opened private networks take any port. Errors
+//! name the host as the URL gives it, never the addresses a name resolves to.
 //! The same guard posts `/v2` webhooks (`post_json`: one vetted POST per attempt, no redirects).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -32,6 +35,8 @@ pub struct FetchPolicy {
     /// First backoff; doubled per retry (plus up to 50% jitter).
     pub backoff: Duration,
     pub max_redirects: usize,
+    /// Ports a public address may be reached on (`None`: any).
+    pub allowed_ports: Option<Vec<u16>>,
 }
 
 impl FetchPolicy {
@@ -43,6 +48,7 @@ impl FetchPolicy {
             total_timeout: settings.url_timeout,
             connect_timeout: settings.url_connect_timeout,
             retries: settings.url_retries,
+            allowed_ports: settings.url_allowed_ports.clone(),
             ..FetchPolicy::default()
         }
     }
@@ -72,6 +78,7 @@ impl Default for FetchPolicy {
             retries: 2,
             backoff: Duration::from_millis(200),
             max_redirects: 5,
+            allowed_ports: Some(vec![80, 443]),
         }
     }
 }
@@ -140,41 +147,65 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
 
 fn is_public_v6(ip: Ipv6Addr) -> bool {
     let s = ip.segments();
-    if ip.is_unspecified() || ip.is_loopback() {
-        return false;
-    }
-    // ::ffff:0:0/96 (IPv4-mapped) and ::/96 (IPv4-compatible, deprecated): never from a real server.
-    if s[0..5] == [0, 0, 0, 0, 0] && (s[5] == 0xffff || s[5] == 0) {
-        return false;
-    }
     let embedded_v4 = |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
-    // 64:ff9b::/96 NAT64: public only if the IPv4 inside is.
+    // 64:ff9b::/96 NAT64 (well-known prefix): public only if the IPv4 inside is.
     if s[0..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
         return is_public_v4(embedded_v4(s[6], s[7]));
+    }
+    // Only global unicast (2000::/3) is public. Everything else is not, which covers every form that
+    // carries an IPv4 address in the low bits without a public prefix: ::/96 (compatible),
+    // ::ffff:0:0/96 (mapped), ::ffff:0:0:0/96 (translated), 64:ff9b:1::/48 (local-use NAT64), and
+    // also ::/128, ::1, 100::/64, fc00::/7, fe80::/10, fec0::/10, ff00::/8.
+    if (s[0] & 0xe000) != 0x2000 {
+        return false;
     }
     // 6to4 2002::/16: public only if the IPv4 inside is.
     if s[0] == 0x2002 {
         return is_public_v4(embedded_v4(s[1], s[2]));
     }
-    !((s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1) // 64:ff9b:1::/48 local-use NAT64
-        || (s[0] == 0x100 && s[1..4] == [0, 0, 0])  // 100::/64 discard-only
-        || (s[0] == 0x2001 && s[1] == 0)            // 2001::/32 Teredo
-        || (s[0] == 0x2001 && (s[1] & 0xfff0) == 0x10) // 2001:10::/28 ORCHID
-        || (s[0] == 0x2001 && (s[1] & 0xfff0) == 0x20) // 2001:20::/28 ORCHIDv2
-        || (s[0] == 0x2001 && s[1] == 0xdb8)        // documentation
-        || (s[0] & 0xfe00) == 0xfc00                // fc00::/7 unique local
-        || (s[0] & 0xffc0) == 0xfe80                // fe80::/10 link-local
-        || (s[0] & 0xffc0) == 0xfec0                // fec0::/10 site-local (deprecated)
-        || (s[0] & 0xff00) == 0xff00) // multicast
+    // ISATAP interface identifiers (::0:5efe:a.b.c.d, ::200:5efe:a.b.c.d) under any prefix: the
+    // IPv4 inside must be public too.
+    if s[5] == 0x5efe && (s[4] & 0xfdff) == 0 && !is_public_v4(embedded_v4(s[6], s[7])) {
+        return false;
+    }
+    // 2001::/23 IETF protocol assignments (Teredo, ORCHID, benchmarking, ...), 2001:db8::/32 documentation.
+    let special_2001 = s[0] == 0x2001 && (s[1] < 0x200 || s[1] == 0xdb8);
+    // 3fff::/20 documentation.
+    let documentation = s[0] == 0x3fff && s[1] < 0x1000;
+    !(special_2001 || documentation)
 }
 
-/// Whether `policy` lets a fetch connect to `ip`; the error names the address and the fix.
-pub fn check_address(ip: IpAddr, policy: &PrivateUrls) -> Result<(), String> {
+/// Why an address may not be fetched from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Block {
+    Metadata,
+    NotPublic,
+}
+
+impl Block {
+    /// The message, naming `host` as the URL gives it (never an address it resolved to).
+    fn message(self, host: &str, resolved: bool) -> String {
+        match (self, resolved) {
+            (Block::Metadata, true) => format!("{host} resolves to a cloud metadata endpoint"),
+            (Block::Metadata, false) => format!("{host} is a cloud metadata endpoint"),
+            (Block::NotPublic, true) => format!(
+                "{host} is not a public address: it resolves to a loopback, private, link-local or other non-public range; \
+                 fetching from it is off (ALLOW_PRIVATE_URLS)"
+            ),
+            (Block::NotPublic, false) => format!(
+                "{host} is not a public address (loopback, private, link-local, ...); fetching from it is off (ALLOW_PRIVATE_URLS)"
+            ),
+        }
+    }
+}
+
+/// `Ok(true)` for a public address, `Ok(false)` for a non-public one that `policy` opens.
+fn classify(ip: IpAddr, policy: &PrivateUrls) -> Result<bool, Block> {
     if is_metadata(ip) {
-        return Err(format!("{ip} is a cloud metadata endpoint"));
+        return Err(Block::Metadata);
     }
     if is_public(ip) {
-        return Ok(());
+        return Ok(true);
     }
     let allowed = match policy {
         PrivateUrls::Deny => false,
@@ -182,12 +213,15 @@ pub fn check_address(ip: IpAddr, policy: &PrivateUrls) -> Result<(), String> {
         PrivateUrls::Allow(nets) => nets.iter().any(|n| n.contains(&ip)),
     };
     if allowed {
-        Ok(())
+        Ok(false)
     } else {
-        Err(format!(
-            "{ip} is not a public address (loopback, private, link-local, ...); fetching from it is off (ALLOW_PRIVATE_URLS)"
-        ))
+        Err(Block::NotPublic)
     }
+}
+
+/// Whether `policy` lets a fetch connect to `ip`; the error names the address and the fix.
+pub fn check_address(ip: IpAddr, policy: &PrivateUrls) -> Result<(), String> {
+    classify(ip, policy).map(|_| ()).map_err(|b| b.message(&ip.to_string(), false))
 }
 
 /// Fetches image URLs under one policy. Cheap to clone.
@@ -351,12 +385,13 @@ impl Fetcher {
         let host = url.host().ok_or_else(|| permanent(FetchError::InvalidUrl("no host".into())))?;
         let port = url.port_or_known_default().ok_or_else(|| permanent(FetchError::InvalidUrl("no port".into())))?;
         let addr = self.resolve(&host, port).await?;
+        let shown = format!("{}:{port}", host_for_header(&host)); // what the URL says, not what it resolved to
         let tcp = tokio::time::timeout(self.policy.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| {
-                transient(format!("connecting to {addr} timed out after {:.1} s", self.policy.connect_timeout.as_secs_f64()))
+                transient(format!("connecting to {shown} timed out after {:.1} s", self.policy.connect_timeout.as_secs_f64()))
             })?
-            .map_err(|e| transient(format!("connecting to {addr}: {e}")))?;
+            .map_err(|e| transient(format!("connecting to {shown}: {}", io_reason(&e))))?;
         let _ = tcp.set_nodelay(true);
 
         let path = match url.query() {
@@ -389,7 +424,7 @@ impl Fetcher {
             let tls = tokio::time::timeout(self.policy.connect_timeout, self.tls.connect(name, tcp))
                 .await
                 .map_err(|_| transient("the TLS handshake timed out".into()))?
-                .map_err(|e| permanent(FetchError::Failed(format!("TLS handshake with {addr}: {e}"))))?;
+                .map_err(|e| permanent(FetchError::Failed(format!("TLS handshake with {shown}: {e}"))))?;
             send(TokioIo::new(tls), req).await
         } else {
             send(TokioIo::new(tcp), req).await
@@ -411,10 +446,20 @@ impl Fetcher {
             return Err(permanent(FetchError::Failed(format!("{host} has no address"))));
         }
         // Every address must pass: a name that resolves to both a public and a private address is
-        // refused rather than raced.
+        // refused rather than raced. A name's message never says what it resolved to.
+        let resolved = matches!(host, Host::Domain(_));
+        let name = host.to_string();
+        let mut public = false;
         for a in &addrs {
-            check_address(a.ip(), &self.policy.private)
-                .map_err(|m| permanent(FetchError::Blocked(format!("{host} resolves to {m}"))))?;
+            public |=
+                classify(a.ip(), &self.policy.private).map_err(|b| permanent(FetchError::Blocked(b.message(&name, resolved))))?;
+        }
+        if let Some(ports) = self.policy.allowed_ports.as_ref().filter(|p| public && !p.contains(&port)) {
+            let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+            return Err(permanent(FetchError::Blocked(format!(
+                "port {port} is not allowed for public addresses (URL_ALLOWED_PORTS: {})",
+                list.join(", ")
+            ))));
         }
         Ok(addrs[0])
     }
@@ -431,6 +476,16 @@ where
         let _ = conn.await;
     });
     sender.send_request(req).await.map_err(|e| transient(format!("sending the request: {e}")))
+}
+
+/// An I/O error's reason without the addresses some errors carry.
+fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
+        std::io::ErrorKind::ConnectionReset => "connection reset".into(),
+        std::io::ErrorKind::TimedOut => "timed out".into(),
+        kind => kind.to_string(),
+    }
 }
 
 fn host_for_header(host: &Host<&str>) -> String {
@@ -518,6 +573,21 @@ mod tests {
             "fec0::1",
             "100::1",
             "64:ff9b:1::1",
+            // IPv4-translated (::ffff:0:0:0/96), local-use NAT64 with a private IPv4 inside, ISATAP
+            // identifiers carrying a private IPv4, documentation 3fff::/20, IETF 2001::/23.
+            "::ffff:0:7f00:1",
+            "::ffff:0:a00:1",
+            "::ffff:0:a9fe:a9fe",
+            "::ffff:0:808:808",
+            "64:ff9b:1::a00:1",
+            "64:ff9b:1:ffff::7f00:1",
+            "2001:470:1f0b::5efe:a00:1",
+            "2a00:1450::200:5efe:c0a8:101",
+            "3fff::1",
+            "2001:2::1",
+            "2001:1ff::1",
+            "4000::1",
+            "::8.8.8.8",
         ];
         for a in blocked {
             assert!(!is_public(a.parse().unwrap()), "{a} must not be public");
@@ -532,6 +602,8 @@ mod tests {
             "64:ff9b::808:808",
             "2002:808:808::1",
             "11.0.0.1",
+            "2a00:1450::200:5efe:808:808",
+            "2001:200::1",
         ];
         for a in public {
             assert!(is_public(a.parse().unwrap()), "{a} must be public");
@@ -563,6 +635,7 @@ mod tests {
             retries: 2,
             backoff: Duration::from_millis(10),
             max_redirects: 5,
+            allowed_ports: Some(vec![80, 443]),
         }
     }
 
@@ -651,6 +724,32 @@ mod tests {
         ] {
             assert!(matches!(f.fetch(url).await, Err(FetchError::InvalidUrl(_))), "{url}");
         }
+    }
+
+    #[tokio::test]
+    async fn errors_never_echo_resolved_addresses_and_public_ports_are_limited() {
+        let f = Fetcher::new(policy(PrivateUrls::Deny)).unwrap();
+        let e = f.fetch("http://localhost:8080/x.png").await.unwrap_err().to_string();
+        assert!(e.contains("localhost is not a public address: it resolves to"), "{e}");
+        assert!(!e.contains("127.0.0.1") && !e.contains("::1"), "the resolved address leaked: {e}");
+        // A public address on a port that is not allowed: refused before connecting.
+        for url in ["http://8.8.8.8:8080/x.png", "https://1.1.1.1:22/", "http://[2606:4700::1111]:6379/"] {
+            let t = Instant::now();
+            match f.fetch(url).await {
+                Err(FetchError::Blocked(m)) => assert!(m.contains("URL_ALLOWED_PORTS: 80, 443"), "{url}: {m}"),
+                other => panic!("{url}: {other:?}"),
+            }
+            assert!(t.elapsed() < Duration::from_millis(500), "{url} was connected to");
+        }
+        // Opened private networks take any port (the fixtures of these tests live on ephemeral ones).
+        let (addr, _) = fixture(|_, _| Some(ok(b"x"))).await;
+        let open = Fetcher::new(policy(loopback_only())).unwrap();
+        assert_eq!(&open.fetch(&format!("http://{addr}/")).await.unwrap()[..], b"x");
+        // A refused connection says the host as the URL gives it.
+        let port = { std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port() };
+        let fast = Fetcher::new(FetchPolicy { retries: 0, ..policy(PrivateUrls::AllowAll) }).unwrap();
+        let e = fast.fetch(&format!("http://localhost:{port}/")).await.unwrap_err().to_string();
+        assert!(e.contains(&format!("connecting to localhost:{port}: connection refused")), "{e}");
     }
 
     #[tokio::test]

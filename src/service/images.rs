@@ -1,7 +1,11 @@
-//! Turns the request's image sources into decoded, upright RGB images: base64 (raw or a
-//! `data:image/...;base64,` URI), an SSRF-guarded `image_url` fetch or an `image_path` file under
-//! `IMAGE_PATH_ROOT`, then `imaging::decode` (header size check before any pixel is decoded). CPU
-//! and file work runs on the blocking pool.
+//! Turns the request's image sources into decoded, upright RGB images in two phases: first every
+//! source to its encoded bytes (base64, raw or a `data:image/...;base64,` URI; an SSRF-guarded
+//! `image_url` fetch; an `image_path` file under `IMAGE_PATH_ROOT`; a front end's upload) with its
+//! header probed and checked against the size limits; then, once the caller has reserved the memory
+//! the headers say the pixels need, `imaging::decode`. CPU and file work runs on the request's
+//! [`CpuPool`], holding its [`Reservation`].
+
+use std::sync::Arc;
 
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
@@ -13,7 +17,8 @@ use std::path::{Path, PathBuf};
 use super::error::ApiError;
 use super::fetch::{FetchError, Fetcher};
 use super::schema::ImageSource;
-use crate::imaging::{self, RgbImage};
+use super::work::{Cancel, CpuPool, Reservation};
+use crate::imaging::{self, ImageInfo, RgbImage};
 
 const LENIENT: GeneralPurposeConfig = GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
 /// Standard alphabet, padding optional.
@@ -90,14 +95,10 @@ pub fn decode_image(bytes: &[u8], limits: &imaging::Limits) -> Result<RgbImage, 
     Ok(imaging::decode(bytes, limits)?)
 }
 
-/// Runs blocking CPU work on the blocking pool, at most as many at once as `cpu` has permits.
-pub async fn blocking<T, F>(cpu: &tokio::sync::Semaphore, f: F) -> Result<T, ApiError>
-where
-    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
-    T: Send + 'static,
-{
-    let _permit = cpu.acquire().await.map_err(|_| ApiError::internal("the server is shutting down"))?;
-    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(format!("a preprocessing task failed: {e}")))?
+/// One input image before its pixels are decoded: its bytes and what its header says.
+pub struct Encoded {
+    pub bytes: Vec<u8>,
+    pub info: ImageInfo,
 }
 
 /// Where `image_path` may read: the canonical `IMAGE_PATH_ROOT` (`None`: image_path is off) and the
@@ -194,32 +195,72 @@ fn clip(s: &str) -> String {
     }
 }
 
-/// Loads every image of a request, in order.
-pub async fn load_images(
-    sources: Vec<ImageSource>,
-    fetcher: &Fetcher,
-    paths: &PathPolicy,
-    limits: imaging::Limits,
-    cpu: &tokio::sync::Semaphore,
-) -> Result<Vec<RgbImage>, ApiError> {
-    let mut images = Vec::with_capacity(sources.len());
-    for (i, source) in sources.into_iter().enumerate() {
-        let label = |e: ApiError| if i == 0 { e } else { ApiError { message: format!("image {}: {}", i + 1, e.message), ..e } };
-        let image = match source {
-            ImageSource::Base64(s) => blocking(cpu, move || decode_image(&decode_base64(&s)?, &limits)).await,
-            ImageSource::Url(u) => match fetcher.fetch(&u).await {
-                Ok(bytes) => blocking(cpu, move || decode_image(&bytes, &limits)).await,
-                Err(e) => Err(e.into()),
-            },
-            ImageSource::Bytes(b) => blocking(cpu, move || decode_image(&b, &limits)).await,
-            ImageSource::Path(p) => {
-                let policy = paths.clone();
-                blocking(cpu, move || decode_image(&read_path(&policy, &p)?, &limits)).await
-            }
-        };
-        images.push(image.map_err(label)?);
+impl Encoded {
+    /// An upper bound of the memory decoding it takes (`imaging::decode_memory`).
+    pub fn decode_memory(&self) -> u64 {
+        imaging::decode_memory(&self.bytes, &self.info)
     }
-    Ok(images)
+}
+
+/// What a request's image loading shares.
+pub struct Loader<'a> {
+    pub fetcher: &'a Fetcher,
+    pub limits: imaging::Limits,
+    pub paths: &'a PathPolicy,
+    pub pool: &'a Arc<CpuPool>,
+    pub cancel: &'a Cancel,
+    pub memory: &'a Reservation,
+}
+
+fn label(i: usize) -> impl Fn(ApiError) -> ApiError {
+    move |e: ApiError| if i == 0 { e } else { ApiError { message: format!("image {}: {}", i + 1, e.message), ..e } }
+}
+
+impl Loader<'_> {
+    /// Phase one: every source's bytes, in order, each probed and checked against the size limits
+    /// (413 `image_too_large` before any pixel memory is reserved). The caller has reserved the
+    /// base64-decoded sizes, the uploads' sizes and `URL_MAX_BYTES` per URL or file.
+    pub async fn encoded(&self, sources: Vec<ImageSource>) -> Result<Vec<Encoded>, ApiError> {
+        let mut out = Vec::with_capacity(sources.len());
+        for (i, source) in sources.into_iter().enumerate() {
+            let limits = self.limits;
+            let probe = move |bytes: Vec<u8>| -> Result<Encoded, ApiError> {
+                if bytes.is_empty() {
+                    return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_image", "the image is empty (0 bytes)"));
+                }
+                let info = imaging::probe(&bytes)?;
+                limits.check(info.width, info.height)?;
+                Ok(Encoded { bytes, info })
+            };
+            let encoded = match source {
+                ImageSource::Base64(s) => self.pool.run(self.cancel, Some(self.memory), move || probe(decode_base64(&s)?)).await,
+                ImageSource::Url(u) => match self.fetcher.fetch(&u).await {
+                    Ok(bytes) => probe(bytes.to_vec()),
+                    Err(e) => Err(e.into()),
+                },
+                ImageSource::Bytes(b) => self.pool.run(self.cancel, Some(self.memory), move || probe(b.to_vec())).await,
+                ImageSource::Path(p) => {
+                    let policy = self.paths.clone();
+                    self.pool.run(self.cancel, Some(self.memory), move || probe(read_path(&policy, &p)?)).await
+                }
+            };
+            out.push(encoded.map_err(label(i))?);
+        }
+        Ok(out)
+    }
+
+    /// Phase two: the pixels of every image, in order (the caller reserved their memory).
+    pub async fn decode(&self, encoded: Vec<Encoded>) -> Result<Vec<RgbImage>, ApiError> {
+        let mut images = Vec::with_capacity(encoded.len());
+        for (i, e) in encoded.into_iter().enumerate() {
+            let limits = self.limits;
+            let working_set = e.decode_memory();
+            let image =
+                self.pool.run_sized(self.cancel, Some(self.memory), working_set, move || decode_image(&e.bytes, &limits)).await;
+            images.push(image.map_err(label(i))?);
+        }
+        Ok(images)
+    }
 }
 
 #[cfg(test)]

@@ -1,14 +1,15 @@
 //! Jobs that outlive one HTTP exchange: the async jobs of RunPod's hosted API (`/v2/.../run`,
 //! `status`, `cancel`, ...) and the RunPod worker's jobs. Both reach `EditService` here, nowhere else.
 //!
-//! - [`run_job`]: one job body (`{"input": {...}}`, other keys ignored) to its response, waiting for a
-//!   queue place while the queue is full (the worker and its local test mode).
-//! - [`JobStore`]: async jobs. A submitted job is `IN_QUEUE` in a FIFO until the dispatcher gets it a
-//!   queue place (`admit`); at most `2 * BATCH_SIZE` async jobs run at once (one batch computes while
-//!   the next forms, and synchronous `/run` clients keep their share of `MAX_QUEUE`). It is then
-//!   `IN_PROGRESS` until `COMPLETED`, `FAILED`, `TIMED_OUT` (`REQUEST_TIMEOUT`) or `CANCELLED`.
-//!   Cancelling a running job drops its edit future (the batcher skips a queued job whose caller is
-//!   gone; a running batch finishes and the result is discarded).
+//! - [`run_job`]: one job body (`{"input": {...}}`, other keys ignored) to its response, waiting for
+//!   room while the server is full (the worker and its local test mode).
+//! - [`JobStore`]: async jobs. A submitted job is `IN_QUEUE` in a FIFO until the dispatcher gets it
+//!   admitted (`admit`: room in the queue, the body readers and REQUEST_MEMORY); at most
+//!   `2 * BATCH_SIZE` async jobs run at once (one batch computes while the next forms, and
+//!   synchronous `/run` clients keep their share of `MAX_QUEUE`). It is then `IN_PROGRESS` until
+//!   `COMPLETED`, `FAILED`, `TIMED_OUT` (`REQUEST_TIMEOUT`) or `CANCELLED`. Cancelling a running job
+//!   drops its edit future, which cancels it in the service (its queued job is removed; a batch whose
+//!   every job is gone stops at its next stage or step; its memory and queue place are released).
 //! - Finished jobs are kept `RESULT_TTL` (runsync ones at most 60 s, as RunPod does) within
 //!   `RESULT_MEMORY_BYTES`, which counts every record, queued inputs and kept results: past the TTL
 //!   a record goes; past the budget the oldest finished records go first, and a new job that would
@@ -22,40 +23,66 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::StatusCode;
 use tokio::sync::{watch, Notify};
+use tracing::Instrument;
 
 use super::fetch::{FetchError, FetchPolicy, Fetcher};
 pub use super::records::{failure_text, new_id, JobStatus, JobView, Kind, StoreHealth, StoreLimits};
 use super::records::{End, Records};
 use super::schema::EditResponse;
+use super::Admission;
 use super::{ApiError, EditService, Phase};
-use crate::batcher::Ticket;
 
-/// One job through the service: a queue place (waiting while the queue is full or the model loads,
-/// up to `REQUEST_TIMEOUT`), then the edit. Dropping the future abandons the job.
+/// One job through the service: its admission (waiting while the server is full or the model
+/// loads, up to `REQUEST_TIMEOUT`), then the edit. Dropping the future abandons the job.
 pub async fn run_job(service: &EditService, body: Bytes) -> Result<EditResponse, ApiError> {
     let started = Instant::now();
-    let ticket = loop {
+    let admission = loop {
         match service.admit() {
-            Ok(ticket) => break ticket,
+            Ok(admission) => break admission,
             Err(e) if e.error_type == "overloaded" || service.phase() == Phase::Loading => {
-                if started.elapsed() >= service.settings().request_timeout {
-                    return Err(ApiError::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "timeout",
-                        "no queue place became free within REQUEST_TIMEOUT; retry later",
-                    ));
-                }
-                tokio::time::sleep(Duration::from_millis(25)).await;
+                wait_for_room(service, started).await?;
             }
             Err(e) => return Err(e),
         }
     };
-    execute(service, ticket, body).await
+    execute(service, admission, body, started).await
 }
 
-/// The edit of a job that holds its queue place; `REQUEST_TIMEOUT` counts from here.
-async fn execute(service: &EditService, ticket: Ticket, body: Bytes) -> Result<EditResponse, ApiError> {
-    service.edit(ticket, body, Instant::now()).await
+/// Sleeps briefly before another try, or fails with 504 when `REQUEST_TIMEOUT` has passed.
+async fn wait_for_room(service: &EditService, started: Instant) -> Result<(), ApiError> {
+    if started.elapsed() >= service.settings().request_timeout {
+        return Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            "no queue place became free within REQUEST_TIMEOUT; retry later",
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(25)).await;
+    Ok(())
+}
+
+/// The edit of an admitted job; `REQUEST_TIMEOUT` counts from `started`. A job is not a client that
+/// can retry: when the service answers `overloaded` (the queue or REQUEST_MEMORY filled up after the
+/// admission) it is admitted and edited again, until `REQUEST_TIMEOUT`.
+async fn execute(service: &EditService, admission: Admission, body: Bytes, started: Instant) -> Result<EditResponse, ApiError> {
+    let mut admission = Some(admission);
+    loop {
+        let next = match admission.take() {
+            Some(a) => a,
+            None => match service.admit() {
+                Ok(a) => a,
+                Err(e) if e.error_type == "overloaded" => {
+                    wait_for_room(service, started).await?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        match service.edit(next, body.clone(), started).await {
+            Err(e) if e.error_type == "overloaded" => wait_for_room(service, started).await?,
+            result => return result,
+        }
+    }
 }
 
 /// What the body of a submission must have: an `input`, and optionally a `webhook` URL.
@@ -139,7 +166,7 @@ impl JobStore {
     /// (no JSON object, no `input`), 422 (a webhook that is not an allowed http(s) URL) or 503 (the
     /// server drains or failed, or the store's budget is full of queued inputs). A loading model is
     /// no refusal: the job waits in the queue.
-    pub async fn submit(&self, body: Bytes, kind: Kind) -> Result<String, ApiError> {
+    pub async fn submit(&self, body: Bytes, kind: Kind, request_id: &str) -> Result<String, ApiError> {
         let webhook = if body.len() > 1 << 20 {
             let b = body.clone();
             tokio::task::spawn_blocking(move || peek(&b)).await.map_err(|e| ApiError::internal(e.to_string()))??
@@ -151,7 +178,8 @@ impl JobStore {
         }
         self.accepting()?;
         let id = new_id(kind);
-        self.lock().insert(id.clone(), kind, body, webhook, Instant::now())?;
+        self.lock().insert(id.clone(), kind, body, webhook, request_id.to_string(), Instant::now())?;
+        tracing::info!(job = %id, "job queued");
         self.wake.notify_one();
         Ok(id)
     }
@@ -243,8 +271,8 @@ impl JobStore {
         if !g.can_start() {
             return Step::Idle;
         }
-        let ticket = match self.service.admit() {
-            Ok(t) => t,
+        let admission = match self.service.admit() {
+            Ok(a) => a,
             Err(e) => {
                 return match self.service.phase() {
                     Phase::Loading => Step::Retry(Duration::from_millis(50)),
@@ -257,15 +285,19 @@ impl JobStore {
                 };
             }
         };
-        let Some((id, body)) = g.start_next(Instant::now()) else { return Step::Idle };
+        let Some((id, body, request_id)) = g.start_next(Instant::now()) else { return Step::Idle };
         let store = self.clone();
         let busy = Busy::new(&self.busy);
         let task_id = id.clone();
-        let handle = tokio::spawn(async move {
-            let _busy = busy;
-            let result = execute(&store.service, ticket, body).await;
-            store.finish(&task_id, result);
-        });
+        let span = tracing::info_span!("job", request_id = %request_id, job = %id);
+        let handle = tokio::spawn(
+            async move {
+                let _busy = busy;
+                let result = execute(&store.service, admission, body, Instant::now()).await;
+                store.finish(&task_id, result);
+            }
+            .instrument(span),
+        );
         g.set_abort(&id, handle.abort_handle());
         Step::Started
     }

@@ -1,11 +1,16 @@
 //! The model as the service sees it: opened on the engine worker thread (the pipeline never leaves
-//! it), described for /health and request validation (`ModelInfo`), and the batch runner it gives.
+//! it), its memory probed there (`pipeline::memory`), described for /health and request validation
+//! (`ModelInfo`), and the batch runner it gives.
 
 use std::sync::Arc;
 
+use super::work::Reservation;
 use crate::batcher::Failure;
 use crate::config::Settings;
-use crate::pipeline::{EditError, EditOutput, Pipeline, PipelineInfo, PipelineOptions, Prepared, Preprocessor};
+use crate::metrics::Metrics;
+use crate::pipeline::{
+    EditError, EditOutput, MemoryModel, Pipeline, PipelineInfo, PipelineOptions, Prepared, Preprocessor, StageTimes,
+};
 use crate::runtime::counters::RunCounters;
 
 /// What the front ends need to know about the loaded model.
@@ -41,21 +46,37 @@ pub struct ModelInfo {
 pub struct Loaded {
     pub info: ModelInfo,
     pub preprocessor: Preprocessor,
+    /// The output sizes the bundle names (its profiles), for the memory report.
+    pub resolutions: Vec<(u32, u32)>,
+    /// The measured memory model, or why there is none.
+    pub memory: Result<MemoryModel, String>,
     /// The engines' counters (graph captures, replays, ...), for /metrics and /health.
     pub counters: Arc<RunCounters>,
 }
 
-/// The batch runner: the pipeline, owned by the engine worker thread.
-pub type BatchFn = Box<dyn FnMut(Vec<Prepared>) -> Vec<Result<EditOutput, EditError>>>;
+/// A queued job: the prepared job and its request's memory, counted until the job is done even
+/// when the request has gone.
+pub struct Job {
+    pub prepared: Prepared,
+    pub memory: Option<Reservation>,
+}
+
+/// The batch runner: the pipeline, owned by the engine worker thread; `proceed` says whether
+/// anyone still waits for the batch (asked at every stage and step).
+pub type BatchFn = Box<dyn FnMut(&[Job], &dyn Fn() -> bool) -> Vec<Result<EditOutput, EditError>>>;
 
 impl From<Failure> for EditError {
     fn from(f: Failure) -> EditError {
-        EditError::Internal(f.to_string())
+        match f {
+            Failure::TooLarge => EditError::Invalid(f.to_string()),
+            f => EditError::Internal(f.to_string()),
+        }
     }
 }
 
-/// Opens the bundle (call on the engine worker thread).
-pub fn open(settings: &Settings) -> Result<(BatchFn, Loaded), String> {
+/// Opens the bundle (call on the engine worker thread); every batch that completes records its
+/// stage times in `metrics`.
+pub fn open(settings: &Settings, metrics: Arc<Metrics>) -> Result<(BatchFn, Loaded), String> {
     let options = PipelineOptions {
         backend: settings.backend,
         staging_rows: settings.batch_size,
@@ -66,8 +87,34 @@ pub fn open(settings: &Settings) -> Result<(BatchFn, Loaded), String> {
         .map_err(|e| format!("cannot open the model bundle {}: {e}", settings.bundle.display()))?;
     let info = describe(pipeline.info(), settings);
     let preprocessor = pipeline.preprocessor();
+    let memory = MemoryModel::probe(&mut pipeline);
+    let mut resolutions = pipeline.info().resolutions.clone();
+    if resolutions.is_empty() {
+        let side = ((pipeline.info().image_area as f64).sqrt() as u32) / 16 * 16;
+        resolutions.push((side, side));
+    }
     let counters = pipeline.counters();
-    Ok((Box::new(move |jobs| pipeline.run_batch(jobs)), Loaded { info, preprocessor, counters }))
+    counters.reset(); // the memory probe's runs are not served work: /metrics counts requests' work only
+    pipeline.take_stages();
+    let run: BatchFn = Box::new(move |jobs: &[Job], proceed: &dyn Fn() -> bool| {
+        let refs: Vec<&Prepared> = jobs.iter().map(|j| &j.prepared).collect();
+        let results = pipeline.run_batch_with(&refs, &|_| proceed());
+        if let Some(stages) = pipeline.take_stages() {
+            record_stages(&metrics, &stages);
+        }
+        results
+    });
+    Ok((run, Loaded { info, preprocessor, resolutions, memory, counters }))
+}
+
+/// One completed batch's stages in `qwen_edit_stage_duration_seconds` (one sample per denoising step).
+fn record_stages(metrics: &Metrics, s: &StageTimes) {
+    metrics.stage("text_encoder", s.batch, s.text);
+    metrics.stage("vae_encoder", s.batch, s.vae_encode);
+    for step in &s.steps {
+        metrics.stage("denoise_step", s.batch, *step);
+    }
+    metrics.stage("vae_decoder", s.batch, s.decode);
 }
 
 fn describe(info: &PipelineInfo, settings: &Settings) -> ModelInfo {

@@ -64,6 +64,10 @@ pub enum Kind {
 pub struct JobView {
     pub id: String,
     pub status: JobStatus,
+    /// The `X-Request-ID` of the request that submitted the job.
+    pub request_id: String,
+    /// 1 for the next job to start, while the job is `IN_QUEUE`.
+    pub queue_position: Option<usize>,
     /// Milliseconds from submission to the start (or to now/the end, for a job that never started).
     pub delay_ms: Option<u64>,
     /// Milliseconds from the start to the end.
@@ -75,11 +79,15 @@ pub struct JobView {
 }
 
 impl JobView {
-    /// RunPod's job record: `{"id", "status", "delayTime"?, "executionTime"?, "output"? | "error"?}`.
+    /// RunPod's job record: `{"id", "status", "requestId", "queuePosition"?, "delayTime"?, "executionTime"?,
+    /// "output"? | "error"?}`.
     /// The output JSON is copied in as is (it holds the multi-megabyte base64 image).
     pub fn to_json(&self) -> Vec<u8> {
-        let mut head = serde_json::json!({"id": self.id, "status": self.status.as_str()});
+        let mut head = serde_json::json!({"id": self.id, "status": self.status.as_str(), "requestId": self.request_id});
         if let Some(obj) = head.as_object_mut() {
+            if let Some(p) = self.queue_position {
+                obj.insert("queuePosition".into(), p.into());
+            }
             if let Some(d) = self.delay_ms {
                 obj.insert("delayTime".into(), d.into());
             }
@@ -153,6 +161,7 @@ pub(super) struct Record {
     output: Option<Bytes>,
     error: Option<String>,
     webhook: Option<String>,
+    request_id: String,
     abort: Option<tokio::task::AbortHandle>,
     /// Gets the final view once (runsync waits on it).
     done: watch::Sender<Option<JobView>>,
@@ -178,6 +187,8 @@ impl Record {
         JobView {
             id: id.to_string(),
             status: self.status,
+            request_id: self.request_id.clone(),
+            queue_position: None,
             delay_ms: delay.map(ms),
             execution_ms: execution.map(ms),
             output: self.output.clone(),
@@ -282,6 +293,7 @@ impl Records {
         kind: Kind,
         body: Bytes,
         webhook: Option<String>,
+        request_id: String,
         now: Instant,
     ) -> Result<(), ApiError> {
         self.sweep(now);
@@ -291,7 +303,7 @@ impl Records {
                 Duration::from_secs(5),
             ));
         }
-        let cost = RECORD_COST + id.len() + body.len() + webhook.as_ref().map_or(0, String::len);
+        let cost = RECORD_COST + id.len() + request_id.len() + body.len() + webhook.as_ref().map_or(0, String::len);
         if !self.make_room(cost) {
             return Err(ApiError::overloaded(
                 format!(
@@ -312,6 +324,7 @@ impl Records {
             output: None,
             error: None,
             webhook,
+            request_id,
             abort: None,
             done: watch::channel(None).0,
             cost,
@@ -321,8 +334,9 @@ impl Records {
         Ok(())
     }
 
-    /// The next queued job, now in progress (when fewer than `max_running` run).
-    pub(super) fn start_next(&mut self, now: Instant) -> Option<(String, Bytes)> {
+    /// The next queued job, now in progress (when fewer than `max_running` run): its id, body and
+    /// request id.
+    pub(super) fn start_next(&mut self, now: Instant) -> Option<(String, Bytes, String)> {
         if self.running >= self.limits.max_running {
             return None;
         }
@@ -335,7 +349,7 @@ impl Records {
             r.started = Some(now);
             self.running += 1;
             let body = r.input.clone().unwrap_or_default();
-            return Some((id, body));
+            return Some((id, body, r.request_id.clone()));
         }
         None
     }
@@ -353,7 +367,11 @@ impl Records {
             End::Error(s, e) => (s, None, Some(e)),
             End::Cancelled => (JobStatus::Cancelled, None, None),
         };
-        let cost = RECORD_COST + id.len() + output.as_ref().map_or(0, Bytes::len) + error.as_ref().map_or(0, String::len);
+        let cost = RECORD_COST
+            + id.len()
+            + r.request_id.len()
+            + output.as_ref().map_or(0, Bytes::len)
+            + error.as_ref().map_or(0, String::len);
         let old = r.cost;
         r.status = status;
         r.ended = Some(now);
@@ -395,7 +413,12 @@ impl Records {
 
     pub(super) fn view(&mut self, id: &str, now: Instant) -> Option<JobView> {
         self.sweep(now);
-        self.jobs.get(id).map(|r| r.view(id, now))
+        let mut view = self.jobs.get(id).map(|r| r.view(id, now))?;
+        if view.status == JobStatus::InQueue {
+            let mut queued = self.queue.iter().filter(|q| self.jobs.get(*q).is_some_and(|r| r.status == JobStatus::InQueue));
+            view.queue_position = queued.position(|q| q == id).map(|p| p + 1);
+        }
+        Some(view)
     }
 
     pub(super) fn health(&self) -> StoreHealth {
@@ -478,11 +501,13 @@ mod tests {
     fn a_job_goes_through_its_states_and_its_record_renders() {
         let mut s = Records::new(limits(1 << 20));
         let t0 = Instant::now();
-        s.insert("a".into(), Kind::Async, Bytes::from_static(b"{\"input\":{}}"), Some("http://h/".into()), t0).unwrap();
+        s.insert("a".into(), Kind::Async, Bytes::from_static(b"{\"input\":{}}"), Some("http://h/".into()), "rid".into(), t0)
+            .unwrap();
         let v = s.view("a", t0).unwrap();
         assert_eq!((v.status, v.delay_ms, v.execution_ms), (JobStatus::InQueue, None, None));
         assert_eq!(s.health().in_queue, 1);
-        let (id, body) = s.start_next(t0 + Duration::from_millis(30)).unwrap();
+        let (id, body, rid) = s.start_next(t0 + Duration::from_millis(30)).unwrap();
+        assert_eq!(rid, "rid");
         assert_eq!((id.as_str(), &body[..]), ("a", &b"{\"input\":{}}"[..]));
         assert_eq!(s.view("a", t0).unwrap().status, JobStatus::InProgress);
         let (view, webhook) = s.end("a", End::Output(output(4)), t0 + Duration::from_millis(100)).unwrap();
@@ -491,13 +516,13 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(&view.to_json()).unwrap();
         assert_eq!(
             json,
-            serde_json::json!({"id": "a", "status": "COMPLETED", "delayTime": 30, "executionTime": 70, "output": {"image": "AAAA"}})
+            serde_json::json!({"id": "a", "status": "COMPLETED", "requestId": "rid", "delayTime": 30, "executionTime": 70, "output": {"image": "AAAA"}})
         );
         assert!(s.end("a", End::Cancelled, t0).is_none(), "a finished job stays finished");
         let h = s.health();
         assert_eq!((h.completed, h.in_progress, h.in_queue, h.records), (1, 0, 0, 1));
 
-        s.insert("b".into(), Kind::Async, Bytes::from_static(b"{}"), None, t0).unwrap();
+        s.insert("b".into(), Kind::Async, Bytes::from_static(b"{}"), None, "rid".into(), t0).unwrap();
         s.start_next(t0).unwrap();
         let e = failure_text(&ApiError::validation("input.prompt is required"));
         let (view, _) = s.end("b", End::Error(JobStatus::Failed, e), t0).unwrap();
@@ -516,11 +541,16 @@ mod tests {
         let mut s = Records::new(limits(1 << 20));
         let t = Instant::now();
         for id in ["a", "b", "c", "d"] {
-            s.insert(id.into(), Kind::Async, Bytes::from_static(b"{}"), Some("http://h/".into()), t).unwrap();
+            s.insert(id.into(), Kind::Async, Bytes::from_static(b"{}"), Some("http://h/".into()), "rid".into(), t).unwrap();
         }
         let (view, webhook) = s.end("b", End::Cancelled, t).unwrap();
         assert_eq!((view.status, webhook), (JobStatus::Cancelled, None), "no webhook for a cancelled job");
+        let position = |s: &mut Records, id: &str| s.view(id, t).unwrap().queue_position;
+        assert_eq!((position(&mut s, "a"), position(&mut s, "c"), position(&mut s, "d")), (Some(1), Some(2), Some(3)));
         assert_eq!(s.start_next(t).unwrap().0, "a");
+        assert_eq!((position(&mut s, "a"), position(&mut s, "c"), position(&mut s, "d")), (None, Some(1), Some(2)));
+        let json: serde_json::Value = serde_json::from_slice(&s.view("d", t).unwrap().to_json()).unwrap();
+        assert_eq!((json["queuePosition"].as_u64(), json["requestId"].as_str()), (Some(2), Some("rid")));
         assert_eq!(s.queued(), vec!["c".to_string(), "d".to_string()]);
         let purged: Vec<_> = s.queued().iter().filter_map(|id| s.end(id, End::Cancelled, t)).collect();
         assert_eq!(purged.len(), 2);
@@ -534,7 +564,7 @@ mod tests {
         let mut s = Records::new(StoreLimits { max_running: 2, ..limits(1 << 20) });
         let t = Instant::now();
         for i in 0..3 {
-            s.insert(format!("{i}"), Kind::Async, Bytes::new(), None, t).unwrap();
+            s.insert(format!("{i}"), Kind::Async, Bytes::new(), None, "rid".into(), t).unwrap();
         }
         assert!(s.start_next(t).is_some() && s.start_next(t).is_some());
         assert!(s.start_next(t).is_none());
@@ -548,7 +578,7 @@ mod tests {
             Records::new(StoreLimits { ttl: Duration::from_secs(100), sync_ttl: Duration::from_secs(10), ..limits(1 << 20) });
         let t = Instant::now();
         for (id, kind) in [("async", Kind::Async), ("sync", Kind::Sync)] {
-            s.insert(id.into(), kind, Bytes::new(), None, t).unwrap();
+            s.insert(id.into(), kind, Bytes::new(), None, "rid".into(), t).unwrap();
             s.start_next(t).unwrap();
             s.end(id, End::Output(output(10)), t).unwrap();
         }
@@ -568,12 +598,12 @@ mod tests {
         let t = Instant::now();
         let body = Bytes::from(vec![b' '; 700]);
         for i in 0..1000 {
-            s.insert(format!("job-{i:04}"), Kind::Async, body.clone(), None, t).unwrap();
+            s.insert(format!("job-{i:04}"), Kind::Async, body.clone(), None, "rid".into(), t).unwrap();
             assert!(s.bytes <= budget, "after insert {i}: {} > {budget}", s.bytes);
             if i % 3 == 2 {
                 // Three finish at a time, results of different sizes, some failures.
                 for _ in 0..3 {
-                    let (id, _) = s.start_next(t).unwrap();
+                    let (id, _, _) = s.start_next(t).unwrap();
                     let n: usize = id[4..].parse().unwrap();
                     let end = if n % 7 == 0 {
                         End::Error(JobStatus::Failed, "x".repeat(200))
@@ -593,8 +623,8 @@ mod tests {
         assert_eq!(s.view("job-0999", t).unwrap().status, JobStatus::InQueue);
         // Queued inputs cannot be evicted: once they fill the budget, new jobs are refused.
         let big = Bytes::from(vec![b' '; budget / 2]);
-        s.insert("big-1".into(), Kind::Async, big.clone(), None, t).unwrap();
-        let e = s.insert("big-2".into(), Kind::Async, big, None, t).unwrap_err();
+        s.insert("big-1".into(), Kind::Async, big.clone(), None, "rid".into(), t).unwrap();
+        let e = s.insert("big-2".into(), Kind::Async, big, None, "rid".into(), t).unwrap_err();
         assert_eq!((e.status.as_u16(), e.error_type), (503, "overloaded"));
         assert!(e.message.contains("RESULT_MEMORY_BYTES"), "{}", e.message);
         assert!(s.bytes <= budget);
@@ -604,10 +634,10 @@ mod tests {
     fn a_result_larger_than_the_budget_is_not_kept() {
         let mut s = Records::new(limits(4096));
         let t = Instant::now();
-        s.insert("small".into(), Kind::Async, Bytes::new(), None, t).unwrap();
+        s.insert("small".into(), Kind::Async, Bytes::new(), None, "rid".into(), t).unwrap();
         s.start_next(t).unwrap();
         s.end("small", End::Output(output(10)), t).unwrap();
-        s.insert("huge".into(), Kind::Async, Bytes::new(), None, t).unwrap();
+        s.insert("huge".into(), Kind::Async, Bytes::new(), None, "rid".into(), t).unwrap();
         s.start_next(t).unwrap();
         let (view, _) = s.end("huge", End::Output(output(8000)), t).unwrap();
         assert_eq!(view.output.unwrap().len(), 8012, "the view still carries it (a runsync waiter gets it)");

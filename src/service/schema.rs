@@ -66,10 +66,14 @@ pub struct Limits {
     pub max_images: usize,
     pub max_prompt_chars: usize,
     pub max_output_side: u32,
+    /// `MAX_STEPS`.
+    pub max_steps: u32,
 }
 
 pub const MIN_STEPS: i64 = 1;
-pub const MAX_STEPS: i64 = 100;
+/// `input.images` longer than this is refused while it is parsed, before more is allocated (the
+/// bundle's own limit, at most 4, is checked after).
+pub const MAX_IMAGES_PARSED: usize = 16;
 pub const MIN_CFG: f64 = 1.0;
 pub const MAX_CFG: f64 = 20.0;
 /// Output sizes are floored to a multiple of this (`vae_scale_factor * 2` in the reference).
@@ -111,6 +115,7 @@ pub struct RawInput {
     pub image_url: Option<String>,
     pub image_path: Option<String>,
     /// Edit Plus bundles: the input images in order ("Picture 1" first), instead of the single-image fields.
+    #[serde(default, deserialize_with = "capped_images")]
     pub images: Option<Vec<RawImage>>,
     /// True CFG runs when this is given (even empty) and `true_cfg_scale > 1`.
     pub negative_prompt: Option<String>,
@@ -145,6 +150,39 @@ pub struct Names {
 impl Names {
     pub const JSON: Names = Names { prefix: "input.", images: "input.images", quality: "input.output_quality" };
     pub const FORM: Names = Names { prefix: "", images: "image", quality: "output_compression" };
+}
+
+/// `input.images`, refused as soon as it has more than [`MAX_IMAGES_PARSED`] entries: a body of
+/// millions of `{}` must not become millions of allocated entries first.
+fn capped_images<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<RawImage>>, D::Error> {
+    use serde::de::{Error, SeqAccess, Visitor};
+    struct List;
+    impl<'de> Visitor<'de> for List {
+        type Value = Option<Vec<RawImage>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list of image objects")
+        }
+        fn visit_none<E: Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_seq(self)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut list = Vec::new();
+            while let Some(image) = seq.next_element::<RawImage>()? {
+                if list.len() == MAX_IMAGES_PARSED {
+                    return Err(A::Error::custom(format!("more than {MAX_IMAGES_PARSED} images")));
+                }
+                list.push(image);
+            }
+            Ok(Some(list))
+        }
+    }
+    d.deserialize_option(List)
 }
 
 /// Parses and validates a request body. `random_seed` supplies the seed when none is given.
@@ -215,11 +253,20 @@ pub fn validate(r: RawInput, l: &Limits, names: Names, random_seed: impl FnOnce(
 
     let num_inference_steps = match r.num_inference_steps {
         None => l.default_steps,
-        Some(s) if (MIN_STEPS..=MAX_STEPS).contains(&s) => s as u32,
+        Some(s) if (MIN_STEPS..=i64::from(l.max_steps)).contains(&s) => s as u32,
         Some(s) => {
-            return Err(ApiError::validation(format!("{p}num_inference_steps must be in {MIN_STEPS}..={MAX_STEPS}, got {s}")))
+            return Err(ApiError::validation(format!(
+                "{p}num_inference_steps must be in {MIN_STEPS}..={}, got {s} (MAX_STEPS)",
+                l.max_steps
+            )))
         }
     };
+    if num_inference_steps > l.max_steps {
+        return Err(ApiError::validation(format!(
+            "{p}num_inference_steps is required: the default ({num_inference_steps}) is above MAX_STEPS ({})",
+            l.max_steps
+        )));
+    }
     let true_cfg_scale = match r.true_cfg_scale {
         None => l.default_true_cfg_scale,
         Some(c) if (MIN_CFG..=MAX_CFG).contains(&c) => c as f32,
@@ -414,7 +461,14 @@ mod tests {
     use super::*;
 
     fn limits() -> Limits {
-        Limits { default_steps: 50, default_true_cfg_scale: 4.0, max_images: 1, max_prompt_chars: 100, max_output_side: 2048 }
+        Limits {
+            default_steps: 50,
+            default_true_cfg_scale: 4.0,
+            max_images: 1,
+            max_prompt_chars: 100,
+            max_output_side: 2048,
+            max_steps: 100,
+        }
     }
 
     fn p(body: &str) -> Result<EditParams, ApiError> {
@@ -562,5 +616,24 @@ mod tests {
         );
         let body = r#"{"input": {"prompt": "x", "images": [{"image_base64": "A"}, {"image_base64": "A"}, {"image_base64": "A"}, {"image_base64": "A"}]}}"#;
         assert!(parse(body.as_bytes(), &l, || 1).unwrap_err().message.contains("at most 3"));
+        let body = r#"{"input": {"prompt": "x", "images": null, "image_base64": "AA"}}"#;
+        assert!(parse(body.as_bytes(), &l, || 1).is_ok(), "null images = absent");
+    }
+
+    #[test]
+    fn image_lists_are_capped_while_they_are_parsed() {
+        // ~10 million empty entries: refused after the 17th, whatever follows.
+        let mut body = String::from(r#"{"input": {"prompt": "x", "images": ["#);
+        body.push_str(&"{},".repeat(10_000_000));
+        body.push_str("{}]}}");
+        let e = parse(body.as_bytes(), &limits(), || 1).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.error_type), (422, "validation_error"));
+        assert!(e.message.contains("input.images") && e.message.contains("more than 16 images"), "{}", e.message);
+        // MAX_STEPS is the server's setting.
+        let l = Limits { max_steps: 8, ..limits() };
+        let e = parse(br#"{"input": {"prompt": "x", "image_base64": "AA", "num_inference_steps": 9}}"#, &l, || 1).unwrap_err();
+        assert!(e.message.contains("1..=8, got 9 (MAX_STEPS)"), "{}", e.message);
+        let e = parse(br#"{"input": {"prompt": "x", "image_base64": "AA"}}"#, &l, || 1).unwrap_err();
+        assert!(e.message.contains("default (50) is above MAX_STEPS (8)"), "{}", e.message);
     }
 }

@@ -8,8 +8,9 @@
 //!   batcher, errors); its result is POSTed with `X-Request-ID`, retried with backoff (1, 2, 4, 8 s)
 //!   on connection errors, 408, 429 and 5xx. A bad job gets an error result; the worker goes on.
 //! - Heartbeat every `RUNPOD_PING_INTERVAL` with the ids of the jobs in progress (taken, not yet
-//!   posted). The job-stop long poll aborts a stopped job's edit (dropped from its batch's queue, or
-//!   abandoned mid-batch); nothing is posted for it.
+//!   posted). The job-stop long poll aborts a stopped job's edit, which cancels it in the service
+//!   (dropped from its batch's queue, or its batch stops at the next stage or step when no other
+//!   job waits for it); nothing is posted for it.
 //! - SIGTERM/SIGINT: no new take starts (one already waiting completes, and its jobs run); every
 //!   taken job finishes and is posted; exit 0 (1 past `SHUTDOWN_TIMEOUT`). A second signal: exit 130.
 //! - Without `RUNPOD_WEBHOOK_GET_JOB`, or with `--test-input`: one local job (`local.rs`).
@@ -25,6 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{watch, Notify};
 use tokio::task::{AbortHandle, JoinHandle};
+use tracing::Instrument;
 
 use crate::config::{RunPodSettings, Settings, WorkerArgs, WorkerMode};
 use crate::lifecycle::{init_logging, shutdown_signal};
@@ -264,15 +266,23 @@ impl Worker {
             return;
         }
         let (service, body, max) = (self.service.clone(), job.body, self.max_body);
-        let edit: JoinHandle<Result<EditResponse, ApiError>> = tokio::spawn(async move {
-            if body.len() > max {
-                return Err(ApiError::too_large(format!("the job is {} bytes, more than MAX_BODY_BYTES ({max})", body.len())));
+        // The job's id is its request id: every log line about it carries it, and so does its result (X-Request-ID).
+        let span = tracing::info_span!("job", request_id = %job.id);
+        let edit: JoinHandle<Result<EditResponse, ApiError>> = tokio::spawn(
+            async move {
+                if body.len() > max {
+                    return Err(ApiError::too_large(format!(
+                        "the job is {} bytes, more than MAX_BODY_BYTES ({max})",
+                        body.len()
+                    )));
+                }
+                run_job(&service, body).await
             }
-            run_job(&service, body).await
-        });
+            .instrument(span.clone()),
+        );
         jobs.insert(job.id.clone(), edit.abort_handle());
-        tracing::info!(job = %job.id, "job taken");
-        tokio::spawn(self.clone().finish(job.id, edit));
+        span.in_scope(|| tracing::info!("job taken"));
+        tokio::spawn(self.clone().finish(job.id, edit).instrument(span));
     }
 
     async fn finish(self: Arc<Self>, id: String, edit: JoinHandle<Result<EditResponse, ApiError>>) {

@@ -170,6 +170,30 @@ impl Proc {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0)
     }
+    /// Peak resident memory in KiB since the start or the last `reset_peak`.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+    /// Resets the peak to the current resident memory (Linux `clear_refs`).
+    pub fn reset_peak(&self) {
+        std::fs::write(format!("/proc/{}/clear_refs", self.pid()), "5").expect("reset the peak RSS");
+    }
+    /// Waits for the process to exit (at most `limit`) and returns its exit code and how long it took.
+    pub fn wait_exit(&mut self, limit: Duration) -> (Option<i32>, Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return (s.code(), start.elapsed());
+            }
+            assert!(start.elapsed() < limit, "did not exit within {limit:?}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill").args([sig, &self.pid().to_string()]).status().map(|s| s.success()).unwrap_or(false);
         assert!(ok, "kill {sig} failed");
@@ -185,6 +209,11 @@ impl Drop for Proc {
 
 /// Starts the binary on an ephemeral port with `env`, waits for `ready`.
 pub async fn spawn(env: &[(&str, &str)]) -> Proc {
+    spawn_within(env, Duration::from_secs(120)).await
+}
+
+/// [`spawn`], waiting at most `limit` for the model to load.
+pub async fn spawn_within(env: &[(&str, &str)], limit: Duration) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_qwen-edit"));
     cmd.arg("serve")
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -217,7 +246,7 @@ pub async fn spawn(env: &[(&str, &str)]) -> Proc {
         Err(_) => panic!("the server did not say where it listens:\n{}", log.lock().unwrap().join("\n")),
     };
     let mut p = Proc { child, addr, log };
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = p.child.try_wait().unwrap() {
             panic!("qwen-edit serve exited with {status} before it was ready:\n{}", p.log());
@@ -233,4 +262,12 @@ pub async fn spawn(env: &[(&str, &str)]) -> Proc {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     p
+}
+
+/// Closes `s` with a reset (SO_LINGER 0), as a client that hangs up does; a plain close would be a
+/// half-close, which the server answers.
+pub fn reset(s: tokio::net::TcpStream) {
+    #[allow(deprecated)] // tokio deprecates SO_LINGER because a non-zero linger blocks the drop; 0 never blocks
+    let _ = s.set_linger(Some(Duration::ZERO));
+    drop(s);
 }

@@ -102,6 +102,12 @@ impl TrtEngine {
         })
     }
 
+    /// Device bytes of the engine's activation memory and of its IO buffers.
+    pub fn memory(&self) -> (u64, u64) {
+        let io: usize = self.in_bufs.iter().chain(&self.out_bufs).map(|(d, _)| d.bytes()).sum();
+        (self.activation.bytes() as u64, io as u64)
+    }
+
     /// Graphs captured and cached now.
     pub fn graphs_cached(&self) -> usize {
         self.graphs.len()
@@ -224,10 +230,24 @@ impl TrtEngine {
         .ok_or_else(|| self.run_err(format!("the loop addresses {b:?}, which does not exist")))
     }
 
-    /// Executes a program (a run's or the loop's) on the stream; one synchronisation, at the end.
-    fn run_ops(&mut self, plan: &RunPlan, ops: Vec<LoopOp>, kernel: Option<&StepKernel>) -> Result<Executed, Error> {
+    /// Executes a program (a run's or the loop's) on the stream; one synchronisation at the end, and one at
+    /// each checkpoint (a loop that can be stopped: the host waits for the step, then asks `proceed`).
+    fn run_ops(
+        &mut self,
+        plan: &RunPlan,
+        ops: Vec<LoopOp>,
+        kernel: Option<&StepKernel>,
+        proceed: Option<&dyn Fn(usize) -> bool>,
+    ) -> Result<Executed, Error> {
         let mut done = Executed::default();
         for op in ops {
+            if let LoopOp::Checkpoint { step } = op {
+                self.device.synchronize()?;
+                if proceed.is_some_and(|go_on| !go_on(step)) {
+                    return Err(Error::Cancelled { step });
+                }
+                continue;
+            }
             self.run_op(plan, op, kernel, &mut done)?;
         }
         self.device.synchronize()?;
@@ -285,6 +305,7 @@ impl TrtEngine {
                 done.downloads.push((LoopBuf::Output(i), n));
             }
             LoopOp::KeepOutput(i) => done.kept = Some(self.keep_output(plan, i, done)?),
+            LoopOp::Checkpoint { .. } => return Err(self.run_err("a checkpoint outside run_ops")),
         }
         Ok(())
     }
@@ -319,7 +340,7 @@ impl TrtEngine {
         let io = (&self.inputs[..], &self.outputs[..]);
         let (plan, ops) = run_program(&self.component, io, &self.profiles, &self.bucketed, given, keep)?;
         self.device.bind()?;
-        let done = match self.run_ops(&plan, ops, None) {
+        let done = match self.run_ops(&plan, ops, None, None) {
             Ok(d) => d,
             Err(e) => {
                 let _ = self.device.synchronize(); // leave the stream idle for the next run
@@ -363,7 +384,7 @@ impl DeviceLoop for TrtEngine {
         let kernel = self.step_kernel.clone().ok_or_else(|| self.run_err("no step kernel on this worker (NVRTC missing)"))?;
         let (plan, ops) = loop_program(&self.component, &self.inputs, &self.outputs, &self.profiles, &self.bucketed, job)?;
         self.device.bind()?;
-        let result = self.run_ops(&plan, ops, Some(&kernel)).and_then(|done| {
+        let result = self.run_ops(&plan, ops, Some(&kernel), job.proceed).and_then(|done| {
             let &(src, bytes) = done.downloads.first().ok_or_else(|| self.run_err("the loop program downloads nothing"))?;
             let (_, pinned) = self.scratch.get(&src).ok_or_else(|| self.run_err("the result buffer went missing"))?;
             Ok(bytemuck::pod_collect_to_vec::<u8, f32>(pinned.read(bytes)?))

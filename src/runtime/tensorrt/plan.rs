@@ -345,6 +345,9 @@ pub enum LoopOp {
     Step { velocity: usize, v_dtype: DType, hidden: usize, h_dtype: DType, shape: StepShape, dt: f32 },
     /// The first `bytes` of a buffer back to the host (the loop's result).
     Download { src: LoopBuf, bytes: usize },
+    /// Wait for the stream (every launch so far has finished), then ask the loop whether to go on
+    /// with step `step` ([`DenoiseLoop::proceed`]). Only in programs of loops that can be stopped.
+    Checkpoint { step: usize },
     /// Output `i` (its executed size) back to the host.
     DownloadOutput(usize),
     /// Output `i` (its executed size) copied into device memory of its own, which outlives the run: the kept
@@ -537,6 +540,9 @@ pub fn loop_program(
         ops.push(LoopOp::Upload { dst: LoopBuf::Scales, bytes: bytemuck::cast_slice(scales).to_vec() });
     }
     for (k, &dt) in job.dts.iter().enumerate() {
+        if k > 0 && job.proceed.is_some() {
+            ops.push(LoopOp::Checkpoint { step: k });
+        }
         if k > 0 {
             ops.push(LoopOp::Copy {
                 src: LoopBuf::Timesteps,
@@ -840,6 +846,7 @@ mod tests {
             shape,
             dts: &[-0.25, -0.375, -0.125],
             scales: Some(&[4.0, 2.5]),
+            proceed: None,
         };
         let bucketed = vec!["txt_seq".to_string()];
         let (plan, ops) = loop_program("transformer", &inputs, &outputs, &profiles, &bucketed, &job).unwrap();
@@ -891,5 +898,18 @@ mod tests {
         let single = DenoiseLoop { timesteps: &[0.875], dts: &[-0.25], ..job };
         let (_, ops) = loop_program("transformer", &inputs, &outputs, &profiles, &bucketed, &single).unwrap();
         assert!(!ops.iter().any(|o| matches!(o, LoopOp::Copy { .. } | LoopOp::Upload { dst: LoopBuf::Timesteps, .. })));
+
+        // A loop that can be stopped waits and asks before every step after the first.
+        let go_on = |_: usize| true;
+        let stoppable = DenoiseLoop { proceed: Some(&go_on), ..job };
+        let (_, ops) = loop_program("transformer", &inputs, &outputs, &profiles, &bucketed, &stoppable).unwrap();
+        let checkpoints: Vec<usize> =
+            ops.iter().enumerate().filter_map(|(i, o)| matches!(o, LoopOp::Checkpoint { .. }).then_some(i)).collect();
+        assert_eq!(checkpoints.len(), 2);
+        for (k, &i) in checkpoints.iter().enumerate() {
+            assert_eq!(ops[i], LoopOp::Checkpoint { step: k + 1 });
+            assert!(matches!(ops[i - 1], LoopOp::Step { .. }), "after the previous step's kernel");
+            assert_eq!(ops[i + 1], time_row(k + 1), "before the next step's first launch");
+        }
     }
 }

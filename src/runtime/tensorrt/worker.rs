@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::engine::TrtEngine;
 use super::plan::TrtOptions;
-use crate::runtime::counters::RunCounters;
+use crate::runtime::counters::{EngineMemory, RunCounters};
 use crate::runtime::cuda::{Device, StepKernel};
 use crate::runtime::nvrtc::{self, Nvrtc};
 use crate::runtime::shim::{self, CudaRuntime, CudaStatus, TrtLibrary, TrtVersion};
@@ -72,8 +72,14 @@ impl TrtWorker {
         Ok(TrtWorker { runtime, trt, cuda, device, options, step_kernel, counters })
     }
 
-    /// Counts into `counters` (shared with the pipeline, read by /metrics) instead of the worker's own.
+    /// Counts into `counters` (shared with the pipeline, read by /metrics) instead of the worker's own;
+    /// the device (name, memory) and each loaded engine's memory are reported there too (/health).
     pub fn with_counters(mut self, counters: Arc<RunCounters>) -> TrtWorker {
+        let device = self.device.clone();
+        counters.device.set_probe(Arc::new(move || {
+            let (name, free, total) = device.describe().ok()?;
+            Some((name, free as u64, total as u64))
+        }));
         self.counters = counters;
         self
     }
@@ -112,14 +118,19 @@ impl TrtWorker {
         let load_err = |reason: String| Error::Load { component: component.into(), path: plan.display().to_string(), reason };
         let bytes = std::fs::read(plan).map_err(|e| load_err(format!("cannot read the engine: {e}")))?;
         let engine = self.runtime.deserialize(&bytes).map_err(|e| load_err(e.to_string()))?;
+        let weights_bytes = bytes.len() as u64;
         drop(bytes);
         let kernel = self.step_kernel.clone();
         let engine =
             TrtEngine::new(component, engine, self.device.clone(), contract, &self.options, kernel, self.counters.clone());
-        engine.map_err(|e| match e {
+        let engine = engine.map_err(|e| match e {
             Error::Load { .. } => e,
             other => load_err(other.to_string()),
-        })
+        })?;
+        let (activation_bytes, io_bytes) = engine.memory();
+        let component = component.to_string();
+        self.counters.device.add_engine(EngineMemory { component, weights_bytes, activation_bytes, io_bytes });
+        Ok(engine)
     }
 }
 
