@@ -88,7 +88,13 @@ def cmd_scale_check(args) -> int:
     for p in (args.checkpoint, args.bundle):
         if not Path(p).is_dir():
             raise UsageError(f"not a directory: {p}")
-    r = scale_check.check(Path(args.checkpoint), Path(args.bundle), Path(args.out), Path(args.qwen_edit), args.side)
+    names = [n for n in args.cases.split(",") if n] if args.cases else None
+    try:
+        r = scale_check.check(
+            Path(args.checkpoint), Path(args.bundle), Path(args.out), Path(args.qwen_edit), args.side, names
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     print(json.dumps(r, indent=2))
     return 0
 
@@ -194,6 +200,9 @@ def main(argv=None) -> int:
     sc.add_argument("--out", required=True, help="directory for the run bundle, images and scale_check.json")
     sc.add_argument("--qwen-edit", default="target/release/qwen-edit", help="the qwen-edit binary")
     sc.add_argument("--side", type=int, default=512, help="working side in pixels (VAE area side*side; default 512)")
+    sc.add_argument(
+        "--cases", default="", help="comma-separated cases (one_image, one_image_cfg, two_images; default: all)"
+    )
     sc.set_defaults(fn=cmd_scale_check)
 
     c = sub.add_parser("check", help="regenerate the tiny set in a temp dir and compare with the committed one")

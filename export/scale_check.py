@@ -138,8 +138,15 @@ def compare(ours: Path, ref: np.ndarray) -> dict:
     }
 
 
-def check(checkpoint: Path, fp32_bundle: Path, out: Path, exe: Path, side: int) -> dict:
+def check(checkpoint: Path, fp32_bundle: Path, out: Path, exe: Path, side: int, names: list[str] | None = None) -> dict:
+    """Runs `names` in that order (default: every case of CASES), writing out/scale_check.json after each step."""
     import torch
+
+    by_name = {c.name: c for c in CASES}
+    unknown = [n for n in names or [] if n not in by_name]
+    if unknown:
+        raise ValueError(f"unknown case(s) {unknown}; known: {list(by_name)}")
+    cases = CASES if names is None else [by_name[n] for n in names]
 
     out.mkdir(parents=True, exist_ok=True)
     images = out / "images"
@@ -147,16 +154,18 @@ def check(checkpoint: Path, fp32_bundle: Path, out: Path, exe: Path, side: int) 
         reference.make_image(images / name, size, seed)
     run_dir = run_bundle(fp32_bundle, out / f"bundle-{side}", side)
     results = {"side": side, "cases": {}}
-    for case in CASES:  # every Rust run first: the diffusers pipeline is not in memory meanwhile
+    report = out / "scale_check.json"
+    for case in cases:  # every Rust run first: the diffusers pipeline is not in memory meanwhile
         _log(f"qwen-edit edit: {case.name}")
         results["cases"][case.name] = {"qwen_edit": _edit(exe, run_dir, case, images, out / f"{case.name}.png")}
         _log(json.dumps(results["cases"][case.name]["qwen_edit"]))
+        report.write_text(json.dumps(results, indent=2) + "\n")
     variant = detect_variant(checkpoint)
     areas = bundle.Areas(side * side, json.loads((run_dir / "manifest.json").read_text())["vision"]["condition_area"])
     t0 = time.time()
     pipe = bundle.load_pipeline(checkpoint, variant, torch.float32)
     results["diffusers_load_s"] = round(time.time() - t0, 1)
-    for case in CASES:
+    for case in cases:
         _log(f"diffusers: {case.name}")
         rc = reference.Case(
             name=case.name,
@@ -172,7 +181,9 @@ def check(checkpoint: Path, fp32_bundle: Path, out: Path, exe: Path, side: int) 
         row = results["cases"][case.name]
         row["diffusers_s"] = round(time.time() - t0, 1)
         row["parity"] = compare(out / f"{case.name}.png", tensors["image"][0].numpy())
+        row["diffusers_peak_rss_gb_so_far"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)
         _log(json.dumps(row))
+        report.write_text(json.dumps(results, indent=2) + "\n")
     results["peak_rss_gb_diffusers"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)
-    (out / "scale_check.json").write_text(json.dumps(results, indent=2) + "\n")
+    report.write_text(json.dumps(results, indent=2) + "\n")
     return results
