@@ -344,8 +344,7 @@ impl OrtBackend {
             builder =
                 builder.with_disabled_optimizers(super::qdq::ORT_FP8_DISABLED_OPTIMIZERS).map_err(|e| load_err(e.to_string()))?;
         }
-        let (session, attention) =
-            self.commit(builder, component, path).map_err(|e| load_err(explain_session_error(e)))?;
+        let (session, attention) = self.commit(builder, component, path).map_err(|e| load_err(explain_session_error(e)))?;
         let io = |outlets: &[ort::value::Outlet]| -> Result<Vec<TensorInfo>, Error> {
             outlets.iter().map(|o| tensor_info(o.name(), o.dtype()).map_err(&load_err)).collect()
         };
