@@ -138,6 +138,21 @@ def compare(ours: Path, ref: np.ndarray) -> dict:
     }
 
 
+def latent_motion(tensors: dict, steps: int) -> dict:
+    """How much the transformer moves the latents (diffusers' run): the first velocity and the final latent's change,
+    each relative to the starting noise (L2). Near 0 would mean the image is the decoded noise and the parity says
+    little about the transformer and the text encoder."""
+    noise = tensors["noise"]
+
+    def rel(x) -> float:
+        return round(float((x.norm() / noise.norm()).item()), 4)
+
+    return {
+        "velocity_step0": rel(tensors["step0.cond.sample"][:, : noise.shape[1]]),  # target tokens only
+        "final_latent_change": rel(tensors[f"latents.{steps - 1}"] - noise),
+    }
+
+
 def check(checkpoint: Path, fp32_bundle: Path, out: Path, exe: Path, side: int, names: list[str] | None = None) -> dict:
     """Runs `names` in that order (default: every case of CASES), writing out/scale_check.json after each step."""
     import torch
@@ -181,6 +196,7 @@ def check(checkpoint: Path, fp32_bundle: Path, out: Path, exe: Path, side: int, 
         row = results["cases"][case.name]
         row["diffusers_s"] = round(time.time() - t0, 1)
         row["parity"] = compare(out / f"{case.name}.png", tensors["image"][0].numpy())
+        row["latent_motion"] = latent_motion(tensors, case.steps)
         row["diffusers_peak_rss_gb_so_far"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)
         _log(json.dumps(row))
         report.write_text(json.dumps(results, indent=2) + "\n")
