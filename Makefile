@@ -7,7 +7,7 @@
 #   make bench  - every bench; rewrites the README's performance tables (scripts/bench.sh)
 #   make memory-check - issue 21's check: a 1 MP bundle, eight concurrent requests under BATCH_SIZE=4,
 #                 peak RSS under MEMORY_LIMIT (5-10 minutes; not part of make test)
-#   make scale-check - the real-width run of docs/real-scale.md (not in CI: ~12 GB of disk, ~16 GB of RAM, ~1 h)
+#   make scale-check - the real-width run of docs/real-scale.md (not in CI: ~12 GB of disk, ~14 GB of RAM, ~1 h)
 SHELL := /bin/bash
 .ONESHELL:
 .PHONY: serve test check lint bench memory-check setup setup-runtime setup-check scale-check
