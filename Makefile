@@ -7,9 +7,10 @@
 #   make bench  - every bench; rewrites the README's performance tables (scripts/bench.sh)
 #   make memory-check - issue 21's check: a 1 MP bundle, eight concurrent requests under BATCH_SIZE=4,
 #                 peak RSS under MEMORY_LIMIT (5-10 minutes; not part of make test)
+#   make scale-check - the real-width run of docs/real-scale.md (not in CI: ~12 GB of disk, ~14 GB of RAM, ~1 h)
 SHELL := /bin/bash
 .ONESHELL:
-.PHONY: serve test check lint bench memory-check setup setup-runtime setup-check
+.PHONY: serve test check lint bench memory-check setup setup-runtime setup-check scale-check
 
 setup-runtime:
 	scripts/setup.sh runtime
@@ -55,3 +56,26 @@ memory-check: setup
 	set -euo pipefail
 	source .deps/env
 	cargo test --release --test memory_check -- --ignored --nocapture
+
+# docs/real-scale.md: a random checkpoint at the real widths (export scale-model), exported with the users' command
+# as bf16 (GPU) and fp32 (CPU) bundles, `build --dry-run` on the bf16 one, then qwen-edit edit on the fp32 one
+# against diffusers (export scale-check). SCALE_OUT (default scale-out, git-ignored), SCALE_VARIANT (edit-2511),
+# SCALE_SIDE (512). Each bundle is deleted once measured; the checkpoint and the fp32 bundle stay for reruns.
+SCALE_OUT ?= scale-out
+SCALE_VARIANT ?= edit-2511
+SCALE_SIDE ?= 512
+scale-check: setup
+	set -euo pipefail
+	source .deps/env
+	cargo build --release --bin qwen-edit
+	py=.venv/bin/python
+	[ -d $(SCALE_OUT)/ckpt ] || $$py -m export scale-model --variant $(SCALE_VARIANT) --out $(SCALE_OUT)/ckpt
+	$$py -m export bundle --checkpoint $(SCALE_OUT)/ckpt --out $(SCALE_OUT)/bundle-bf16 --dtype bfloat16 \
+		--report $(SCALE_OUT)/bf16-report.json
+	du -ab $(SCALE_OUT)/bundle-bf16 > $(SCALE_OUT)/bf16-files.txt
+	target/release/qwen-edit build --dry-run --bundle $(SCALE_OUT)/bundle-bf16 --report $(SCALE_OUT)/dry-run.json
+	rm -rf $(SCALE_OUT)/bundle-bf16
+	$$py -m export bundle --checkpoint $(SCALE_OUT)/ckpt --out $(SCALE_OUT)/bundle-fp32 --dtype float32 \
+		--report $(SCALE_OUT)/fp32-report.json
+	$$py -m export scale-check --checkpoint $(SCALE_OUT)/ckpt --bundle $(SCALE_OUT)/bundle-fp32 \
+		--out $(SCALE_OUT)/run --qwen-edit target/release/qwen-edit --side $(SCALE_SIDE)

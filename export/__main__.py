@@ -68,6 +68,37 @@ def cmd_tiny(args) -> int:
     return 0
 
 
+def cmd_scale_model(args) -> int:
+    from . import scale
+
+    scale.make_checkpoint(
+        Path(args.out),
+        get_variant(args.variant),
+        layers=args.layers,
+        text_layers=args.text_layers,
+        vision_layers=args.vision_layers,
+        seed=args.seed,
+    )
+    return 0
+
+
+def cmd_scale_check(args) -> int:
+    from . import scale_check
+
+    for p in (args.checkpoint, args.bundle):
+        if not Path(p).is_dir():
+            raise UsageError(f"not a directory: {p}")
+    names = [n for n in args.cases.split(",") if n] if args.cases else None
+    try:
+        r = scale_check.check(
+            Path(args.checkpoint), Path(args.bundle), Path(args.out), Path(args.qwen_edit), args.side, names
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    print(json.dumps(r, indent=2))
+    return 0
+
+
 def cmd_check(args) -> int:
     from . import tinyset
 
@@ -145,6 +176,34 @@ def main(argv=None) -> int:
     t.add_argument("--no-references", action="store_true")
     t.add_argument("--report", help="write the verification report (JSON) here")
     t.set_defaults(fn=cmd_tiny)
+
+    s = sub.add_parser(
+        "scale-model",
+        help="a random checkpoint at the real widths with few layers (export/scale.py; several GB, not committed)",
+    )
+    s.add_argument("--variant", required=True, help="edit-2509 | edit-2511")
+    s.add_argument("--out", required=True, help="checkpoint directory to write")
+    s.add_argument("--layers", type=int, default=2, help="transformer blocks (real: 60; default 2)")
+    s.add_argument("--text-layers", type=int, default=2, help="language-model layers (real: 28; default 2)")
+    s.add_argument(
+        "--vision-layers",
+        type=int,
+        default=2,
+        help="vision blocks (real: 32; default 2: one windowed, one full attention)",
+    )
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_scale_model)
+
+    sc = sub.add_parser("scale-check", help="the wide run: qwen-edit edit on an fp32 scale bundle vs diffusers")
+    sc.add_argument("--checkpoint", required=True, help="the scale-model checkpoint")
+    sc.add_argument("--bundle", required=True, help="its fp32 bundle (`export bundle --dtype float32`)")
+    sc.add_argument("--out", required=True, help="directory for the run bundle, images and scale_check.json")
+    sc.add_argument("--qwen-edit", default="target/release/qwen-edit", help="the qwen-edit binary")
+    sc.add_argument("--side", type=int, default=512, help="working side in pixels (VAE area side*side; default 512)")
+    sc.add_argument(
+        "--cases", default="", help="comma-separated cases (one_image, one_image_cfg, two_images; default: all)"
+    )
+    sc.set_defaults(fn=cmd_scale_check)
 
     c = sub.add_parser("check", help="regenerate the tiny set in a temp dir and compare with the committed one")
     c.add_argument("--engines", default="engines")

@@ -6,6 +6,7 @@ working areas differ (the tiny bundle declares small ones so a CPU edit takes we
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -64,21 +65,79 @@ def log(msg: str) -> None:
     print(f"[export] {msg}", file=sys.stderr, flush=True)
 
 
-def load_pipeline(checkpoint: Path, variant: Variant, dtype: torch.dtype):
+# Pipeline module -> the graphs exported from it.
+MODULES = {"text_encoder": ("text_encoder",), "transformer": ("transformer",), "vae": ("vae_encoder", "vae_decoder")}
+
+
+def load_pipeline(checkpoint: Path, variant: Variant, dtype: torch.dtype, modules: bool = True):
+    """The checkpoint's pipeline; with `modules=False` only its light parts (tokenizer, processor, scheduler):
+    `load_module` then loads each network when it is needed."""
     if not checkpoint.is_dir():
         raise UsageError(f"checkpoint directory not found: {checkpoint}")
     detected = detect_variant(checkpoint)
     if detected.kind != variant.kind or detected.zero_cond_t != variant.zero_cond_t:
         raise UsageError(f"{checkpoint} is a {detected.name} checkpoint, not {variant.name}")
     cls = variant.pipeline_class()
+    skip = {} if modules else {m: None for m in MODULES}
     try:
-        pipe = cls.from_pretrained(str(checkpoint), dtype=dtype)
+        pipe = cls.from_pretrained(str(checkpoint), dtype=dtype, **skip)
         pipe.set_progress_bar_config(disable=True)
     except Exception as e:
         raise UsageError(f"cannot load {checkpoint} as {cls.__name__}: {e}") from e
-    for m in (pipe.text_encoder, pipe.transformer, pipe.vae):
-        m.eval().requires_grad_(False)
+    for m in MODULES if modules else ():
+        getattr(pipe, m).eval().requires_grad_(False)
     return pipe
+
+
+class _Released:
+    """What stays of a released module: its config (the manifest reads it)."""
+
+    def __init__(self, module):
+        self.config = module.config
+
+
+def load_module(pipe, checkpoint: Path, name: str, dtype: torch.dtype) -> None:
+    """Loads one network of the checkpoint into `pipe` (see `load_pipeline(modules=False)`)."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    try:
+        if name == "text_encoder":
+            m = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(checkpoint / "text_encoder"), dtype=dtype)
+        elif name == "transformer":
+            m = QwenImageTransformer2DModel.from_pretrained(str(checkpoint), subfolder="transformer", torch_dtype=dtype)
+        else:
+            m = AutoencoderKLQwenImage.from_pretrained(str(checkpoint), subfolder="vae", torch_dtype=dtype)
+    except Exception as e:
+        raise UsageError(f"cannot load {checkpoint / name}: {e}") from e
+    object.__setattr__(pipe, name, m.eval().requires_grad_(False))
+
+
+def release_module(pipe, name: str) -> None:
+    """Frees one network of `pipe`, keeping its config."""
+    import gc
+
+    object.__setattr__(pipe, name, _Released(getattr(pipe, name)))
+    gc.collect()
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far (GB; Linux: since the last `reset_peak_rss`)."""
+    import resource
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def reset_peak_rss() -> None:
+    """Starts a new peak (Linux: `5` to /proc/self/clear_refs resets VmHWM); elsewhere the peak stays cumulative."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def calculate_dimensions(target_area: int, ratio: float) -> tuple[int, int]:
@@ -462,16 +521,34 @@ def export_bundle(
         variant = detect_variant(checkpoint)
     areas = areas or Areas(REAL_VAE_AREA, REAL_CONDITION_AREA if variant.plus else None)
     t0 = time.time()
-    log(f"loading {checkpoint} ({variant.name}, {DTYPE_NAMES[tdtype]})")
-    pipe = load_pipeline(checkpoint, variant, tdtype)
-    lightning = None
-    if lightning_lora is not None:
-        log(f"fusing LoRA {lightning_lora}")
-        lightning = lora.fuse(pipe.transformer, Path(lightning_lora), lora_scale)
     out.mkdir(parents=True, exist_ok=True)
-    paths, rows = export_components(pipe, variant, tdtype, out)
-    quantization, fp8_report, fp8_rows = quantize(pipe, variant, tdtype, paths, areas, precision, fp8_settings)
-    rows += fp8_rows
+    # FP8 calibration runs the whole pipeline; otherwise one network is in memory at a time (load, export,
+    # verify, free), so the peak follows the largest component, not the sum.
+    whole = precision == "fp8"
+    log(f"loading {checkpoint} ({variant.name}, {DTYPE_NAMES[tdtype]}{'' if whole else ', one module at a time'})")
+    pipe = load_pipeline(checkpoint, variant, tdtype, modules=whole)
+    lightning, paths, rows, timings = None, {}, [], {}
+    quantization = fp8_report = None
+    overall = 0.0
+    for module, graphs_of in MODULES.items():
+        overall = max(overall, peak_rss_gb())
+        reset_peak_rss()
+        t1 = time.time()
+        if not whole:
+            load_module(pipe, checkpoint, module, tdtype)
+        if module == "transformer" and lightning_lora is not None:
+            log(f"fusing LoRA {lightning_lora}")
+            lightning = lora.fuse(pipe.transformer, Path(lightning_lora), lora_scale)
+        p, r = export_components(pipe, variant, tdtype, out, only=graphs_of)
+        paths.update(p)
+        rows += r
+        if module == "transformer":
+            quantization, fp8_report, fp8_rows = quantize(pipe, variant, tdtype, paths, areas, precision, fp8_settings)
+            rows += fp8_rows
+        if not whole:
+            release_module(pipe, module)
+        timings[module] = {"seconds": round(time.time() - t1, 1), "peak_rss_gb": round(peak_rss_gb(), 2)}
+        log(f"{module}: {timings[module]['seconds']} s, peak RSS {timings[module]['peak_rss_gb']} GB")
     pipe.tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
     manifest = build_manifest(
         pipe,
@@ -490,6 +567,9 @@ def export_bundle(
         "variant": variant.name,
         "dtype": DTYPE_NAMES[tdtype],
         "seconds": round(time.time() - t0, 1),
+        "peak_rss_gb": round(max(overall, peak_rss_gb()), 2),
+        "modules": timings,
+        "files": {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()},
         "verification": rows,
     }
     if fp8_report is not None:

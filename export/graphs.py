@@ -65,7 +65,13 @@ def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 class _RealRopeJointAttn:
     """QwenDoubleStreamAttnProcessor2_0 with real RoPE tables ((img_cos, img_sin), (txt_cos, txt_sin)) and
-    the joint key-padding mask given as its additive bias [B, 1, 1, txt + img] (`encoder_hidden_states_mask`)."""
+    the joint key-padding mask given as its additive bias [B, 1, 1, txt + img] (`encoder_hidden_states_mask`).
+    Called with diffusers' complex tables (the model's own forward, as torch references run it), it is the
+    original processor: the graph wrapper shares the model's weights instead of copying them (a copy doubles
+    the exporter's memory)."""
+
+    def __init__(self, original):
+        self.original = original
 
     def __call__(
         self,
@@ -76,6 +82,15 @@ class _RealRopeJointAttn:
         attention_mask=None,
         image_rotary_emb=None,
     ):
+        if not (isinstance(image_rotary_emb, tuple) and isinstance(image_rotary_emb[0], tuple)):
+            return self.original(
+                attn,
+                hidden_states=hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_hidden_states_mask=encoder_hidden_states_mask,
+                attention_mask=attention_mask,
+                image_rotary_emb=image_rotary_emb,
+            )
         seq_txt = encoder_hidden_states.shape[1]
         head_dim = attn.inner_dim // attn.heads
         img_q = attn.to_q(hidden_states).unflatten(-1, (-1, head_dim))
@@ -107,9 +122,10 @@ class TransformerGraph(nn.Module):
 
     def __init__(self, transformer):
         super().__init__()
-        self.m = copy.deepcopy(transformer)
+        self.m = transformer  # shared, not copied: the processor below keeps the model's own forward as it was
         for block in self.m.transformer_blocks:
-            block.attn.set_processor(_RealRopeJointAttn())
+            if not isinstance(block.attn.processor, _RealRopeJointAttn):
+                block.attn.set_processor(_RealRopeJointAttn(block.attn.processor))
         self.zero_cond_t = bool(getattr(self.m.config, "zero_cond_t", False))
 
     def input_names(self):
@@ -286,12 +302,10 @@ class TextEncoderGraph(nn.Module):
         from transformers import AttentionInterface
 
         super().__init__()
-        self.m = copy.deepcopy(model.model)
+        self.m = model.model  # shared, not copied (the graph only reads it): one copy of the weights in memory
         self.visual = self.m.visual
         self.lm = self.m.language_model
         AttentionInterface.register(LM_ATTENTION, _lm_attention)
-        for layer in self.lm.layers:  # the copy's own config objects: the original model is untouched
-            layer.self_attn.config._attn_implementation = LM_ATTENTION
 
     def _vision_block(self, blk, x, cos, sin, mask):
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
@@ -349,14 +363,24 @@ class TextEncoderGraph(nn.Module):
         causal = torch.ones(seq, seq, dtype=torch.bool, device=input_ids.device).tril()
         mask = mask_bias(causal[None, None] & attention_mask.to(torch.bool)[:, None, None, :], embeds.dtype)
         cos, sin = lm.rotary_emb(embeds, position_ids)
-        hs = embeds
-        for layer in lm.layers:
-            hs = layer(
-                hs,
-                attention_mask=mask,
-                position_embeddings=(cos, sin),
-                position_ids=None,
-                past_key_values=None,
-                use_cache=False,
-            )
+        # The layers read their attention function from their config at call time: `attention` only
+        # while this graph runs, so the shared model's own forward (torch references) is untouched.
+        configs = {id(layer.self_attn.config): layer.self_attn.config for layer in lm.layers}.values()
+        saved = [(config, config._attn_implementation) for config in configs]
+        try:
+            for config, _ in saved:
+                config._attn_implementation = LM_ATTENTION
+            hs = embeds
+            for layer in lm.layers:
+                hs = layer(
+                    hs,
+                    attention_mask=mask,
+                    position_embeddings=(cos, sin),
+                    position_ids=None,
+                    past_key_values=None,
+                    use_cache=False,
+                )
+        finally:
+            for config, implementation in saved:
+                config._attn_implementation = implementation
         return lm.norm(hs)

@@ -136,8 +136,18 @@ def _strip_metadata(model: onnx.ModelProto) -> None:
             del node.metadata_props[:]
 
 
-def export(spec: GraphSpec, out_dir: Path) -> Path:
-    """Exports `spec` to `out_dir/<name>.onnx` (+ `<name>.onnx.data` when large) and returns the path."""
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    """Bytes of an initializer's values from its shape and type. Not `ByteSize()`: protobuf cannot serialise a
+    message over 2 GB, and one tensor can be (Qwen2.5-VL-7B's fp32 embedding table is 2.18 GB)."""
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def export(spec: GraphSpec, out_dir: Path, external_threshold: int | None = None) -> Path:
+    """Exports `spec` to `out_dir/<name>.onnx` (+ `<name>.onnx.data` when its weights exceed
+    `external_threshold` bytes, default EXTERNAL_DATA_THRESHOLD) and returns the path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{spec.name}.onnx"
     data_name = f"{spec.name}.onnx.data"
@@ -159,8 +169,8 @@ def export(spec: GraphSpec, out_dir: Path) -> Path:
         )
     model = program.model_proto
     _strip_metadata(model)
-    size = sum(t.ByteSize() for t in model.graph.initializer)
-    if size > EXTERNAL_DATA_THRESHOLD:
+    size = sum(_tensor_bytes(t) for t in model.graph.initializer)
+    if size > (EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold):
         onnx.save_model(
             model,
             str(path),
@@ -169,6 +179,8 @@ def export(spec: GraphSpec, out_dir: Path) -> Path:
             location=data_name,
             size_threshold=1024,
         )
+        # onnx creates the data file owner-only (0600): a server running as another user could not read it.
+        (out_dir / data_name).chmod(0o644)
     else:
         onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path))
@@ -221,14 +233,17 @@ def ort_session_options(path: Path, opts) -> None:
         opts.add_session_config_entry("optimization.disable_specified_optimizers", ORT_FP8_DISABLED_OPTIMIZERS)
 
 
-def run_ort(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+def ort_session(path: Path):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     ort_session_options(path, opts)
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_ort(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return ort_session(path).run(None, feeds)
 
 
 def verify(path: Path, name: str, cases, tolerance: float) -> list[dict]:
@@ -236,8 +251,10 @@ def verify(path: Path, name: str, cases, tolerance: float) -> list[dict]:
     reference output. `cases` yields (label, feeds: dict[str, torch.Tensor], reference: torch.Tensor,
     valid_mask or None). Raises VerificationError beyond `tolerance` (rel L2)."""
     rows = []
+    sess = None  # one session for every case: opening one reads (and optimises) all the weights
     for label, feeds, ref, valid in cases:
-        out = run_ort(path, {k: v.numpy() for k, v in feeds.items()})[0]
+        sess = sess or ort_session(path)
+        out = sess.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
         ref = ref.detach().float().numpy()
         if valid is not None:
             out, ref = out[valid.numpy()], ref[valid.numpy()]

@@ -73,21 +73,13 @@ def _init_(model: torch.nn.Module, generator: torch.Generator) -> None:
                 p.copy_(0.05 * torch.randn(p.shape, generator=generator))
 
 
-def make_components(variant: Variant, seed: int = 0):
-    """Builds (tokenizer, processor, text_encoder, transformer, vae, scheduler) for `variant`."""
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2Tokenizer,
-        Qwen2VLProcessor,
-    )
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
-    tok = _tokenizer()
+def make_tokenizers():
+    """The tiny tokenizer as (tokenizers.Tokenizer, transformers Qwen2Tokenizer)."""
     import tempfile
 
+    from transformers import Qwen2Tokenizer
+
+    tok = _tokenizer()
     with tempfile.TemporaryDirectory() as d:
         tok.save(os.path.join(d, "tokenizer.json"))
         hf_tok = Qwen2Tokenizer(
@@ -103,6 +95,21 @@ def make_components(variant: Variant, seed: int = 0):
             split_special_tokens=False,
             model_max_length=131072,
         )
+    return tok, hf_tok
+
+
+def make_components(variant: Variant, seed: int = 0):
+    """Builds (tokenizer, processor, text_encoder, transformer, vae, scheduler) for `variant`."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLProcessor,
+    )
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    tok, hf_tok = make_tokenizers()
     # The torchvision-backend image processor: what `from_pretrained` gives whenever torchvision is present.
     image_processor = Qwen2VLImageProcessor(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
     video_processor = Qwen2VLVideoProcessor()

@@ -205,7 +205,17 @@ pub fn run(args: &EditArgs) -> Result<(), Error> {
         let t = Instant::now();
         let size = jobs.len();
         let results = pipeline.run_batch(jobs);
-        eprintln!("batch of {size} in {:.2} s", t.elapsed().as_secs_f32());
+        let total = t.elapsed().as_secs_f32();
+        match pipeline.last_stages() {
+            Some(st) => eprintln!(
+                "batch of {size} in {total:.2} s (text encoder {:.2} s, vae encode {:.2} s, denoise {:.2} s, decode {:.2} s)",
+                st.text.as_secs_f32(),
+                st.vae_encode.as_secs_f32(),
+                st.denoise.as_secs_f32(),
+                st.decode.as_secs_f32()
+            ),
+            None => eprintln!("batch of {size} in {total:.2} s"),
+        }
         for (i, r) in idx.into_iter().zip(results) {
             let out = r.map_err(|e| edit_error(i, e))?;
             let path = out_path(&args.outs, i, n);

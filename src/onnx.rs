@@ -42,6 +42,20 @@ pub struct OnnxInfo {
     pub nodes: usize,
     pub initializers: usize,
     pub precision: Precision,
+    /// Sizes of the weights, read from the initializers' shapes (external data is never read).
+    pub weights: WeightSummary,
+}
+
+/// The weights of a graph: bytes and the widths the activation estimate needs (`builder::memory`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct WeightSummary {
+    pub bytes: u64,
+    /// Most frequent dim of the 2-D weights (the model width; ties: the larger).
+    pub model_width: usize,
+    /// Largest dim of the 2-D weights up to 8 x the model width (an MLP's hidden width; vocabularies excluded).
+    pub max_width: usize,
+    /// Channels of the convolution that meets the 3 image channels (a VAE's full-resolution width), 0 if none.
+    pub image_channels: usize,
 }
 
 /// The numeric precision an ONNX graph carries (TensorRT builds it strongly typed, as is).
@@ -135,6 +149,7 @@ pub fn inspect_bytes(bytes: &[u8], path: &Path) -> Result<OnnxInfo, Error> {
 
     let mut scan = Scan::default();
     scan.graph(graph);
+    let weights = scan.weight_summary();
     Ok(OnnxInfo {
         ir_version: model.ir_version,
         producer: format!("{} {}", model.producer_name, model.producer_version).trim().to_string(),
@@ -145,6 +160,7 @@ pub fn inspect_bytes(bytes: &[u8], path: &Path) -> Result<OnnxInfo, Error> {
         nodes: scan.nodes,
         initializers: scan.initializers,
         precision: Precision { weight_types: scan.weight_types.into_iter().collect(), qdq: scan.qdq, fp8: scan.fp8 },
+        weights,
     })
 }
 
@@ -157,11 +173,47 @@ struct Scan {
     fp8: bool,
     nodes: usize,
     initializers: usize,
+    weight_bytes: u64,
+    /// dim -> how many 2-D float weights have it.
+    matrix_dims: BTreeMap<usize, usize>,
+    image_channels: usize,
+}
+
+/// Bytes per element of an ONNX data type (0 for strings and unknown types).
+fn element_bytes(t: i32) -> u64 {
+    match t {
+        ONNX_DOUBLE | ONNX_INT64 | 13 => 8,
+        ONNX_FLOAT | ONNX_INT32 | 12 => 4,
+        ONNX_FLOAT16 | ONNX_BFLOAT16 | 4 | 5 => 2,
+        2 | 3 | ONNX_BOOL => 1,
+        t if ONNX_FLOAT8.contains(&t) => 1,
+        _ => 0,
+    }
 }
 
 impl Scan {
+    fn weight_summary(&self) -> WeightSummary {
+        let model_width = self.matrix_dims.iter().max_by_key(|(d, n)| (**n, **d)).map_or(0, |(d, _)| *d);
+        let max_width = self.matrix_dims.keys().filter(|d| **d <= 8 * model_width).max().copied().unwrap_or(0);
+        WeightSummary { bytes: self.weight_bytes, model_width, max_width, image_channels: self.image_channels }
+    }
+
     fn tensor(&mut self, t: &TensorProto) {
         self.initializers += 1;
+        let dims: Vec<usize> = t.dims.iter().map(|d| (*d).max(0) as usize).collect();
+        self.weight_bytes += dims.iter().product::<usize>() as u64 * element_bytes(t.data_type);
+        let float = matches!(t.data_type, ONNX_FLOAT | ONNX_FLOAT16 | ONNX_BFLOAT16) || ONNX_FLOAT8.contains(&t.data_type);
+        if float && dims.len() == 2 && dims.iter().all(|d| *d > 1) {
+            for d in &dims {
+                *self.matrix_dims.entry(*d).or_default() += 1;
+            }
+        }
+        if float && dims.len() >= 4 {
+            match (dims[0], dims[1]) {
+                (3, c) | (c, 3) if c > 3 => self.image_channels = self.image_channels.max(c),
+                _ => {}
+            }
+        }
         if matches!(t.data_type, ONNX_FLOAT | ONNX_FLOAT16 | ONNX_BFLOAT16 | ONNX_DOUBLE) && t.dims.iter().product::<i64>() > 1 {
             self.weight_types.insert(onnx_dtype_name(t.data_type).to_string());
         }

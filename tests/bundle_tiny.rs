@@ -55,3 +55,18 @@ fn sixteen_bit_bundles_declare_their_precision() {
         }
     }
 }
+
+/// A bfloat16 bundle on a machine without a GPU: ONNX Runtime's CPU provider has no bfloat16 kernels, and opening
+/// the pipeline fails at start-up (never in a request) with an error that names the fix.
+#[test]
+fn bf16_bundle_on_the_cpu_fails_at_start_up_naming_the_fix() {
+    use qwen_edit::pipeline::{Pipeline, PipelineOptions};
+
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/tiny-bf16");
+    let opts = PipelineOptions { backend: "ort".parse().unwrap(), ..Default::default() };
+    let err = match Pipeline::open(&dir, &opts) {
+        Ok(_) => panic!("a bfloat16 bundle opened on ONNX Runtime's CPU provider"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("bfloat16") && err.contains("--dtype float32") && err.contains("qwen-edit build"), "{err}");
+}

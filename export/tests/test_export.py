@@ -295,3 +295,55 @@ def test_manifest_contract_refuses_what_the_server_refuses(tmp_path):
         with pytest.raises(manifest_contract.ManifestError, match=key):
             manifest_contract.write(tmp_path / "manifest.json", bad)
         assert not (tmp_path / "manifest.json").exists(), "nothing is written when the check fails"
+
+
+def test_external_data_when_forced_over_the_threshold(pipe, tmp_path):
+    """A small graph forced over the 2 GB rule takes the real-scale path: weights in `<name>.onnx.data`, the
+    .onnx holding the graph only, dims renamed without touching the data, ORT running it, the manifest listing
+    the data file and the hash taken of the .onnx."""
+    spec = ox.vae_decoder_spec(pipe.vae, [torch.randn(2, 16, 6, 8)])
+    path = ox.export(spec, tmp_path, external_threshold=0)
+    data = tmp_path / "vae_decoder.onnx.data"
+    assert data.is_file() and data.stat().st_size > path.stat().st_size
+    weights = sum(p.numel() * 4 for p in pipe.vae.decoder.parameters()) + sum(
+        p.numel() * 4 for p in pipe.vae.post_quant_conv.parameters()
+    )
+    assert data.stat().st_size >= 0.9 * weights
+    bundle._rename_dims(path, "vae_decoder")
+    model = onnx.load(str(path), load_external_data=False)
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and all(e.key != "location" or e.value == data.name for t in external for e in t.external_data)
+    inputs, _ = ox.io_contract(path)
+    assert inputs[0]["shape"] == ["batch", 16, "lh", "lw"]
+    z = torch.randn(1, 16, 5, 7)
+    with torch.no_grad():
+        ref = pipe.vae.decode(z.unsqueeze(2), return_dict=False)[0][:, :, 0]
+    rows = ox.verify(path, "vae_decoder", [("external", {"latent": z}, ref, None)], 1e-5)
+    assert rows[0]["rel_l2"] < 1e-5
+    entry = {"file": path.name, "external_data": [data.name] if data.exists() else []}
+    assert entry["external_data"] == ["vae_decoder.onnx.data"]
+
+
+def test_export_frees_each_module_after_its_graphs(checkpoint, tmp_path):
+    """`export bundle` loads, exports and frees one network at a time: after a module is released only its config
+    is left, and the manifest is still built from the configs."""
+    p = bundle.load_pipeline(checkpoint, variants.VARIANTS["edit"], torch.float32, modules=False)
+    assert p.transformer is None and p.text_encoder is None and p.vae is None
+    bundle.load_module(p, checkpoint, "vae", torch.float32)
+    assert isinstance(p.vae, torch.nn.Module)
+    bundle.release_module(p, "vae")
+    assert not isinstance(p.vae, torch.nn.Module) and p.vae.config.z_dim == 16
+    report = bundle.export_bundle(checkpoint, tmp_path / "b", variant=variants.VARIANTS["edit"])
+    assert set(report["modules"]) == {"text_encoder", "transformer", "vae"}
+    assert report["peak_rss_gb"] > 0 and "transformer.onnx" in report["files"]
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["transformer"]["joint_attention_dim"] == 64 and m["vae"]["z_dim"] == 16
+
+
+def test_initializer_size_of_a_tensor_over_2_gb():
+    """The external-data decision sizes initializers from their shapes: protobuf cannot serialise (ByteSize) one
+    tensor over 2 GB, and Qwen2.5-VL-7B's fp32 embedding table (152064 x 3584) is 2.18 GB."""
+    t = onnx.TensorProto(name="embed_tokens", data_type=onnx.TensorProto.FLOAT, dims=[152064, 3584])
+    assert ox._tensor_bytes(t) == 152064 * 3584 * 4 > 2**31
+    t = onnx.TensorProto(name="w", data_type=onnx.TensorProto.BFLOAT16, dims=[3072, 12288])
+    assert ox._tensor_bytes(t) == 3072 * 12288 * 2

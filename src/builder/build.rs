@@ -6,6 +6,7 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use super::memory::MemoryEstimate;
 use super::verify::{Backends, Verification};
 use super::{exit, BuildArgs, Error, Planned};
 use crate::bundle::{Bundle, Manifest};
@@ -48,6 +49,8 @@ pub struct ComponentReport {
     pub onnx_sha256: String,
     pub cache_key: Option<String>,
     pub profiles: Vec<Profile>,
+    /// Weights and estimated activations per profile (`builder::memory`).
+    pub memory: MemoryEstimate,
     pub seconds: f64,
     pub plan_bytes: Option<u64>,
     pub timing_cache_reused: Option<bool>,
@@ -280,7 +283,15 @@ fn plan_component(
     }
     let hash = content_hash(&onnx_path, &external)?;
     let plan = bundle.plan_path(name)?;
-    Ok(Planned { name: name.to_string(), onnx: onnx_path, plan, info, profiles, hash })
+    let memory = MemoryEstimate::of(name, &info, &profiles);
+    progress(&format!("{name}: {} ({}), {} profile(s)", memory.summary(), info.precision.summary(), profiles.len()));
+    for (i, (p, act)) in profiles.iter().zip(&memory.activation_bytes).enumerate() {
+        progress(&format!("{name}: profile {i} (activations {}):", super::memory::gib(*act)));
+        for input in &p.inputs {
+            progress(&format!("  {:<28} min {:?} opt {:?} max {:?}", input.name, input.min, input.opt, input.max));
+        }
+    }
+    Ok(Planned { name: name.to_string(), onnx: onnx_path, plan, info, profiles, hash, memory })
 }
 
 impl Planned {
@@ -295,6 +306,7 @@ impl Planned {
             onnx_sha256: self.hash.clone(),
             cache_key: None,
             profiles: self.profiles.clone(),
+            memory: self.memory.clone(),
             seconds: 0.0,
             plan_bytes: None,
             timing_cache_reused: None,

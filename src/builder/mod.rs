@@ -3,6 +3,7 @@
 
 mod build;
 mod inspect;
+pub mod memory;
 mod verify;
 
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,7 @@ pub(super) struct Planned {
     pub(super) info: onnx::OnnxInfo,
     pub(super) profiles: Vec<onnx::Profile>,
     pub(super) hash: String,
+    pub(super) memory: memory::MemoryEstimate,
 }
 
 /// Exit codes of `build` and `inspect` (documented in docs/tensorrt.md).

@@ -344,7 +344,7 @@ impl OrtBackend {
             builder =
                 builder.with_disabled_optimizers(super::qdq::ORT_FP8_DISABLED_OPTIMIZERS).map_err(|e| load_err(e.to_string()))?;
         }
-        let (session, attention) = self.commit(builder, component, path).map_err(load_err)?;
+        let (session, attention) = self.commit(builder, component, path).map_err(|e| load_err(explain_session_error(e)))?;
         let io = |outlets: &[ort::value::Outlet]| -> Result<Vec<TensorInfo>, Error> {
             outlets.iter().map(|o| tensor_info(o.name(), o.dtype()).map_err(&load_err)).collect()
         };
@@ -387,6 +387,21 @@ impl OrtBackend {
             }
         };
         Ok((session.map_err(|e| e.to_string())?, rewritten.summary))
+    }
+}
+
+/// What ONNX Runtime says when it cannot build a session, plus the fix where we know it: its CPU provider has no
+/// bfloat16 kernels for most operators (Conv, LayerNorm, ...), so a bfloat16 bundle fails here, at start-up, never in
+/// a request.
+pub fn explain_session_error(msg: String) -> String {
+    if msg.contains("bfloat16") {
+        format!(
+            "{msg}. This is a bfloat16 graph, which ONNX Runtime's CPU provider cannot run: on a machine without a GPU \
+             use a float32 bundle (`python -m export bundle --dtype float32`); bfloat16 bundles are for TensorRT \
+             (`qwen-edit build`, then --backend tensorrt on a GPU)"
+        )
+    } else {
+        msg
     }
 }
 
