@@ -1,5 +1,5 @@
-//! What the long-running commands (`serve`, `worker`) share about their process: logging set-up,
-//! the allocator's tuning and the shutdown signals.
+//! What the long-running commands (`serve`, `worker`) share about their process: logging set-up
+//! and the shutdown signals.
 
 use crate::config::LogFormat;
 
@@ -13,23 +13,6 @@ pub fn init_logging(format: LogFormat) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
-}
-
-/// Buffers at least this large (images, tensors, bodies) are mapped on their own and go back to the
-/// system when freed.
-const MMAP_THRESHOLD: i32 = 128 * 1024;
-
-/// Keeps resident memory flat under repeated bursts. glibc raises its mmap threshold each time a
-/// mapped buffer is freed (up to 32 MiB), after which every request's large buffers come from the heap
-/// and fragment it: resident memory then creeps up by megabytes per burst with nothing leaked.
-/// Setting the threshold turns that adjustment off. `MALLOC_MMAP_THRESHOLD_` in the environment
-/// (glibc's own tunable) wins.
-pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
-        // SAFETY: mallopt only sets a parameter of the allocator; called before the runtime starts.
-        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) };
-    }
 }
 
 /// Completes on the first SIGTERM or SIGINT (Ctrl-C elsewhere) and names it.

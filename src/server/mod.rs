@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::{ServeArgs, Settings};
-use crate::lifecycle::{init_logging, shutdown_signal, tune_allocator};
+use crate::lifecycle::{init_logging, shutdown_signal};
 use crate::metrics::Metrics;
 use crate::service::jobs::JobStore;
 use crate::service::{EditService, Phase, StartError};
@@ -248,7 +248,6 @@ pub fn main_serve(args: &ServeArgs) -> u8 {
         }
     };
     init_logging(settings.log_format);
-    tune_allocator();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("qwen-edit-http").build() {
         Ok(r) => r,
         Err(e) => {

@@ -29,7 +29,7 @@ use tokio::task::{AbortHandle, JoinHandle};
 use tracing::Instrument;
 
 use crate::config::{RunPodSettings, Settings, WorkerArgs, WorkerMode};
-use crate::lifecycle::{init_logging, shutdown_signal, tune_allocator};
+use crate::lifecycle::{init_logging, shutdown_signal};
 use crate::metrics::Metrics;
 use crate::service::jobs::{new_id, run_job, Kind};
 use crate::service::schema::EditResponse;
@@ -57,7 +57,6 @@ pub fn main_worker(args: &WorkerArgs) -> u8 {
         }
     };
     init_logging(settings.log_format);
-    tune_allocator();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("qwen-edit-worker").build() {
         Ok(r) => r,
         Err(e) => {
