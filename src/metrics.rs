@@ -23,7 +23,7 @@
 //! | `qwen_edit_{device_loop,host_loop}_steps_total` | counter | denoising steps on the device / stepped on the host |
 //! | `qwen_edit_staged_host_copies_total` | counter | host copies of staged inputs before their upload (0 on the pinned staging path) |
 //! | `qwen_edit_stage_duration_seconds{stage,batch_size}` | histogram | one pipeline stage of one batch: `text_encoder`, `vae_encoder`, `denoise_step` (one sample per step), `vae_decoder`; per job `preprocess` and `encode`, labelled with the batch the job ran in |
-//! | `qwen_edit_process_resident_bytes`, `qwen_edit_process_resident_peak_bytes`, `qwen_edit_host_memory_available_bytes` | gauges | process RSS now / highest since the model loaded; host (or cgroup) memory available |
+//! | `qwen_edit_process_resident_bytes`, `qwen_edit_process_resident_peak_bytes`, `qwen_edit_process_heap_in_use_bytes`, `qwen_edit_host_memory_available_bytes` | gauges | process RSS now / highest since the model loaded; bytes the allocator has handed out (glibc: a leak grows it, fragmentation does not); host (or cgroup) memory available |
 //! | `qwen_edit_device_memory_total_bytes`, `qwen_edit_device_memory_used_bytes`, `qwen_edit_engine_memory_bytes{component,kind}` | gauges | the GPU (TensorRT only): its memory, and each engine's `weights`, `activation` and `io` bytes |
 //! | `qwen_edit_batch_policy{policy}`, `qwen_edit_arrival_rate`, `qwen_edit_batch_wait_success`, `qwen_edit_batch_cost_per_image_seconds{batch_size}` | gauges | the batch wait policy in force and what it learned: jobs per second arriving, the share of recent waits that brought company, seconds per image by batch size (moving averages) |
 
@@ -100,6 +100,7 @@ impl Metrics {
         describe("qwen_edit_connections", "Open HTTP connections");
         describe("qwen_edit_stage_duration_seconds", "One pipeline stage of one batch (denoise_step: each step), by batch size");
         describe("qwen_edit_process_resident_bytes", "Resident memory of the process");
+        describe("qwen_edit_process_heap_in_use_bytes", "Bytes the allocator has handed out and not had back (glibc)");
         describe("qwen_edit_process_resident_peak_bytes", "Highest resident memory of the process since the model loaded");
         describe("qwen_edit_host_memory_available_bytes", "Memory the host (or the cgroup) still has available");
         describe("qwen_edit_device_memory_total_bytes", "Memory of the GPU (TensorRT)");

@@ -1,5 +1,6 @@
 //! The memory this process may use and uses: the machine's or the container's limit (cgroup v2 or
-//! v1), the resident set size now, and its peak since a reset (Linux `/proc`). A leaf module.
+//! v1), the resident set size now, its peak since a reset (Linux `/proc`), and the bytes the
+//! allocator has handed out (glibc). A leaf module.
 //!
 //! Reading the peak is exact: the kernel keeps the high-water mark (`VmHWM`), and writing `5` to
 //! `/proc/self/clear_refs` resets it to the current RSS (Linux 4.0+). Where `/proc` is missing
@@ -71,6 +72,21 @@ fn kib_field(text: &str, key: &str) -> Option<u64> {
 /// Resident set size of this process now, in bytes.
 pub fn rss() -> Option<u64> {
     kib_field(&std::fs::read_to_string("/proc/self/status").ok()?, "VmRSS:")
+}
+
+/// Bytes the C allocator has handed out and not had back (every thread's arena and the buffers it
+/// mapped on their own; ONNX Runtime allocates there too), from glibc's `mallinfo2`. Resident memory
+/// can grow past it while this stays flat: freed memory the allocator keeps, fragmented, for reuse.
+/// A leak grows this. `None` off glibc.
+pub fn heap_in_use() -> Option<u64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's statistics (glibc 2.33+).
+        let info = unsafe { libc::mallinfo2() };
+        Some((info.uordblks + info.hblkhd) as u64)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    None
 }
 
 /// The peak resident set size since the process started or the last [`reset_peak`], in bytes.

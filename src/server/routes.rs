@@ -223,6 +223,7 @@ fn metrics(state: &AppState) -> Response<Body> {
     for (name, v) in [
         ("qwen_edit_process_resident_bytes", memory.resident_bytes),
         ("qwen_edit_process_resident_peak_bytes", memory.resident_peak_bytes),
+        ("qwen_edit_process_heap_in_use_bytes", memory.heap_in_use_bytes),
         ("qwen_edit_host_memory_available_bytes", memory.host_available_bytes),
     ] {
         if let Some(v) = v {

@@ -195,6 +195,9 @@ pub struct MemoryStatus {
     pub resident_bytes: Option<u64>,
     /// The most resident memory since the model was loaded (the memory probe resets the mark).
     pub resident_peak_bytes: Option<u64>,
+    /// What the allocator has handed out and not had back (glibc; `None` elsewhere): a leak grows
+    /// this, while resident memory also holds freed memory the allocator keeps for reuse.
+    pub heap_in_use_bytes: Option<u64>,
     /// What the host (or the container's cgroup) still has available.
     pub host_available_bytes: Option<u64>,
     /// Present once the model is loaded.
@@ -449,6 +452,7 @@ impl EditService {
                 request_bytes_in_use: in_use,
                 resident_bytes: sysmem::rss(),
                 resident_peak_bytes: sysmem::peak_rss(),
+                heap_in_use_bytes: sysmem::heap_in_use(),
                 host_available_bytes: sysmem::host_available(),
                 plan: loaded.map(|m| m.plan.clone()),
                 resolutions: loaded.map(|m| m.fits.clone()).unwrap_or_default(),
