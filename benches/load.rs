@@ -11,7 +11,8 @@
 //! first; `LOAD_RATE_FACTORS`, default `0.5,2`), or absolute with `LOAD_RATES` (requests/s).
 //! Other knobs: `LOAD_STEPS` (denoising steps per request, default 8), `LOAD_BATCH_SIZES`,
 //! `LOAD_TIMEOUTS_MS`, `LOAD_REPEATS` (runs per row, default 3: each figure is the median of the
-//! runs, the 503 share their total, so one noisy run does not decide a row). The table goes to stdout and to target/bench-tables/load.md.
+//! runs, of an even number the lower middle one; the 503 share their total, so one noisy run does
+//! not decide a row). The table goes to stdout and to target/bench-tables/load.md.
 //! Under `cargo test` (no `--bench`) it runs one short configuration as a smoke test.
 
 #[path = "../tests/server_support/mod.rs"]
@@ -200,7 +201,7 @@ async fn bench() {
     };
     let mut table = format!(
         "Tiny bundle, {steps} steps, one 256x192 PNG per request (edited at 128x128), {seconds} s of arrivals per run, \
-         {repeats} runs per row (each figure the median of the runs, the 503 share over all), MAX_QUEUE 64. \
+         {repeats} runs per row (each figure the median of the runs, of two the lower; the 503 share over all), MAX_QUEUE 64. \
          Arrival rates are multiples of the rate of one client sending one request after another to \
          BATCH_SIZE=1 ({:.1} ms per request, {:.2} requests/s); under concurrency the server overlaps decoding and \
          encoding with the model, so it can serve more than that.\n\n\
