@@ -1002,13 +1002,23 @@ mod tests {
         max_queue: usize,
         delay_ms: u64,
     ) -> (Batcher<Key, u32, u32, TestError>, Log, Finished) {
+        start_with(WaitMode::Fixed, batch_size, timeout_ms, max_queue, delay_ms)
+    }
+
+    fn start_with(
+        wait: WaitMode,
+        batch_size: usize,
+        timeout_ms: u64,
+        max_queue: usize,
+        delay_ms: u64,
+    ) -> (Batcher<Key, u32, u32, TestError>, Log, Finished) {
         let log = Arc::new(Mutex::new(Vec::new()));
         let l = log.clone();
         let policy = BatchPolicy {
             batch_size,
             batch_timeout: Duration::from_millis(timeout_ms),
             max_queue,
-            wait: WaitMode::Fixed,
+            wait,
             watchdog: Watchdog::default(),
         };
         let (b, ready, fin) = Batcher::start(policy, Arc::new(NoObserver), move || {
@@ -1047,18 +1057,7 @@ mod tests {
 
     #[tokio::test]
     async fn adaptive_wait_starts_a_lone_job_at_once_and_waits_in_a_burst() {
-        let log: Log = Arc::new(Mutex::new(Vec::new()));
-        let l = log.clone();
-        let policy = BatchPolicy {
-            batch_size: 4,
-            batch_timeout: Duration::from_secs(2),
-            max_queue: 16,
-            wait: WaitMode::Adaptive,
-            watchdog: Watchdog::default(),
-        };
-        let (b, _ready, fin): Started<Key, u32, u32, TestError, ()> =
-            Batcher::start(policy, Arc::new(NoObserver), move || Ok((Echo { batches: l, delay: Duration::from_millis(20) }, ())))
-                .unwrap();
+        let (b, log, fin) = start_with(WaitMode::Adaptive, 4, 2000, 16, 20);
         let t = std::time::Instant::now();
         assert_eq!(b.submit(b.try_admit().unwrap(), key(1), 1).await.unwrap().unwrap().batch_size, 1);
         assert!(t.elapsed() < Duration::from_secs(1), "a lone job does not wait the 2 s timeout: {:?}", t.elapsed());
@@ -1084,18 +1083,7 @@ mod tests {
     async fn adaptive_wait_stops_waiting_for_a_client_that_sends_one_job_after_another() {
         // One client, its next job once the last is answered: the arrival rate alone makes company
         // look likely within a 2 s timeout, but it never comes; after fruitless waits, jobs start at once.
-        let policy = BatchPolicy {
-            batch_size: 4,
-            batch_timeout: Duration::from_secs(2),
-            max_queue: 16,
-            wait: WaitMode::Adaptive,
-            watchdog: Watchdog::default(),
-        };
-        let log: Log = Arc::new(Mutex::new(Vec::new()));
-        let l = log.clone();
-        let (b, _ready, fin): Started<Key, u32, u32, TestError, ()> =
-            Batcher::start(policy, Arc::new(NoObserver), move || Ok((Echo { batches: l, delay: Duration::from_millis(20) }, ())))
-                .unwrap();
+        let (b, _log, fin) = start_with(WaitMode::Adaptive, 4, 2000, 16, 20);
         let mut slow = Vec::new();
         for j in 0..12 {
             let t = std::time::Instant::now();

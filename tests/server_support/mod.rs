@@ -251,12 +251,18 @@ pub async fn spawn_within(env: &[(&str, &str)], limit: Duration) -> Proc {
         if let Some(status) = p.child.try_wait().unwrap() {
             panic!("qwen-edit serve exited with {status} before it was ready:\n{}", p.log());
         }
-        if tokio::net::TcpStream::connect(p.addr).await.is_ok() {
-            let h = get(p.addr, "/health").await;
-            if h.status == 200 {
+        // One connection per try, read raw: under load a server capped by MAX_CONNECTIONS may still count
+        // the last tries' connections and answer this one 503 at once, which only means "not yet".
+        if let Ok(mut s) = TcpStream::connect(p.addr).await {
+            let ask = format!("GET /health HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n", p.addr);
+            let _ = s.write_all(ask.as_bytes()).await;
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+            let text = String::from_utf8_lossy(&out);
+            if text.starts_with("HTTP/1.1 200") {
                 break;
             }
-            assert_eq!(h.json()["status"], "loading", "{}", p.log());
+            assert!(!text.contains(r#""status":"failed""#), "the server failed to load:\n{text}\n{}", p.log());
         }
         assert!(Instant::now() < deadline, "not ready in time:\n{}", p.log());
         tokio::time::sleep(Duration::from_millis(50)).await;
