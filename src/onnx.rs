@@ -572,14 +572,15 @@ fn profile_for(component: &str, inputs: &[TensorInfo], ranges: &BTreeMap<String,
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn fixture(name: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx").join(name)
     }
 
-    fn settings(variant: Variant) -> ProfileSettings {
+    /// Profile settings at the real models' defaults (1 MP, batch 1/2/4, CFG); other modules' tests start from them.
+    pub(crate) fn settings(variant: Variant) -> ProfileSettings {
         ProfileSettings {
             variant,
             batch_sizes: vec![1, 2, 4],

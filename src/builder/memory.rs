@@ -170,23 +170,8 @@ mod tests {
     }
 
     fn real_settings() -> crate::onnx::ProfileSettings {
-        crate::onnx::ProfileSettings {
-            variant: crate::bundle::Variant::EditPlus,
-            batch_sizes: vec![1, 2, 4],
-            resolutions: vec![[1024, 1024], [1184, 880], [880, 1184]],
-            max_text_tokens: 2048,
-            drop_tokens: 64,
-            vae_image_area: 1024 * 1024,
-            vae_scale: 8,
-            latent_patch: 2,
-            vision_patch: 14,
-            vision_merge: 2,
-            vision_min_pixels: 56 * 56,
-            vision_max_pixels: 12845056,
-            condition_area: Some(384 * 384),
-            max_images: 4,
-            cfg: true,
-        }
+        let plus = crate::onnx::tests::settings(crate::bundle::Variant::EditPlus);
+        crate::onnx::ProfileSettings { max_text_tokens: 2048, max_images: 4, ..plus }
     }
 
     /// The profiles `build` derives for the real transformer's inputs (Edit Plus, 1 MP, batch 1/2/4 with CFG) and
