@@ -7,7 +7,7 @@
 #   make bench  - every bench; rewrites the README's performance tables (scripts/bench.sh)
 #   make memory-check - issue 21's check: a 1 MP bundle, eight concurrent requests under BATCH_SIZE=4,
 #                 peak RSS under MEMORY_LIMIT (5-10 minutes; not part of make test)
-#   make scale-check - the real-width run of docs/real-scale.md (not in CI: ~12 GB of disk, ~14 GB of RAM, ~1 h)
+#   make scale-check - the real-width run of docs/real-scale.md (not in CI: ~12 GB of disk, ~21 GB of RAM, ~1 h)
 SHELL := /bin/bash
 .ONESHELL:
 .PHONY: serve test check lint bench memory-check setup setup-runtime setup-check scale-check
@@ -60,10 +60,11 @@ memory-check: setup
 # docs/real-scale.md: a random checkpoint at the real widths (export scale-model), exported with the users' command
 # as bf16 (GPU) and fp32 (CPU) bundles, `build --dry-run` on the bf16 one, then qwen-edit edit on the fp32 one
 # against diffusers (export scale-check). SCALE_OUT (default scale-out, git-ignored), SCALE_VARIANT (edit-2511),
-# SCALE_SIDE (512). Each bundle is deleted once measured; the checkpoint and the fp32 bundle stay for reruns.
+# SCALE_SIDE (1024; 512 needs 14 GB of RAM instead of 21). Each bundle is deleted once measured; the checkpoint
+# and the fp32 bundle stay for reruns.
 SCALE_OUT ?= scale-out
 SCALE_VARIANT ?= edit-2511
-SCALE_SIDE ?= 512
+SCALE_SIDE ?= 1024
 scale-check: setup
 	set -euo pipefail
 	source .deps/env

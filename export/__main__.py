@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     sc.add_argument("--bundle", required=True, help="its fp32 bundle (`export bundle --dtype float32`)")
     sc.add_argument("--out", required=True, help="directory for the run bundle, images and scale_check.json")
     sc.add_argument("--qwen-edit", default="target/release/qwen-edit", help="the qwen-edit binary")
-    sc.add_argument("--side", type=int, default=512, help="working side in pixels (VAE area side*side; default 512)")
+    sc.add_argument("--side", type=int, default=1024, help="working side in pixels (VAE area side*side; default 1024)")
     sc.add_argument(
         "--cases", default="", help="comma-separated cases (one_image, one_image_cfg, two_images; default: all)"
     )
