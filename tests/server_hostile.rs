@@ -323,7 +323,14 @@ async fn stop(server: Server) {
 /// the batch memory even alone (413 naming MEMORY_LIMIT); /health's memory report.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cost_limits_and_memory_admission() {
-    let settings = Settings { max_steps: 120, max_output_pixels: 1 << 20, request_memory: Some(64 << 20), ..settings() };
+    // 1 GiB: the tiny bundle's small outputs fit four to a batch; a 1024x1024 output (64x its area, charged ~1.6 GB) does not.
+    let settings = Settings {
+        max_steps: 120,
+        max_output_pixels: 1 << 20,
+        request_memory: Some(64 << 20),
+        memory_limit: Some(1 << 30),
+        ..settings()
+    };
     let server = start(settings).await;
     let addr = server.addr();
     let img = b64(&png(&picture(64, 48, 1)));

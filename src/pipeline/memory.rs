@@ -13,10 +13,18 @@
 //! on the 1 MP bundle, one edit 2.39 GB, two 4.72 GB). A batch needs the largest of its stages (the CPU
 //! backend gives its arena back after each run). `f_s` comes from two probe
 //! points `(x_lo, y_lo)`, `(x_hi, y_hi)`: a stage's need is `c + a x + b x^2` with a, b, c >= 0
-//! (buffers, and attention's square), so the chord bounds it between the points, `y_lo` below them,
-//! and beyond `x_hi` the largest such curve through both points (`c + b x^2` when c >= 0). Beyond
-//! the probed sizes the estimate is an upper bound, not a measurement: outputs much larger than the
-//! bundle's own area are charged the full square and may be refused where they would have fitted.
+//! (buffers, and attention's square), so the chord bounds it between the points and `y_lo` below them.
+//! Beyond `x_hi` (only outputs larger than the bundle's area get there: prompts and condition images
+//! are bounded by the probe's high point) the bound depends on the stage's engine ([`Growth`]):
+//! - `Linear` (every attention streams its scores, as ONNX Runtime runs the transformer and the VAE
+//!   after the attention rewrite): b = 0, and the bound is `y_hi x / x_hi` (the steepest line with
+//!   c >= 0 through the high point; the chord's extension when that is steeper). Measured on the tiny
+//!   bundle (128x128 area): a 2048x2048 output peaks at 1.18 GB of process RSS, linear in the pixels
+//!   from 512x512 up; the square bound charged a 1024x1024 output 125 GiB and refused it.
+//! - `Square` (a materialised attention, or an engine that does not say): the largest such curve
+//!   through both points (`c + b x^2` when c >= 0).
+//!
+//! Beyond the probed sizes the estimate is an upper bound, not a measurement.
 //!
 //! The probe: one job at the bundle's default area with the longest prompt the bundle accepts (the
 //! high point), one at a quarter of the area with a short prompt (the low point); one step each,
@@ -30,43 +38,55 @@ use serde::Serialize;
 
 use super::job::{BatchKey, EditError, EditRequest};
 use super::run::{Checkpoint, Pipeline};
+pub use crate::runtime::Growth;
 use crate::sysmem;
 
 /// Packed latent tokens per pixel: one per 16x16 pixels.
 const PIXELS_PER_TOKEN: u64 = 256;
 
-/// One stage's need (bytes per row) at two measured sizes.
+/// One stage's need (bytes per row) at two measured sizes, and how it may grow beyond them.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Curve {
     pub lo: (f64, f64),
     pub hi: (f64, f64),
+    pub growth: Growth,
 }
 
 impl Curve {
-    /// A curve through two points (in any order).
+    /// A curve through two points (in any order) that may grow by the square beyond them.
     pub fn new(a: (f64, f64), b: (f64, f64)) -> Curve {
-        if a.0 <= b.0 {
-            Curve { lo: a, hi: b }
-        } else {
-            Curve { lo: b, hi: a }
-        }
+        let (lo, hi) = if a.0 <= b.0 { (a, b) } else { (b, a) };
+        Curve { lo, hi, growth: Growth::Square }
     }
 
-    /// Bytes at size `x`: an upper bound of every `c + a x + b x^2` (a, b, c >= 0) through both points.
+    /// The same points, growing as `growth` beyond them.
+    pub fn growing(self, growth: Growth) -> Curve {
+        Curve { growth, ..self }
+    }
+
+    /// Bytes at size `x`: an upper bound of every `c + a x + b x^2` (a, b, c >= 0; b = 0 when `Linear`)
+    /// through both points.
     pub fn at(&self, x: f64) -> f64 {
         let ((x0, y0), (x1, y1)) = (self.lo, self.hi);
         let (y0, y1) = (y0.max(0.0), y1.max(0.0));
+        let linear = self.growth == Growth::Linear;
         if x1 <= x0 * (1.0 + 1e-9) {
-            // One size measured (twice): constant below it, the full square above it.
+            // One size measured (twice): constant below it, in proportion or by the square above it.
             let y = y0.max(y1);
-            return if x <= x1 || x1 <= 0.0 { y } else { y * (x / x1).powi(2) };
+            let ratio = x / x1;
+            return if x <= x1 || x1 <= 0.0 { y } else { y * if linear { ratio } else { ratio * ratio } };
         }
         let y1 = y1.max(y0); // a stage's need does not shrink with its size
         if x <= x0 {
             return y0;
         }
+        let chord = y0 + (y1 - y0) * (x - x0) / (x1 - x0);
         if x <= x1 {
-            return y0 + (y1 - y0) * (x - x0) / (x1 - x0);
+            return chord;
+        }
+        if linear {
+            // The proportion through the high point does not trust the low point's fixed part.
+            return chord.max(y1 * x / x1);
         }
         // Beyond the points: the steepest admissible curve. With c >= 0: c + b x^2 through both;
         // else (the low point is below the square through the high one) a x + b x^2 through both.
@@ -157,12 +177,13 @@ impl MemoryModel {
         let prompt = long_prompt(pipeline, side)?;
         let high = probe_one(pipeline, side, prompt)?;
         let low = probe_one(pipeline, small, "probe".into())?;
-        let curve = |f: fn(&Point) -> (f64, f64)| Curve::new(f(&low), f(&high));
+        let growth = pipeline.growth();
+        let curve = |stage: usize, f: fn(&Point) -> (f64, f64)| Curve::new(f(&low), f(&high)).growing(growth[stage]);
         Ok(MemoryModel {
-            text: curve(|p| (p.sizes.text, p.peaks[0] / p.rows)),
-            vae_encode: curve(|p| (p.sizes.condition_pixels, p.peaks[1])),
-            denoise: curve(|p| (p.sizes.sequence, p.peaks[2] / p.rows)),
-            decode: curve(|p| (p.sizes.output_pixels, p.peaks[3])),
+            text: curve(0, |p| (p.sizes.text, p.peaks[0] / p.rows)),
+            vae_encode: curve(1, |p| (p.sizes.condition_pixels, p.peaks[1])),
+            denoise: curve(2, |p| (p.sizes.sequence, p.peaks[2] / p.rows)),
+            decode: curve(3, |p| (p.sizes.output_pixels, p.peaks[3])),
             loaded_rss,
             probe_seconds: started.elapsed().as_secs_f64(),
         })
@@ -268,6 +289,31 @@ mod tests {
                 "exact at the points"
             );
         }
+    }
+
+    #[test]
+    fn a_linear_curve_bounds_every_linear_need_and_grows_in_proportion() {
+        // Truths c + a x with a, c >= 0 (streamed attention): bounded everywhere, exact at the points.
+        for (c, a) in [(50.0, 2.0), (0.0, 3.0), (500.0, 0.5), (7.0, 0.0)] {
+            let f = |x: f64| c + a * x;
+            let curve = Curve::new((100.0, f(100.0)), (400.0, f(400.0))).growing(Growth::Linear);
+            for x in [1.0, 100.0, 250.0, 400.0, 800.0, 4000.0, 64.0 * 400.0] {
+                assert!(curve.at(x) + 1e-6 >= f(x), "c={c} a={a}: at {x} estimate {} < need {}", curve.at(x), f(x));
+            }
+            assert!((curve.at(100.0) - f(100.0)).abs() < 1e-9 && (curve.at(400.0) - f(400.0)).abs() < 1e-9);
+        }
+        // The tiny bundle's decoder (128x128 area; the probe's two points, roughly): a 1024x1024 output is charged
+        // 64x the high point, not 64^2 x.
+        let decode = Curve::new((4096.0, 20e6), (16384.0, 24e6));
+        let linear = decode.growing(Growth::Linear);
+        assert_eq!(linear.at(1048576.0), 24e6 * 64.0);
+        assert!(decode.at(1048576.0) > 10.0 * linear.at(1048576.0), "the square bound: over 10x more");
+        // A low point below the proportion (a negative fixed part, from noise): the chord's extension, steeper.
+        let steep = Curve::new((100.0, 10.0), (200.0, 100.0)).growing(Growth::Linear);
+        assert_eq!(steep.at(400.0), 280.0);
+        // One size measured: in proportion above it.
+        let one = Curve::new((100.0, 7.0), (100.0, 9.0)).growing(Growth::Linear);
+        assert_eq!((one.at(10.0), one.at(100.0), one.at(200.0)), (9.0, 9.0, 18.0));
     }
 
     #[test]

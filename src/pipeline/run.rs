@@ -17,7 +17,7 @@ use super::vision::VisionBatch;
 use crate::imaging;
 use crate::runtime::counters::{Counter, RunCounters};
 use crate::runtime::step::{self, StepShape};
-use crate::runtime::{DenoiseLoop, Engine, Input, Kept, RowCopy, StagedRow, Tensor};
+use crate::runtime::{DenoiseLoop, Engine, Growth, Input, Kept, RowCopy, StagedRow, Tensor};
 
 /// The engines of one bundle. Owned by one engine worker; `run_batch` runs batches of prepared jobs.
 pub struct Pipeline {
@@ -120,6 +120,12 @@ impl Pipeline {
 
     pub fn info(&self) -> &PipelineInfo {
         &self.model.info
+    }
+
+    /// How each stage's memory grows beyond measured sizes (text encoder, VAE encoder, transformer, VAE decoder).
+    pub fn growth(&self) -> [Growth; 4] {
+        let e = &self.engines;
+        [e.text_encoder.growth(), e.vae_encoder.growth(), e.transformer.growth(), e.vae_decoder.growth()]
     }
 
     /// Stage times of the last batch that completed.

@@ -167,6 +167,17 @@ pub trait DeviceLoop {
     fn run_loop(&mut self, job: &DenoiseLoop<'_>) -> Result<Vec<f32>, Error>;
 }
 
+/// How a component's working memory grows with its sizes (tokens, pixels) beyond those measured:
+/// what the server's memory model (`pipeline::memory`) may assume when it extrapolates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Growth {
+    /// At most in proportion: every attention streams its scores (flash), the rest is per token or pixel.
+    Linear,
+    /// Up to the square: an attention may materialise its tokens x tokens scores (or it is not known).
+    Square,
+}
+
 /// A loaded component (one network) ready to run batches.
 ///
 /// Inputs are given by name; float inputs may be f32 even when the graph is f16/bf16 (the engine
@@ -178,6 +189,10 @@ pub trait Engine: Send {
     fn outputs(&self) -> &[TensorInfo];
     /// Runs the component once on named inputs and returns every output.
     fn run(&mut self, inputs: &[(&str, &Tensor)]) -> Result<Outputs, Error>;
+    /// How this engine's memory grows with its sizes; `Square` (the safe side) unless it knows better.
+    fn growth(&self) -> Growth {
+        Growth::Square
+    }
     /// The device loop, for an engine that has one; `None` makes the caller step on the host.
     fn device_loop(&mut self) -> Option<&mut dyn DeviceLoop> {
         None

@@ -21,7 +21,7 @@
 //! (ORT sessions are not run concurrently here), so no locks are needed on the hot path.
 
 use super::attention::{self, Summary};
-use super::{check_inputs, Dim, Engine, Error, Outputs, Tensor, TensorInfo};
+use super::{check_inputs, Dim, Engine, Error, Growth, Outputs, Tensor, TensorInfo};
 use crate::runtime::DType;
 use half::{bf16, f16};
 use ndarray::CowArray;
@@ -357,7 +357,11 @@ impl OrtBackend {
             o.set("memory.enable_memory_arena_shrinkage", "cpu:0").map_err(|e| load_err(e.to_string()))?;
             Some(o)
         };
-        Ok(OrtEngine { component: component.to_string(), session, inputs, outputs, run_options, attention, fp8_qdq })
+        // Flash and per-row attentions stream their scores; a masked one materialises its probabilities, a skipped
+        // or un-rewritten (plain) one its whole chain.
+        let streams = !self.settings.plain_attention && attention.masked == 0 && attention.skipped.is_empty();
+        let growth = if streams { Growth::Linear } else { Growth::Square };
+        Ok(OrtEngine { component: component.to_string(), session, inputs, outputs, run_options, attention, growth, fp8_qdq })
     }
 }
 
@@ -446,6 +450,8 @@ pub struct OrtEngine {
     /// Run options of every run (the arena shrinkage; see [`OrtSettings::keep_arena`]).
     run_options: Option<RunOptions>,
     attention: Summary,
+    /// Linear when every attention of the graph streams its scores.
+    growth: Growth,
     /// The graph carries FP8 Q/DQ (its session runs without the QDQ selector).
     fp8_qdq: bool,
 }
@@ -532,6 +538,10 @@ impl Engine for OrtEngine {
 
     fn outputs(&self) -> &[TensorInfo] {
         &self.outputs
+    }
+
+    fn growth(&self) -> Growth {
+        self.growth
     }
 
     fn run(&mut self, inputs: &[(&str, &Tensor)]) -> Result<Outputs, Error> {

@@ -272,7 +272,7 @@ pub fn validate(r: RawInput, l: &Limits, names: Names, random_seed: impl FnOnce(
     let true_cfg_scale = match r.true_cfg_scale {
         None => l.default_true_cfg_scale,
         Some(c) if (MIN_CFG..=MAX_CFG).contains(&c) => c as f32,
-        Some(c) => return Err(ApiError::validation(format!("{p}true_cfg_scale must be in {MIN_CFG}..={MAX_CFG}, got {c}"))),
+        Some(c) => return Err(ApiError::validation(format!("{p}true_cfg_scale must be in {MIN_CFG}..={MAX_CFG}, got {c:?}"))),
     };
     let seed = r.seed.unwrap_or_else(random_seed);
     let width = r.width.map(|w| output_side(&format!("{p}width"), w, l.max_output_side)).transpose()?;
@@ -541,6 +541,8 @@ mod tests {
             (r#"{"input": {"prompt": "x", "image_base64": "AA", "num_inference_steps": 1000}}"#, "got 1000"),
             (r#"{"input": {"prompt": "x", "image_base64": "AA", "true_cfg_scale": 0.5}}"#, "true_cfg_scale"),
             (r#"{"input": {"prompt": "x", "image_base64": "AA", "true_cfg_scale": 21}}"#, "true_cfg_scale"),
+            // A huge number is echoed in exponent form, not as 309 digits.
+            (r#"{"input": {"prompt": "x", "image_base64": "AA", "true_cfg_scale": 1e308}}"#, "1..=20, got 1e308"),
             (r#"{"input": {"prompt": "x", "image_base64": "AA", "width": -64}}"#, "input.width must be in 16..=2048"),
             (r#"{"input": {"prompt": "x", "image_base64": "AA", "height": 15}}"#, "got 15"),
             (r#"{"input": {"prompt": "x", "image_base64": "AA", "height": 4096}}"#, "got 4096"),
