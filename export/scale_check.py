@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import subprocess
 import time
 from dataclasses import dataclass
@@ -197,9 +196,9 @@ def check(checkpoint: Path, fp32_bundle: Path, out: Path, exe: Path, side: int, 
         row["diffusers_s"] = round(time.time() - t0, 1)
         row["parity"] = compare(out / f"{case.name}.png", tensors["image"][0].numpy())
         row["latent_motion"] = latent_motion(tensors, case.steps)
-        row["diffusers_peak_rss_gb_so_far"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)
+        row["diffusers_peak_rss_gb_so_far"] = round(bundle.peak_rss_gb(), 2)
         _log(json.dumps(row))
         report.write_text(json.dumps(results, indent=2) + "\n")
-    results["peak_rss_gb_diffusers"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)
+    results["peak_rss_gb_diffusers"] = round(bundle.peak_rss_gb(), 2)
     report.write_text(json.dumps(results, indent=2) + "\n")
     return results

@@ -77,7 +77,8 @@ pub fn rss() -> Option<u64> {
 /// Bytes the C allocator has handed out and not had back (every thread's arena and the buffers it
 /// mapped on their own; ONNX Runtime allocates there too), from glibc's `mallinfo2`. Resident memory
 /// can grow past it while this stays flat: freed memory the allocator keeps, fragmented, for reuse.
-/// A leak grows this. `None` off glibc.
+/// A leak grows this; so, a little, do glibc's per-thread caches (tcache) while they fill, whose
+/// chunks it counts as handed out. `None` off glibc.
 pub fn heap_in_use() -> Option<u64> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
