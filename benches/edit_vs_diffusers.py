@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benches"))
-from report import machine  # noqa: E402
+from report import machine  # noqa: E402 (after the sys.path lines that make it importable)
 
 RUNS = 15
 

@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benches"))
-from report import machine  # noqa: E402
+from report import machine  # noqa: E402 (after the sys.path lines that make it importable)
 
 FP32, FP8 = ROOT / "engines/tiny", ROOT / "engines/tiny-fp8"
 TABLES = ROOT / "target/bench-tables"

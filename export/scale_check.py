@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import bundle, reference
+from . import manifest as manifest_contract
 from .variants import detect_variant
 
 
@@ -62,7 +63,7 @@ def run_bundle(src: Path, dst: Path, side: int) -> Path:
     m["profiles"]["resolutions"] = bundle.profile_resolutions(areas.vae)
     m["prompt"]["max_text_tokens"] = m["profiles"]["max_text_tokens"] = bundle.max_text_tokens(variant, areas)
     m["name"] = dst.name
-    (dst / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
+    manifest_contract.write(dst / "manifest.json", m)
     return dst
 
 

@@ -154,7 +154,7 @@ def test_plan_arithmetic():
             "vae_decoder": {1: capacity.vae_work(256, "decoder")},
         },
     )
-    s = lambda w: capacity.seconds(w, gpu)  # noqa: E731
+    s = lambda w: capacity.seconds(w, gpu)  # noqa: E731 (a one-line helper for the table below)
     st = p.stages
     cfg40 = 2 * s(te) + s(st["vae_encoder"][1]) + 40 * s(st["transformer"][2]) + s(st["vae_decoder"][1])
     assert capacity.edit_seconds(p, gpu, 40, True) == pytest.approx(cfg40)
