@@ -36,7 +36,7 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -r
 trap cleanup EXIT
 
 serve() { # backend port bundle log
-  QWEN_EDIT_BACKEND=$1 API_HOST=127.0.0.1 API_PORT=$2 QWEN_EDIT_BUNDLE="$3" BATCH_SIZE=4 BATCH_TIMEOUT_MS=1000 BATCH_POLICY=fixed \
+  QWEN_EDIT_BACKEND=$1 API_HOST=127.0.0.1 API_PORT=$2 QWEN_EDIT_BUNDLE="$3" BATCH_SIZE=4 BATCH_TIMEOUT_MS=1000 BATCH_POLICY=fixed ORT_BF16_AS_F32=1 \
     RUST_LOG=info,qwen_edit::pipeline=debug "$BIN" serve >"$4" 2>&1 &
   PIDS+=($!)
 }

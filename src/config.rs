@@ -117,6 +117,11 @@ pub struct ServiceArgs {
     /// transformer). Anything but auto must be what the bundle carries, else start-up fails naming the fix.
     #[arg(long = "precision", env = "PRECISION_MODE", default_value = "auto")]
     pub precision_mode: String,
+    /// On ONNX Runtime, run a bfloat16 bundle as float32 twins of its graphs (exact widening, twice the weights'
+    /// memory): a reference for a GPU's bfloat16 engines (scripts/gpu-smoke.sh). Off, such a bundle fails to load.
+    #[arg(long = "ort-bf16-as-f32", env = "ORT_BF16_AS_F32", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    pub ort_bf16_as_f32: bool,
     /// Jobs admitted but not yet running (reading, decoding, preparing, queued); beyond it: 503.
     #[arg(long, env = "MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
@@ -273,6 +278,7 @@ pub struct Settings {
     pub lightning: bool,
     pub lightning_steps: u32,
     pub precision: PrecisionMode,
+    pub ort_bf16_as_f32: bool,
     pub max_queue: usize,
     pub request_timeout: Duration,
     pub max_body_bytes: usize,
@@ -464,6 +470,7 @@ impl Settings {
             lightning: a.use_lightning_lora,
             lightning_steps: a.lightning_steps,
             precision,
+            ort_bf16_as_f32: a.ort_bf16_as_f32,
             max_queue: a.max_queue,
             request_timeout: seconds("REQUEST_TIMEOUT", a.request_timeout)?,
             max_body_bytes: a.max_body_bytes,
@@ -502,6 +509,7 @@ impl Settings {
             lightning: false,
             lightning_steps: 8,
             precision: PrecisionMode::Auto,
+            ort_bf16_as_f32: false,
             max_queue: 64,
             request_timeout: Duration::from_secs(300),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,

@@ -47,7 +47,7 @@ fn sixteen_bit_bundles_declare_their_precision() {
         let latent = &b.component("vae_decoder").unwrap().inputs[0];
         assert_eq!(latent.dtype, dtype, "{name}: the graphs' float IO is {dtype}");
         if dtype == DType::F16 {
-            // ONNX Runtime's CPU provider runs float16 graphs; it has no bfloat16 kernels (tests/support16).
+            // ONNX Runtime's CPU provider runs float16 graphs; it has no bfloat16 kernels (`OrtSettings::bf16_as_f32` runs float32 twins).
             for c in COMPONENTS {
                 let engine = ort.load(c, &b.onnx_path(c).unwrap()).unwrap();
                 b.check_engine(&engine).unwrap_or_else(|e| panic!("{name}: {e}"));

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 
 use image::{Rgb, RgbImage};
 use qwen_edit::pipeline::{EditRequest, Pipeline, PipelineOptions};
+use qwen_edit::runtime::ort::OrtSettings;
 
-mod support16;
 use qwen_edit::runtime::staging::{Block, DeviceMemory};
 use qwen_edit::runtime::step::{self, StepShape};
 use qwen_edit::runtime::tensorrt::{loop_program, run_program, LoopBuf, LoopOp, ProfileShapes, RunPlan, TrtOptions};
@@ -432,19 +432,18 @@ fn device_path_on_the_float16_bundle_equals_its_cpu_path() {
     same_as_cpu("tiny-fp16", requests);
 }
 
-/// The bfloat16 bundle: float32 twins of its graphs behind its bfloat16 IO (tests/support16, since ONNX
-/// Runtime's CPU provider cannot run bfloat16 graphs); staging rows, kernel loads and stores are bfloat16.
+/// The bfloat16 bundle: float32 twins of its graphs behind its bfloat16 IO (`OrtSettings::bf16_as_f32`, since
+/// ONNX Runtime's CPU provider cannot run bfloat16 graphs); staging rows, kernel loads and stores are bfloat16.
 #[test]
 fn device_path_on_the_bfloat16_bundle_equals_its_cpu_path() {
-    let dir = tempfile::tempdir().unwrap();
-    support16::widen_bundle(&root().join("engines/tiny-bf16"), dir.path());
     let open_bf16 = || {
-        let opts = PipelineOptions { backend: "ort".parse().unwrap(), staging_rows: 4, ..Default::default() };
-        let mut p = Pipeline::open(dir.path(), &opts).expect("open the widened bf16 bundle");
-        for c in ["text_encoder", "transformer", "vae_encoder", "vae_decoder"] {
-            p = p.wrap_engine(c, support16::Bf16Io::wrap);
-        }
-        p
+        let opts = PipelineOptions {
+            backend: "ort".parse().unwrap(),
+            staging_rows: 4,
+            ort: OrtSettings { bf16_as_f32: true, ..Default::default() },
+            ..Default::default()
+        };
+        Pipeline::open(&root().join("engines/tiny-bf16"), &opts).expect("open the bf16 bundle as float32 twins")
     };
     same_as_cpu_on(&open_bf16, vec![request(vec![picture(80, 64, 3)], "paint it red", Some("dark"), 3, 31)]);
 }

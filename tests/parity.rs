@@ -16,8 +16,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
-mod support16;
-
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -472,16 +470,15 @@ fn a_reseeded_job_equals_one_prepared_with_its_seed() {
 // ---------------------------------------------------------------------------------------------
 
 /// engines/tiny-bf16 opened on the CPU: float32 twins of its graphs behind its declared bfloat16 IO
-/// (tests/support16: ONNX Runtime's CPU provider has no bfloat16 kernels).
+/// (`OrtSettings::bf16_as_f32`: ONNX Runtime's CPU provider has no bfloat16 kernels).
 fn open_bf16() -> Pipeline {
-    let dir = Box::leak(Box::new(tempfile::tempdir().unwrap()));
-    support16::widen_bundle(&root().join("engines/tiny-bf16"), dir.path());
-    let opts = PipelineOptions { backend: "ort".parse().unwrap(), kernels: Some(REFERENCE_KERNELS), ..Default::default() };
-    let mut p = Pipeline::open(dir.path(), &opts).expect("open the widened bf16 bundle");
-    for c in ["text_encoder", "transformer", "vae_encoder", "vae_decoder"] {
-        p = p.wrap_engine(c, support16::Bf16Io::wrap);
-    }
-    p
+    let opts = PipelineOptions {
+        backend: "ort".parse().unwrap(),
+        kernels: Some(REFERENCE_KERNELS),
+        ort: OrtSettings { bf16_as_f32: true, ..Default::default() },
+        ..Default::default()
+    };
+    Pipeline::open(&root().join("engines/tiny-bf16"), &opts).expect("open the bf16 bundle as float32 twins")
 }
 
 /// A 16-bit bundle of the Edit checkpoint against the float32 reference vectors of engines/tiny (same
@@ -511,7 +508,7 @@ fn check_16bit(mut p: Pipeline, dtype: DType, name: &str, latent_rtol: f64, mean
 // Tolerances of the 16-bit bundles against the float32 reference: the weights are rounded to 16 bits and
 // every engine boundary (inputs, outputs, the hidden states between steps) rounds again; float16 keeps 11
 // significant bits, bfloat16 8. Float16 runs through ONNX Runtime (which computes some nodes in float16,
-// the rest in float32); bfloat16 through float32 twins with bfloat16 IO (tests/support16). Measured on this
+// the rest in float32); bfloat16 through float32 twins with bfloat16 IO (`bf16_as_f32`). Measured on this
 // machine (x86-64, ONNX Runtime 1.31.1) for edit_square / edit_wide_cfg: float16 7.0e-3 / 7.5e-3 rel L2 and
 // 0.26 / 0.30 levels; bfloat16 3.8e-2 / 3.9e-2 and 1.47 / 1.54 levels. The bounds leave 2.5-3x headroom.
 const FP16_LATENT_RTOL: f64 = 2e-2;

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::{BuildArgs, Error, Planned, VerifyShapes};
 use crate::bundle::Bundle;
 use crate::onnx::Profile;
-use crate::runtime::ort::OrtBackend;
+use crate::runtime::ort::{OrtBackend, OrtSettings};
 use crate::runtime::tensorrt::{TrtOptions, TrtWorker};
 use crate::runtime::{self, DType, Dim, Engine, Tensor, TensorInfo};
 
@@ -205,7 +205,8 @@ fn shapes_of(profiles: &[Profile], inputs: &[TensorInfo], kind: VerifyShapes) ->
 }
 
 /// The two sides of the comparison of freshly built engines: TensorRT on the build device and ONNX Runtime
-/// (the reference) on the CPU, opened for the first engine and kept for the next ones.
+/// (the reference) on the CPU, opened for the first engine and kept for the next ones. A bfloat16 graph's
+/// reference is its float32 twin (`OrtSettings::bf16_as_f32`), fed the same bfloat16-rounded inputs.
 pub(super) struct Backends {
     device: usize,
     ort: Option<OrtBackend>,
@@ -225,7 +226,8 @@ impl Backends {
         }
         if self.ort.is_none() {
             self.ort = Some(
-                OrtBackend::new(Default::default())
+                // bfloat16 graphs as their float32 twins: the CPU provider has no bfloat16 kernels.
+                OrtBackend::new(OrtSettings { bf16_as_f32: true, ..Default::default() })
                     .map_err(|e| Error::Unavailable(format!("ONNX Runtime (the reference): {e}")))?,
             );
         }
@@ -357,6 +359,25 @@ mod tests {
         assert!(!bad.passed && bad.outputs[0].mismatches > 0, "{bad:?}");
         let e = verify(&mut Scale::new(2.0, 0.0), &mut Scale::new(2.0, 0.0), &[vec![2, 4]], VerifyShapes::Min, 1, (1e-3, 1e-3));
         assert!(e.is_err(), "a shape outside the contract is an error, not a pass");
+    }
+
+    /// What `Backends` does for a bfloat16 graph: its reference is the float32 twin. Against a stand-in for the
+    /// TensorRT engine (no GPU here: the float32 export of the same checkpoint, fed the same inputs) it passes at
+    /// the default bfloat16 tolerance, and not at a float32 one: the reference holds the bfloat16 weights.
+    #[test]
+    fn a_bf16_graph_is_checked_against_its_float32_twin() {
+        let engines = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("engines");
+        let settings = |bf16_as_f32| OrtSettings { intra_threads: Some(1), bf16_as_f32, ..Default::default() };
+        let mut reference =
+            OrtBackend::new(settings(true)).unwrap().load("vae_decoder", &engines.join("tiny-bf16/vae_decoder.onnx")).unwrap();
+        let ort = OrtBackend::new(settings(false)).unwrap();
+        let mut stand_in = ort.load("vae_decoder", &engines.join("tiny/vae_decoder.onnx")).unwrap();
+        let shapes = [vec![1, 16, 4, 5]];
+        let tolerance = default_tolerance("bf16");
+        let v = verify(&mut reference, &mut stand_in, &shapes, VerifyShapes::Min, 3, tolerance).unwrap();
+        assert!(v.passed && v.outputs[0].max_abs > 0.0, "{v:?}");
+        let v = verify(&mut reference, &mut stand_in, &shapes, VerifyShapes::Min, 3, (1e-5, 1e-5)).unwrap();
+        assert!(!v.passed, "bfloat16 weights against float32 ones at a float32 tolerance: {v:?}");
     }
 
     #[test]

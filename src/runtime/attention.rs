@@ -389,31 +389,6 @@ pub fn rewrite(model: &mut ModelProto) -> Summary {
     summary
 }
 
-/// A serialized model after [`rewrite`].
-pub struct Rewritten {
-    /// The rewritten model; `None` when it had no attention to rewrite (use the original).
-    pub bytes: Option<Vec<u8>>,
-    pub summary: Summary,
-    /// Some initializer keeps its data in an external file (relative to the model's directory).
-    pub external_data: bool,
-}
-
-/// Rewrites a serialized model (see [`rewrite`]).
-pub fn rewrite_bytes(bytes: &[u8]) -> Result<Rewritten, String> {
-    use onnx_protobuf::Message;
-    let mut model = ModelProto::parse_from_bytes(bytes).map_err(|e| format!("not a valid ONNX model: {e}"))?;
-    let external_data = model
-        .graph
-        .as_ref()
-        .is_some_and(|g| g.initializer.iter().any(|t| t.data_location.enum_value_or_default() == DataLocation::EXTERNAL));
-    let summary = rewrite(&mut model);
-    if summary.rewritten() == 0 {
-        return Ok(Rewritten { bytes: None, summary, external_data });
-    }
-    let out = model.write_to_bytes().map_err(|e| format!("cannot serialize the rewritten model: {e}"))?;
-    Ok(Rewritten { bytes: Some(out), summary, external_data })
-}
-
 fn label(n: &NodeProto) -> String {
     if n.name.is_empty() {
         format!("Softmax({})", n.input.first().map_or("", String::as_str))

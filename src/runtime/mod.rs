@@ -17,6 +17,7 @@ pub mod step;
 pub mod tensor;
 pub mod tensorrt;
 pub mod trt_facts;
+pub mod widen;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

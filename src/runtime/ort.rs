@@ -21,6 +21,7 @@
 //! (ORT sessions are not run concurrently here), so no locks are needed on the hot path.
 
 use super::attention::{self, Summary};
+use super::widen::{self, Twin};
 use super::{check_inputs, Dim, Engine, Error, Growth, Outputs, Tensor, TensorInfo};
 use crate::runtime::DType;
 use half::{bf16, f16};
@@ -123,6 +124,11 @@ pub struct OrtSettings {
     /// Run the exported attention chains as they are, without the MultiHeadAttention rewrite
     /// (runtime::attention); for comparisons.
     pub plain_attention: bool,
+    /// Run a bfloat16 graph as its float32 twin (runtime::widen: the weights widened, which is exact), behind its
+    /// declared bfloat16 inputs and outputs (rounded to bfloat16 as a bfloat16 engine's buffers hold them). The
+    /// reference side of `qwen-edit build`'s engine checks and of gpu-smoke's ONNX Runtime server; costs twice the
+    /// bfloat16 weights in memory. Off, a bfloat16 graph fails to load (the CPU provider has no bfloat16 kernels).
+    pub bf16_as_f32: bool,
 }
 
 /// Finds the ONNX Runtime library: `explicit`, else `QWEN_EDIT_ORT_LIB`, else `ORT_DYLIB_PATH`, else
@@ -344,12 +350,24 @@ impl OrtBackend {
             builder =
                 builder.with_disabled_optimizers(super::qdq::ORT_FP8_DISABLED_OPTIMIZERS).map_err(|e| load_err(e.to_string()))?;
         }
-        let (session, attention) = self.commit(builder, component, path).map_err(|e| load_err(explain_session_error(e)))?;
-        let io = |outlets: &[ort::value::Outlet]| -> Result<Vec<TensorInfo>, Error> {
-            outlets.iter().map(|o| tensor_info(o.name(), o.dtype()).map_err(&load_err)).collect()
+        let Committed { session, attention, twin } =
+            self.commit(builder, component, path).map_err(|e| load_err(explain_session_error(e)))?;
+        // A twin declares the bfloat16 IO of its graph (its session takes and gives float32).
+        let bf16 = twin.as_ref().map(|t| (&t.1 .0, &t.1 .1));
+        let io = |outlets: &[ort::value::Outlet], declared: Option<&Vec<String>>| -> Result<Vec<TensorInfo>, Error> {
+            outlets
+                .iter()
+                .map(|o| {
+                    let mut info = tensor_info(o.name(), o.dtype()).map_err(&load_err)?;
+                    if declared.is_some_and(|d| d.contains(&info.name)) {
+                        info.dtype = DType::BF16;
+                    }
+                    Ok(info)
+                })
+                .collect()
         };
-        let inputs = io(session.inputs())?;
-        let outputs = io(session.outputs())?;
+        let inputs = io(session.inputs(), bf16.map(|b| b.0))?;
+        let outputs = io(session.outputs(), bf16.map(|b| b.1))?;
         let run_options = if self.settings.keep_arena {
             None
         } else {
@@ -361,37 +379,79 @@ impl OrtBackend {
         // or un-rewritten (plain) one its whole chain.
         let streams = !self.settings.plain_attention && attention.masked == 0 && attention.skipped.is_empty();
         let growth = if streams { Growth::Linear } else { Growth::Square };
-        Ok(OrtEngine { component: component.to_string(), session, inputs, outputs, run_options, attention, growth, fp8_qdq })
+        let twin = twin.map(|t| t.0);
+        Ok(OrtEngine {
+            component: component.to_string(),
+            session,
+            inputs,
+            outputs,
+            run_options,
+            attention,
+            growth,
+            fp8_qdq,
+            twin,
+        })
     }
 }
 
+/// A session as [`OrtBackend::commit`] built it: what the attention rewrite did, and for a float32 twin its scratch
+/// directory and the names of the inputs and outputs its graph declared bfloat16.
+struct Committed {
+    session: Session,
+    attention: Summary,
+    twin: Option<(Twin, (Vec<String>, Vec<String>))>,
+}
+
 impl OrtBackend {
-    /// Builds the session of the graph at `path`, its attentions rewritten unless `plain_attention`.
-    fn commit(&self, mut builder: SessionBuilder, component: &str, path: &Path) -> Result<(Session, Summary), String> {
-        if self.settings.plain_attention {
-            return Ok((builder.commit_from_file(path).map_err(|e| e.to_string())?, Summary::default()));
+    /// Builds the session of the graph at `path`: a bfloat16 graph made its float32 twin first under
+    /// `bf16_as_f32`, then its attentions rewritten unless `plain_attention`.
+    fn commit(&self, mut builder: SessionBuilder, component: &str, path: &Path) -> Result<Committed, String> {
+        use onnx_protobuf::Message;
+        let from_file = |mut b: SessionBuilder| b.commit_from_file(path).map_err(|e| e.to_string());
+        if self.settings.plain_attention && !self.settings.bf16_as_f32 {
+            return Ok(Committed { session: from_file(builder)?, attention: Summary::default(), twin: None });
         }
         let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
-        let rewritten = attention::rewrite_bytes(&bytes)?;
-        for s in &rewritten.summary.skipped {
+        let mut model =
+            onnx_protobuf::ModelProto::parse_from_bytes(&bytes).map_err(|e| format!("not a valid ONNX model: {e}"))?;
+        drop(bytes);
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let twin = if self.settings.bf16_as_f32 && widen::has_bf16(&model) {
+            let io = widen::bf16_io(&model);
+            tracing::info!(component, "bfloat16 graph: running its float32 twin (bf16_as_f32)");
+            Some((widen::widen(&mut model, dir)?, io))
+        } else {
+            None
+        };
+        let attention = if self.settings.plain_attention { Summary::default() } else { attention::rewrite(&mut model) };
+        for s in &attention.skipped {
             tracing::warn!(component, "attention left unfused: {s}");
         }
-        let s = &rewritten.summary;
-        tracing::debug!(component, flash = s.flash, per_row = s.per_row, masked = s.masked, "attention rewritten");
-        let session = match &rewritten.bytes {
-            None => builder.commit_from_file(path),
-            Some(model) => {
-                if rewritten.external_data {
-                    // The rewritten model comes from memory: its external weights are beside the file.
-                    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-                    builder =
-                        builder.with_config_entry(EXTERNAL_DATA_FOLDER, dir.to_string_lossy()).map_err(|e| e.to_string())?;
-                }
-                builder.commit_from_memory(model)
-            }
+        tracing::debug!(component, flash = attention.flash, per_row = attention.per_row, masked = attention.masked, "attention");
+        if attention.rewritten() == 0 && twin.is_none() {
+            return Ok(Committed { session: from_file(builder)?, attention, twin });
+        }
+        // The model comes from memory: its external weights are beside the file, or in the twin's scratch directory.
+        let folder = match &twin {
+            Some((t, _)) => t.external_data_folder(),
+            None => has_external_data(&model).then_some(dir),
         };
-        Ok((session.map_err(|e| e.to_string())?, rewritten.summary))
+        if let Some(f) = folder {
+            builder = builder.with_config_entry(EXTERNAL_DATA_FOLDER, f.to_string_lossy()).map_err(|e| e.to_string())?;
+        }
+        let bytes = model.write_to_bytes().map_err(|e| format!("cannot serialize the rewritten model: {e}"))?;
+        let session = builder.commit_from_memory(&bytes).map_err(|e| e.to_string())?;
+        Ok(Committed { session, attention, twin })
     }
+}
+
+/// Whether some initializer keeps its data in an external file.
+fn has_external_data(model: &onnx_protobuf::ModelProto) -> bool {
+    use onnx_protobuf::tensor_proto::DataLocation;
+    model
+        .graph
+        .as_ref()
+        .is_some_and(|g| g.initializer.iter().any(|t| t.data_location.enum_value_or_default() == DataLocation::EXTERNAL))
 }
 
 /// What ONNX Runtime says when it cannot build a session, plus the fix where we know it: its CPU provider has no
@@ -402,7 +462,8 @@ pub fn explain_session_error(msg: String) -> String {
         format!(
             "{msg}. This is a bfloat16 graph, which ONNX Runtime's CPU provider cannot run: on a machine without a GPU \
              use a float32 bundle (`python -m export bundle --dtype float32`); bfloat16 bundles are for TensorRT \
-             (`qwen-edit build`, then --backend tensorrt on a GPU)"
+             (`qwen-edit build`, then --backend tensorrt on a GPU). To run one here anyway, as a reference, set \
+             ORT_BF16_AS_F32=1 (float32 twins of the graphs: twice the weights' memory)"
         )
     } else {
         msg
@@ -454,6 +515,9 @@ pub struct OrtEngine {
     growth: Growth,
     /// The graph carries FP8 Q/DQ (its session runs without the QDQ selector).
     fp8_qdq: bool,
+    /// A bfloat16 graph run as its float32 twin (`OrtSettings::bf16_as_f32`): its bfloat16 IO is rounded at the
+    /// session's float32 boundary. Holds the twin's scratch directory while the session lives.
+    twin: Option<Twin>,
 }
 
 impl OrtEngine {
@@ -549,17 +613,19 @@ impl Engine for OrtEngine {
         let component = self.component.clone();
         let run_err = |reason: String| Error::Run { component: component.clone(), reason };
 
-        // Floats the graph takes in another precision are converted; everything else is borrowed.
+        // Floats the graph takes in another precision are converted; everything else is borrowed. A twin's
+        // bfloat16 inputs are rounded to bfloat16 and given to its session as float32.
         let mut converted: Vec<Option<Tensor>> = Vec::with_capacity(inputs.len());
         for (name, t) in inputs {
             let want = self.inputs.iter().find(|i| i.name == *name).map(|i| i.dtype).unwrap_or(t.dtype());
-            converted.push(if t.dtype() == want {
-                None
-            } else {
-                Some(
-                    t.to_dtype(want)
-                        .map_err(|e| Error::Contract { component: component.clone(), reason: format!("input `{name}`: {e}") })?,
-                )
+            let to = |t: &Tensor, d: DType| {
+                t.to_dtype(d)
+                    .map_err(|e| Error::Contract { component: component.clone(), reason: format!("input `{name}`: {e}") })
+            };
+            converted.push(match (self.twin.is_some() && want == DType::BF16, t.dtype() == want) {
+                (true, _) => Some(to(&to(t, DType::BF16)?, DType::F32)?),
+                (false, true) => None,
+                (false, false) => Some(to(t, want)?),
             });
         }
         let arrays: Vec<Contiguous<'_>> =
@@ -578,7 +644,12 @@ impl Engine for OrtEngine {
         let mut result = Vec::with_capacity(self.outputs.len());
         for info in &self.outputs {
             let v = outs.get(&info.name).ok_or_else(|| run_err(format!("output `{}` was not produced", info.name)))?;
-            let t = output_tensor(v).map_err(|e| run_err(format!("output `{}`: {e}", info.name)))?;
+            let mut t = output_tensor(v).map_err(|e| run_err(format!("output `{}`: {e}", info.name)))?;
+            if self.twin.is_some() && info.dtype == DType::BF16 {
+                // As a bfloat16 engine returns it (widened to float32 like every 16-bit output here).
+                let round = |t: &Tensor, d: DType| t.to_dtype(d).map_err(|e| run_err(format!("output `{}`: {e}", info.name)));
+                t = round(&round(&t, DType::BF16)?, DType::F32)?;
+            }
             result.push((info.name.clone(), t));
         }
         Ok(Outputs(result))
@@ -888,5 +959,34 @@ mod tests {
         assert_eq!(OrtSettings::default().optimization, Optimization::All);
         let err = OrtBackend::new(OrtSettings { intra_threads: Some(0), ..Default::default() }).unwrap_err();
         assert!(err.to_string().contains("at least 1"), "{err}");
+    }
+
+    /// A bfloat16 graph: refused without `bf16_as_f32` (naming it); with it, its float32 twin declares the graph's
+    /// bfloat16 IO, returns bfloat16 values, and computes what the float32 export of the same checkpoint computes,
+    /// within bfloat16's precision.
+    #[test]
+    fn a_bf16_graph_runs_as_its_float32_twin() {
+        let engines = Path::new(env!("CARGO_MANIFEST_DIR")).join("engines");
+        let path = engines.join("tiny-bf16/vae_decoder.onnx");
+        let e = backend().load("vae_decoder", &path).unwrap_err().to_string();
+        assert!(e.contains("bfloat16") && e.contains("ORT_BF16_AS_F32"), "{e}");
+        let widening = OrtBackend::new(OrtSettings { intra_threads: Some(1), bf16_as_f32: true, ..Default::default() }).unwrap();
+        let mut twin = widening.load("vae_decoder", &path).unwrap();
+        let mut reference = backend().load("vae_decoder", &engines.join("tiny/vae_decoder.onnx")).unwrap();
+        assert_eq!((twin.inputs()[0].dtype, twin.outputs()[0].dtype), (DType::BF16, DType::BF16));
+        assert_eq!(reference.inputs()[0].dtype, DType::F32);
+        assert!(twin.attention().rewritten() > 0, "the twin's attentions are float32, so fused");
+
+        let shape = [1, 16, 6, 5];
+        let x: Vec<f32> = (0..shape.iter().product::<usize>()).map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 1.3).collect();
+        let x = Tensor::f32(&shape, x);
+        let out = |e: &mut OrtEngine| e.run(&[("latent", &x)]).unwrap().0.remove(0).1.into_f32().unwrap();
+        let (got, want) = (out(&mut twin), out(&mut reference));
+        assert_eq!(got.shape(), want.shape());
+        assert!(got.iter().all(|&v| bf16::from_f32(v).to_f32() == v), "outputs are bfloat16 values");
+        let (num, den) =
+            got.iter().zip(&want).fold((0f64, 0f64), |(n, d), (&g, &w)| (n + f64::from(g - w).powi(2), d + f64::from(w).powi(2)));
+        let rel = (num / den).sqrt();
+        assert!(rel < 0.03 && rel > 0.0, "relative L2 error against the float32 export: {rel}");
     }
 }

@@ -12,6 +12,7 @@ use crate::pipeline::{
     EditError, EditOutput, MemoryModel, Pipeline, PipelineInfo, PipelineOptions, Prepared, Preprocessor, StageTimes,
 };
 use crate::runtime::counters::RunCounters;
+use crate::runtime::loader::OrtSettings;
 
 /// What the front ends need to know about the loaded model.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -81,6 +82,7 @@ pub fn open(settings: &Settings, metrics: Arc<Metrics>) -> Result<(BatchFn, Load
         backend: settings.backend,
         staging_rows: settings.batch_size,
         precision: settings.precision,
+        ort: OrtSettings { bf16_as_f32: settings.ort_bf16_as_f32, ..OrtSettings::default() },
         ..PipelineOptions::default()
     };
     let mut pipeline = Pipeline::open(&settings.bundle, &options)
