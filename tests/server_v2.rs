@@ -119,7 +119,7 @@ async fn futures_join<F: std::future::Future<Output = T> + Send + 'static, T: Se
 /// purged; a running job can be cancelled too; /v2 takes the key raw or as a bearer token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancel_purge_and_auth() {
-    let server = start(Settings { batch_size: 1, api_key: Some("k3y".into()), ..settings() }).await;
+    let server = start(Settings { batch_size: 1, api_key: Some("k3y".into()), max_steps: 1000, ..settings() }).await;
     let addr = server.addr();
     let auth = |a: &str| {
         let a = a.to_string();
@@ -138,22 +138,29 @@ async fn cancel_purge_and_auth() {
     }
     assert_eq!(request(addr, "POST", "/run", &[("authorization", "k3y")], "{}").await.status, 401, "bare /run stays bearer-only");
     let key = [("authorization", "Bearer k3y")];
-    // Two slow jobs take the two running places (2 * BATCH_SIZE); six more wait in the queue.
+    let st = |id: &str| {
+        let id = id.to_string();
+        async move { request(addr, "GET", &format!("/v2/ep/status/{id}"), &key, Bytes::new()).await.json() }
+    };
+    for id in &ids {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while matches!(st(id).await["status"].as_str(), Some("IN_QUEUE" | "IN_PROGRESS")) {
+            assert!(Instant::now() < deadline, "job {id} did not end");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Two slow jobs (seconds each) take the two running places (2 * BATCH_SIZE); six more wait in the queue.
     for i in 0..8u64 {
         let r = request(
             addr,
             "POST",
             "/v2/ep/run",
             &key,
-            serde_json::json!({"input": input(i, if i < 2 { 40 } else { 2 }, 64)}).to_string(),
+            serde_json::json!({"input": input(i, if i < 2 { 1000 } else { 2 }, 64)}).to_string(),
         )
         .await;
         ids.push(r.json()["id"].as_str().unwrap().to_string());
     }
-    let st = |id: &str| {
-        let id = id.to_string();
-        async move { request(addr, "GET", &format!("/v2/ep/status/{id}"), &key, Bytes::new()).await.json() }
-    };
     let last = ids.last().unwrap().clone();
     assert_eq!(st(&last).await["status"], "IN_QUEUE");
     let c = request(addr, "POST", &format!("/v2/ep/cancel/{last}"), &key, Bytes::new()).await;
@@ -167,6 +174,14 @@ async fn cancel_purge_and_auth() {
     let h = request(addr, "GET", "/v2/ep/health", &key, Bytes::new()).await.json();
     assert_eq!(h["jobs"]["inQueue"], 0, "{h}");
     assert_eq!(h["jobs"]["cancelled"].as_u64(), Some(removed + 1), "{h}");
+    // runsync past its `?wait=` (1 s, the shortest) behind the slow jobs: the id and the status so far;
+    // the job goes on and its record ends COMPLETED with the output.
+    let body = serde_json::json!({"input": input(9, 2, 32)}).to_string();
+    let r = request(addr, "POST", "/v2/ep/runsync?wait=1", &key, body).await;
+    let v = r.json();
+    assert_eq!(r.status, 200, "{v}");
+    assert!(matches!(v["status"].as_str(), Some("IN_QUEUE" | "IN_PROGRESS")) && v.get("output").is_none(), "{v}");
+    let sync_id = v["id"].as_str().unwrap().to_string();
     // Cancel a running job: it ends CANCELLED at once (its edit future is dropped).
     let running: Vec<String> = futures_join(ids.clone().into_iter().map(move |id| async move {
         let v =
@@ -178,10 +193,10 @@ async fn cancel_purge_and_auth() {
     .filter(|(_, s)| s == "IN_PROGRESS")
     .map(|(id, _)| id)
     .collect();
-    if let Some(id) = running.first() {
-        let c = request(addr, "POST", &format!("/v2/ep/cancel/{id}"), &key, Bytes::new()).await.json();
-        assert_eq!(c["status"], "CANCELLED", "{c}");
-    }
+    let id = running.first().unwrap_or_else(|| panic!("a slow job is running: {ids:?}"));
+    let c = request(addr, "POST", &format!("/v2/ep/cancel/{id}"), &key, Bytes::new()).await.json();
+    assert_eq!(c["status"], "CANCELLED", "{c}");
+    assert_eq!(st(id).await["status"], "CANCELLED");
     // Every job ends; none stays in the queue or in progress.
     let mut counts = std::collections::HashMap::new();
     for id in &ids {
@@ -197,6 +212,16 @@ async fn cancel_purge_and_auth() {
         *counts.entry(s).or_insert(0) += 1;
     }
     assert_eq!(counts.values().sum::<i32>(), 10, "{counts:?}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let v = loop {
+        let v = st(&sync_id).await;
+        if !matches!(v["status"].as_str(), Some("IN_QUEUE" | "IN_PROGRESS")) {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "the runsync job did not end: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(v["status"] == "COMPLETED" && v["output"]["image"].is_string(), "the runsync job went on: {v}");
     assert!(counts.get("CANCELLED").copied().unwrap_or(0) as u64 > removed, "the purged jobs and the cancelled one: {counts:?}");
     stop(server).await;
 }
