@@ -1,7 +1,8 @@
 //! `qwen-edit serve` under hostile clients (issue 11), the built binary on loopback with the tiny
 //! bundle where process behaviour matters (disconnects, slow clients, shutdown), an in-process
-//! server elsewhere: abandoned uploads, trickling bodies, hang-ups during a long batch, clients that
-//! never read, half-closed clients, the connection cap, array bombs, the in-flight memory budget,
+//! server elsewhere: abandoned uploads, trickling bodies, hang-ups during a long batch, a long batch
+//! past REQUEST_TIMEOUT, the watchdog of a stalled batch, clients that never read, half-closed
+//! clients, the connection cap, array bombs, the in-flight memory budget (`n` images included),
 //! per-request cost limits, the memory admission, SSRF gaps and the API key settings.
 
 mod server_support;
@@ -84,17 +85,23 @@ async fn abandoned_large_uploads_run_at_most_one_task_per_core_in_bounded_memory
     let ten = p.peak_rss_kib();
     let t = metrics(addr).await;
     let (peak_tasks, skipped) = (metric(&t, "qwen_edit_cpu_tasks_peak"), metric(&t, "qwen_edit_cpu_tasks_skipped_total"));
+    // What the requests added over the idle server (the model is not theirs). Both from the same idle
+    // baseline: what the allocator kept after the first request counts against the ten, never for them.
+    let (one_extra, ten_extra) = (one.saturating_sub(idle), ten.saturating_sub(idle));
+    let ratio = ten_extra as f64 / one_extra as f64;
     eprintln!(
-        "idle {idle} KiB; one 30 MP request: peak {one} KiB (+{} KiB); ten abandoned: peak {ten} KiB (+{} KiB, from {before}); \
-         most CPU tasks at once {peak_tasks}, skipped {skipped}",
-        one.saturating_sub(idle),
-        ten.saturating_sub(before)
+        "idle {idle} KiB; one 30 MP request: peak {one} KiB (+{one_extra} KiB); ten abandoned: peak {ten} KiB \
+         (+{ten_extra} KiB over idle; {before} KiB before them): {ratio:.2}x one request's growth; \
+         most CPU tasks at once {peak_tasks}, skipped {skipped}"
     );
     assert!(peak_tasks <= cores(), "{peak_tasks} CPU tasks ran at once on {} cores", cores());
-    let (one_extra, ten_extra) = (one.saturating_sub(idle) as f64, ten.saturating_sub(before) as f64);
-    let ratio = ten as f64 / one as f64;
-    eprintln!("ten abandoned / one request: {ratio:.2}x the peak, {:.2}x the increase", ten_extra / one_extra);
-    assert!(ratio < 1.5, "ten abandoned uploads peaked at {ten} KiB, {ratio:.2}x one request's {one} KiB");
+    // One request holds at least its 90 MB of decoded pixels: a growth this size is the request's, not noise.
+    assert!(one_extra > 64 * 1024, "one 30 MP request raised the peak by only {one_extra} KiB");
+    assert!(
+        ratio < 1.5,
+        "ten abandoned uploads raised the peak by {ten_extra} KiB over idle, {ratio:.2}x one request's {one_extra} KiB"
+    );
+    assert!(skipped >= 1.0, "no CPU task of the ten gone clients was skipped: all their work ran\n{t}");
     assert_eq!(metric(&t, "qwen_edit_batch_size_count"), 1.0, "no abandoned job reached the engine");
     assert_eq!(get(addr, "/health").await.status, 200);
 }
@@ -157,17 +164,25 @@ async fn trickling_clients_do_not_starve_the_queue_and_a_full_queue_answers_befo
     }
 }
 
+/// A costly edit of the tiny bundle: 384 x 384 with true CFG, `steps` denoising steps.
+fn long_edit(steps: u32) -> String {
+    costly_edit(384, steps)
+}
+
+/// An edit of the tiny bundle to a `side` x `side` output with true CFG, `steps` denoising steps.
+fn costly_edit(side: u32, steps: u32) -> String {
+    serde_json::json!({"input": {"prompt": "a long edit", "negative_prompt": "blurry", "true_cfg_scale": 4.0,
+        "image_base64": b64(&png(&picture(64, 48, 3))), "num_inference_steps": steps, "width": side, "height": side, "seed": 1}})
+    .to_string()
+}
+
 /// Item 3: after a long job's client hangs up, the next small request is answered within about
 /// one step of the long job plus its own time: the long batch stops at its next step.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_long_jobs_hang_up_frees_the_engine_within_a_step() {
     let p = spawn(&[("BATCH_SIZE", "1"), ("BATCH_TIMEOUT_MS", "0")]).await;
     let addr = p.addr;
-    let long = |steps: u32| {
-        serde_json::json!({"input": {"prompt": "a long edit", "negative_prompt": "blurry", "true_cfg_scale": 4.0,
-            "image_base64": b64(&png(&picture(64, 48, 3))), "num_inference_steps": steps, "width": 384, "height": 384, "seed": 1}})
-        .to_string()
-    };
+    let long = long_edit;
     let small = edit_body("small", 2, 2, &b64(&png(&picture(64, 48, 4))));
     // The long job's shape at 2 steps bounds one of its steps (plus its encoders and decoder).
     let t = Instant::now();
@@ -190,6 +205,140 @@ async fn a_long_jobs_hang_up_frees_the_engine_within_a_step() {
     assert!(waited < bound, "the small request waited {waited:?} (bound {bound:?}): the abandoned batch ran on");
     let t = metrics(addr).await;
     assert_eq!(metric(&t, "qwen_edit_batches_stopped_total"), 1.0, "{t}");
+}
+
+/// Item 3, REQUEST_TIMEOUT: a long job whose request passes REQUEST_TIMEOUT gets 504 `timeout` at
+/// the timeout, and its batch, whose every job is now past it, stops at its next step as after a
+/// hang-up: the next small request is answered within about one step of the long job plus its own time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_job_past_request_timeout_gets_504_and_frees_the_engine_within_a_step() {
+    const TIMEOUT: Duration = Duration::from_secs(8);
+    let timeout = TIMEOUT.as_secs().to_string();
+    let p = spawn(&[("BATCH_SIZE", "1"), ("BATCH_TIMEOUT_MS", "0"), ("REQUEST_TIMEOUT", &timeout), ("MAX_STEPS", "1000")]).await;
+    let addr = p.addr;
+    let small = edit_body("small", 2, 2, &b64(&png(&picture(64, 48, 4))));
+    // The long job's shape at 2 steps bounds one of its steps (plus its encoders and decoder).
+    let t = Instant::now();
+    let r = post_json(addr, long_edit(2)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let two_steps = t.elapsed();
+    let step = mean_step(&metrics(addr).await);
+    let t = Instant::now();
+    let r = post_json(addr, small.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let alone = t.elapsed();
+    let batches = metric(&metrics(addr).await, "qwen_edit_batch_size_count");
+
+    // 1000 steps: far longer than REQUEST_TIMEOUT.
+    let t = Instant::now();
+    let long = tokio::spawn(post_json(addr, long_edit(1000)));
+    wait_for(addr, Duration::from_secs(30), "the long batch starts", |t| metric(t, "qwen_edit_batch_size_count") > batches).await;
+    let r = long.await.unwrap();
+    let answered = t.elapsed();
+    assert_eq!((r.status, r.error_type().as_str()), (504, "timeout"), "{}", r.text());
+    assert!(r.text().contains("REQUEST_TIMEOUT"), "{}", r.text());
+    // At the timeout, not when the batch would have ended (1000 steps of `step` seconds each).
+    assert!(answered >= TIMEOUT && answered < TIMEOUT + Duration::from_secs(5), "the 504 came after {answered:?}");
+    let t = Instant::now();
+    let r = post_json(addr, small).await;
+    let waited = t.elapsed();
+    eprintln!(
+        "long job at 2 steps {two_steps:?} ({:.0} ms per step), the small request alone {alone:?}; 504 after {answered:?}, \
+         then the small request {waited:?}",
+        step * 1e3
+    );
+    let bound = two_steps + alone + Duration::from_secs(2);
+    assert!(waited < bound, "the small request waited {waited:?} (bound {bound:?}, {}): the timed-out batch ran on", r.status);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let t = metrics(addr).await;
+    assert_eq!(metric(&t, "qwen_edit_batches_stopped_total"), 1.0, "{t}");
+    assert_eq!(metric(&t, "qwen_edit_requests_total{outcome=\"timeout\"}"), 1.0, "{t}");
+    assert_eq!(metric(&t, "qwen_edit_batch_size_count"), batches + 2.0, "the long batch and the small one: {t}");
+}
+
+/// The mean time of one denoising step of the batches of one job so far, seconds.
+fn mean_step(metrics: &str) -> f64 {
+    let series = |part: &str| format!("qwen_edit_stage_duration_seconds_{part}{{stage=\"denoise_step\",batch_size=\"1\"}}");
+    metric(metrics, &series("sum")) / metric(metrics, &series("count"))
+}
+
+/// Item 3, the watchdog: a batch far over the time its work takes at the recent speed turns /health
+/// to 503 `stalled` (with the batch's running and expected seconds) and `qwen_edit_ready` to 0, and
+/// is logged; once the batch ends (here its client hangs up) both recover. The threshold is
+/// WATCHDOG_FACTOR times the expected time plus a fixed grace of 30 s, so a batch must run past 30 s
+/// whatever the factor: a tiny factor makes the grace nearly all of it, and a 1000-step batch that
+/// runs until its client leaves is the cheapest one that surely gets there (at 768 x 768 with true
+/// CFG, ~0.15 s a step on 2 cores: 384 x 384 steps of ~35 ms would end too close to the grace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_batch_turns_health_not_ready_until_it_ends() {
+    const GRACE: f64 = 30.0;
+    const FACTOR: f64 = 0.001;
+    const SIDE: u32 = 768;
+    const SHORT: u32 = 2;
+    const LONG: u32 = 1000;
+    let factor = FACTOR.to_string();
+    let p = spawn(&[("BATCH_SIZE", "1"), ("BATCH_TIMEOUT_MS", "0"), ("WATCHDOG_FACTOR", &factor), ("MAX_STEPS", "1000")]).await;
+    let addr = p.addr;
+    // One short batch of the long job's shape teaches the speed (no batch ran before it).
+    let r = post_json(addr, costly_edit(SIDE, SHORT)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let t = metrics(addr).await;
+    assert_eq!(metric(&t, "qwen_edit_batch_inference_duration_seconds_count"), 1.0);
+    let short = metric(&t, "qwen_edit_batch_inference_duration_seconds_sum");
+    let step = mean_step(&t);
+    assert!(LONG as f64 * step > 2.0 * GRACE, "{LONG} steps of {step:.3} s do not outlast the grace: use a larger shape");
+    assert_eq!(metric(&t, "qwen_edit_ready"), 1.0);
+
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    client.write_all(&post_bytes(&costly_edit(SIDE, LONG))).await.unwrap();
+    wait_for(addr, Duration::from_secs(30), "the long batch starts", |t| metric(t, "qwen_edit_batch_size_count") == 2.0).await;
+    let started = Instant::now();
+    // Busy is not stalled: ready until the threshold.
+    let mut last_ready = Duration::ZERO;
+    let stalled = loop {
+        let h = get(addr, "/health").await;
+        let v = h.json();
+        if h.status != 200 {
+            break v;
+        }
+        assert_eq!((v["status"].as_str(), v.get("stall")), (Some("ready"), None), "{v}");
+        last_ready = started.elapsed();
+        assert!(last_ready < Duration::from_secs(120), "no stall flagged after {last_ready:?}: {v}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let flagged = started.elapsed();
+    assert_eq!(stalled["status"], "stalled", "{stalled}");
+    let s = &stalled["stall"];
+    let (running, expected) = (s["running_seconds"].as_f64().unwrap(), s["expected_seconds"].as_f64().unwrap());
+    eprintln!(
+        "short batch {short:.2} s ({:.0} ms per step); last ready after {last_ready:?}; stalled after {flagged:?}: {s}",
+        step * 1e3
+    );
+    assert_eq!(s["jobs"], 1, "{s}");
+    // The expected time is the short batch's time scaled by the work: rows x (steps + 2) x tokens.
+    let scale = f64::from(LONG + 2) / f64::from(SHORT + 2);
+    assert!((expected / (short * scale) - 1.0).abs() < 0.01, "expected {expected} s, not {short} s x {scale}: {s}");
+    let threshold = FACTOR * expected + GRACE;
+    assert!(running > threshold && running < threshold + 10.0, "flagged at {running} s, the threshold is {threshold} s: {s}");
+    assert!(last_ready > Duration::from_secs_f64(threshold - 5.0), "/health was last ready {last_ready:?} into the batch");
+    // The 1 s watchdog tick turns the gauge to 0 and logs it.
+    wait_for(addr, Duration::from_secs(5), "qwen_edit_ready goes to 0", |t| metric(t, "qwen_edit_ready") == 0.0).await;
+    assert!(p.log().contains("a batch runs far longer than the recent speed predicts"), "{}", p.log());
+    assert_eq!(get(addr, "/health").await.status, 503, "still stalled while the batch runs");
+
+    // The batch ends: its client hangs up, it stops at its next step, and both recover.
+    reset(client);
+    let hung_up = Instant::now();
+    wait_for(addr, Duration::from_secs(30), "qwen_edit_ready back to 1", |t| metric(t, "qwen_edit_ready") == 1.0).await;
+    let h = get(addr, "/health").await;
+    let v = h.json();
+    assert_eq!((h.status, v["status"].as_str(), v.get("stall")), (200, Some("ready"), None), "{v}");
+    eprintln!("recovered {:?} after the hang-up", hung_up.elapsed());
+    let t = metrics(addr).await;
+    assert_eq!(metric(&t, "qwen_edit_batches_stopped_total"), 1.0, "{t}");
+    assert!(p.log().contains("the stalled batch ended"), "{}", p.log());
+    let r = post_json(addr, edit_body("after", 5, 2, &b64(&png(&picture(64, 48, 6))))).await;
+    assert_eq!(r.status, 200, "{}", r.text());
 }
 
 /// Items 6 and 7 and the connection cap: a half-closed client gets its response; a client that
@@ -383,6 +532,39 @@ async fn cost_limits_and_memory_admission() {
     assert_eq!(plan["limit"].as_u64().unwrap(), plan["model"].as_u64().unwrap() + (64 << 20) + plan["batch"].as_u64().unwrap());
     let fits = m["resolutions"].as_array().unwrap();
     assert!(!fits.is_empty() && fits.iter().all(|f| f["max_batch"].as_u64() == Some(4)), "{m}");
+    stop(server).await;
+}
+
+/// Item 5 and OpenAI's `n`: the n images of one request are decoded and prepared once, so the request
+/// reserves its decoded pixels once, plus a prepared job and a result per image; n = 2 of a 6 MP image
+/// fits a REQUEST_MEMORY (64 MiB) that a copy of its pixels per further image (18 MB) would overflow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_n_images_of_one_request_reserve_the_decoded_pixels_once() {
+    const BOUNDARY: &str = "0123456789abcdef";
+    let server = start(Settings { request_memory: Some(64 << 20), ..settings() }).await;
+    let addr = server.addr();
+    let (width, height) = (3000u32, 2000u32);
+    let image = png(&qwen_edit::imaging::RgbImage::from_pixel(width, height, image::Rgb([30, 60, 90])));
+    let mut body = Vec::new();
+    for (name, value) in [("prompt", "make it blue"), ("n", "2"), ("num_inference_steps", "2"), ("seed", "3")] {
+        body.extend_from_slice(
+            format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes(),
+        );
+    }
+    body.extend_from_slice(
+        format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n").as_bytes(),
+    );
+    body.extend_from_slice(&image);
+    body.extend_from_slice(format!("\r\n--{BOUNDARY}--\r\n").as_bytes());
+    let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
+    let r = request(addr, "POST", "/v1/images/edits", &[("content-type", &content_type)], body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["data"].as_array().map(Vec::len), Some(2));
+    // The decode of an 8-bit RGB PNG is charged 9 bytes per pixel; a copy of its pixels would be 3 more.
+    let pixels = f64::from(width) * f64::from(height);
+    let peak = metric(&get(addr, "/metrics").await.text(), "qwen_edit_request_memory_peak_bytes");
+    eprintln!("n = 2 of a {width}x{height} PNG reserved at most {:.1} MB", peak / 1e6);
+    assert!(peak > 9.0 * pixels && peak < 12.0 * pixels, "reserved {peak} bytes for {pixels} pixels");
     stop(server).await;
 }
 

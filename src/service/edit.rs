@@ -181,12 +181,10 @@ impl EditService {
             ));
         }
         let decode: u64 = encoded.iter().map(Encoded::decode_memory).sum();
-        // Each of the n jobs gets its own copy of the pixels, prepared tensors and result.
+        // The images are decoded and prepared once (`run`); each of the n jobs gets its own prepared
+        // tensors (its staging rows and noise) and result, never its own copy of the decoded pixels.
         let per_job = model.preprocessor.prepared_bytes(&key) + output_bytes(&key);
-        let copies: u64 =
-            if n > 1 { encoded.iter().map(|e| 3 * u64::from(e.info.width) * u64::from(e.info.height)).sum() } else { 0 };
-        let n = n as u64;
-        let extra = decode + (n - 1) * copies + n * per_job;
+        let extra = decode + n as u64 * per_job;
         memory.at_least(memory.bytes() + extra).map_err(|r| r.to_api("this request's images"))
     }
 

@@ -98,8 +98,8 @@ impl CpuPool {
     }
 
     /// Runs `f` on the blocking pool once a core is free, unless `cancel` is set by then (or by the
-    /// time the pool starts it). The permit and `memory` are held until `f` returns, even when the
-    /// caller stops waiting.
+    /// time the pool starts it) or the caller stops waiting before then: either way `f` is skipped and
+    /// counted. The permit and `memory` are held until `f` returns, even when the caller stops waiting.
     pub async fn run<T, F>(self: &Arc<Self>, cancel: &Cancel, memory: Option<&Reservation>, f: F) -> Result<T, ApiError>
     where
         F: FnOnce() -> Result<T, ApiError> + Send + 'static,
@@ -122,16 +122,28 @@ impl CpuPool {
         T: Send + 'static,
     {
         let closed = |_| ApiError::internal("the server is shutting down");
+        // A request that is gone drops this future while it waits for memory or a core: the task is
+        // skipped then too, and counted (the guard is disarmed once the task is handed to the pool).
+        let waiting = SkipOnDrop(Some(&self.skipped));
         let mib = working_set.div_ceil(1 << 20).min(LARGE_TASK_MEMORY >> 20) as u32;
-        let large = match mib {
-            0 => None,
-            n => Some(self.large.clone().acquire_many_owned(n).await.map_err(closed)?),
+        let acquired = async {
+            let large = match mib {
+                0 => None,
+                n => Some(self.large.clone().acquire_many_owned(n).await.map_err(closed)?),
+            };
+            Ok::<_, ApiError>((large, self.permits.clone().acquire_owned().await.map_err(closed)?))
         };
-        let permit = self.permits.clone().acquire_owned().await.map_err(closed)?;
+        let (large, permit) = match acquired.await {
+            Ok(held) => held,
+            Err(e) => {
+                waiting.disarm(); // shutting down, not skipped
+                return Err(e);
+            }
+        };
         if cancel.is_cancelled() {
-            self.skipped.fetch_add(1, Ordering::Relaxed);
-            return Err(gone());
+            return Err(gone()); // counted by the guard
         }
+        waiting.disarm();
         let (pool, cancel, memory) = (self.clone(), cancel.clone(), memory.cloned());
         let span = tracing::Span::current(); // the request's, so the task's log lines carry its id
         let task = tokio::task::spawn_blocking(move || {
@@ -149,6 +161,23 @@ impl CpuPool {
             r
         });
         task.await.map_err(|e| ApiError::internal(format!("a preprocessing task failed: {e}")))?
+    }
+}
+
+/// Counts a CPU task as skipped when it is dropped before it reached the pool (see [`CpuPool::run_sized`]).
+struct SkipOnDrop<'a>(Option<&'a AtomicU64>);
+
+impl SkipOnDrop<'_> {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for SkipOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(skipped) = self.0 {
+            skipped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -374,5 +403,49 @@ mod tests {
         assert_eq!(e.error_type, "cancelled");
         assert!(!ran.load(Ordering::SeqCst));
         assert_eq!(pool.counts().2, 1);
+    }
+
+    /// A gone request drops its future while its task still waits for a core (or for the large-task
+    /// memory): the task never runs and is counted as skipped, once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn work_dropped_while_it_waits_is_skipped_and_counted() {
+        let pool = Arc::new(CpuPool::new(1));
+        let busy = {
+            let p = pool.clone();
+            tokio::spawn(async move {
+                p.run_sized(&Cancel::default(), None, LARGE_TASK_MEMORY, || {
+                    std::thread::sleep(Duration::from_millis(400));
+                    Ok(())
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let ran = Arc::new(AtomicUsize::new(0));
+        let mut waiting = Vec::new();
+        for working_set in [0, LARGE_TASK_MEMORY] {
+            // One waits for the core, one for the large-task memory; their requests go away.
+            let (p, r) = (pool.clone(), ran.clone());
+            let cancel = Cancel::default();
+            waiting.push(tokio::spawn(async move {
+                let _gone = cancel.on_drop();
+                p.run_sized(&cancel, None, working_set, move || {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                })
+                .await
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for w in &waiting {
+            w.abort();
+        }
+        for w in waiting {
+            assert!(w.await.unwrap_err().is_cancelled());
+        }
+        busy.await.unwrap().unwrap();
+        pool.run(&Cancel::default(), None, || Ok(())).await.unwrap();
+        assert_eq!(ran.load(Ordering::SeqCst), 0, "the dropped tasks never ran");
+        assert_eq!(pool.counts().2, 2, "both dropped tasks are counted as skipped, once each");
     }
 }
