@@ -463,9 +463,12 @@ pub fn dim_ranges(component: &str, s: &ProfileSettings) -> Result<BTreeMap<Strin
 }
 
 /// The batch-size groups of the profiles: one per configured batch size (`profiles.batch_sizes`, the
-/// BATCH_SIZE values), smallest first; a batch runs on the smallest group that holds it.
+/// BATCH_SIZE values) and always one of 1, smallest first; a batch runs on the smallest group that holds it.
+/// The group of 1 is there even when the list leaves 1 out (`[4]`, `build --batch-sizes 2,4`): a lone
+/// request, the common case at low load, then still runs on tactics tuned for one request, not for a full batch.
 pub fn batch_groups(s: &ProfileSettings) -> Vec<usize> {
     let mut g = s.batch_sizes.clone();
+    g.push(1);
     g.sort_unstable();
     g.dedup();
     g
@@ -488,8 +491,7 @@ pub fn dim_ranges_for(component: &str, s: &ProfileSettings, requests: usize) -> 
     let mn = |f: &dyn Fn(&Geometry) -> usize| geo.iter().map(f).min().unwrap_or(0);
     let mx = |f: &dyn Fn(&Geometry) -> usize| geo.iter().map(f).max().unwrap_or(0);
 
-    let bs_min = *s.batch_sizes.iter().min().unwrap_or(&1);
-    let bs_max = requests.max(bs_min);
+    let bs_max = requests.max(1);
     let cfg = if s.cfg { 2 } else { 1 };
     // Rows per request in each graph's batch: prompts (x2 with CFG) or images.
     let per_request = match component {
@@ -497,7 +499,9 @@ pub fn dim_ranges_for(component: &str, s: &ProfileSettings, requests: usize) -> 
         "vae_encoder" => s.max_images,
         _ => 1,
     };
-    let batch = DimRange::new(bs_min, bs_max * per_request, bs_max * per_request);
+    // From one row (a lone request without true CFG, one image) whatever the smallest configured batch size:
+    // the server forms batches of up to BATCH_SIZE requests, so any batch may hold a single request.
+    let batch = DimRange::new(1, bs_max * per_request, bs_max * per_request);
 
     let txt_opt = (g_opt.vl_tokens + 64).min(s.max_text_tokens);
     let txt = DimRange::new(1, txt_opt, s.max_text_tokens);
@@ -774,6 +778,54 @@ pub(crate) mod tests {
         // 1 request (1 row, 2 with CFG) -> the batch-1 profile; 2 requests with CFG -> batch 2; 3-4 -> batch 4.
         assert_eq!((run(1), run(2), run(3), run(4), run(5), run(8)), (Ok(0), Ok(0), Ok(1), Ok(1), Ok(2), Ok(2)));
         assert!(run(9).is_err());
+    }
+
+    /// Issue 14 item 3: batch sizes that leave out 1 (`profiles.batch_sizes: [4]`, `build --batch-sizes 2,4`) still
+    /// give a profile tuned (opt) for one request, which a lone request runs on; and every profile holds one row.
+    #[test]
+    fn a_lone_request_has_a_batch_one_profile_even_when_the_batch_sizes_leave_out_one() {
+        use crate::runtime::tensorrt::{plan_run, ProfileShapes};
+        let info = inspect(&fixture("transformer_io.onnx")).unwrap();
+        for (sizes, cfg, groups) in [
+            (vec![4], true, vec![1, 4]),
+            (vec![4, 2, 4], true, vec![1, 2, 4]),
+            (vec![2, 4], false, vec![1, 2, 4]),
+            (vec![1, 4], true, vec![1, 4]),
+        ] {
+            let s = ProfileSettings { batch_sizes: sizes.clone(), cfg, ..settings(Variant::Edit) };
+            assert_eq!(batch_groups(&s), groups, "{sizes:?}");
+            let p = derive_profiles("transformer", &info.inputs, &s).unwrap();
+            assert_eq!(p.len(), groups.len(), "{sizes:?}");
+            let rows = if cfg { 2 } else { 1 };
+            let ts = |k: usize| p[k].inputs.iter().find(|i| i.name == "timestep").unwrap().clone();
+            // Profile 0 is tuned for exactly one request; every profile takes a single row; the last a full batch.
+            assert_eq!((ts(0).opt.clone(), ts(0).max.clone()), (vec![rows], vec![rows]), "{sizes:?}");
+            assert!((0..p.len()).all(|k| ts(k).min == vec![1]), "{sizes:?}: {p:?}");
+            assert_eq!(ts(p.len() - 1).max, vec![4 * rows], "{sizes:?}");
+            // A lone request (one row; two with CFG) runs on that profile, not on one tuned for a full batch.
+            let shapes: Vec<ProfileShapes> = p
+                .iter()
+                .map(|q| ProfileShapes {
+                    min: q.inputs.iter().map(|i| i.min.clone()).collect(),
+                    max: q.inputs.iter().map(|i| i.max.clone()).collect(),
+                })
+                .collect();
+            for lone in 1..=rows {
+                let concrete: Vec<Vec<usize>> = p[0]
+                    .inputs
+                    .iter()
+                    .zip(&info.inputs)
+                    .map(|(q, t)| {
+                        let mut d = q.opt.clone();
+                        if matches!(t.shape.first(), Some(Dim::Dynamic(n)) if n == "batch") {
+                            d[0] = lone;
+                        }
+                        d
+                    })
+                    .collect();
+                assert_eq!(plan_run(&info.inputs, &concrete, &shapes, &[]).map(|r| r.profile), Ok(0), "{sizes:?}, {lone} row(s)");
+            }
+        }
     }
 
     #[test]
