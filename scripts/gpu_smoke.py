@@ -16,6 +16,7 @@ import base64
 import concurrent.futures as cf
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -89,19 +90,32 @@ def requests() -> list[tuple[str, list[dict]]]:
     ]
 
 
-def stage_ms(log_path: str | None) -> dict[str, float]:
-    """Mean per-stage milliseconds from the server's `batch stages` debug lines."""
+def log_size(log_path: str | None) -> int:
+    """Bytes in the server's log now (0 without one): where the smoke requests' own lines start."""
+    try:
+        return os.path.getsize(log_path) if log_path else 0
+    except OSError:
+        return 0
+
+
+def stage_ms(log_path: str | None, start: int = 0) -> tuple[int, dict[str, float]]:
+    """(batches, mean per-stage milliseconds) from the server's `batch stages` debug lines (text or JSON log)
+    written after byte `start`: the smoke requests' batches, not the memory probe's batches at start-up."""
     if not log_path:
-        return {}
+        return 0, {}
     sums: dict[str, list[float]] = {}
+    batches = 0
     unit = {"ns": 1e-6, "µs": 1e-3, "us": 1e-3, "ms": 1.0, "s": 1e3}
-    with open(log_path, errors="replace") as f:
-        for line in f:
+    with open(log_path, "rb") as f:
+        f.seek(start)
+        for raw in f:
+            line = raw.decode(errors="replace")
             if "batch stages" not in line:
                 continue
-            for k, v, u in re.findall(r"(text|vae_encode|denoise|decode): ([0-9.]+)(ns|µs|us|ms|s)\b", line):
+            batches += 1
+            for k, v, u in re.findall(r"\b(text|vae_encode|denoise|decode): ([0-9.]+)(ns|µs|us|ms|s)\b", line):
                 sums.setdefault(k, []).append(float(v) * unit[u])
-    return {k: sum(v) / len(v) for k, v in sums.items()}
+    return batches, {k: sum(v) / len(v) for k, v in sums.items()}
 
 
 def device_memory() -> str:
@@ -128,6 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu", action="store_true", help="both servers are ONNX Runtime: skip the GPU checks")
     a = ap.parse_args(argv)
 
+    log_start = log_size(a.log)  # the lines before are the start-up's (the memory probe's batches among them)
     health = json.loads(get(a.port, "/health"))
     failures = []
     if not a.cpu and health.get("backend") != "tensorrt":
@@ -158,7 +173,7 @@ def main(argv=None) -> int:
             if delta[good] <= 0:
                 failures.append(f"/metrics: no {good}")
 
-    stages = stage_ms(a.log)
+    batches, stages = stage_ms(a.log, log_start)
     print(f"### gpu-smoke: {a.bundle} ({'CPU dry run' if a.cpu else 'TensorRT'} vs ONNX Runtime)")
     print(
         f"- device: {device_memory() if not a.cpu else 'none (--cpu)'}; backend {health.get('backend')}, "
@@ -168,7 +183,7 @@ def main(argv=None) -> int:
     for label, batch, ms, mean in rows:
         print(f"  - {label}: batch {batch}, {ms:.1f} ms, {mean:.3f}")
     if stages:
-        print("- mean per-stage ms of the batches: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+        print(f"- mean per-stage ms of the {batches} batches: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
     print("- counters over the run: " + ", ".join(f"{k} {v:.0f}" for k, v in delta.items()))
     print(f"- result: {'FAIL' if failures else 'OK'}")
     for f in failures:

@@ -73,9 +73,11 @@ impl Drop for Served {
     }
 }
 
-fn serve(port: u16) -> Served {
-    let child = Command::new(env!("CARGO_BIN_EXE_qwen-edit"))
-        .arg("serve")
+/// `qwen-edit serve` of the tiny bundle on ONNX Runtime; with `log`, its log goes there as JSON lines, with the
+/// pipeline's debug lines (`batch stages`) that gpu-smoke.sh asks for (`RUST_LOG=info,qwen_edit::pipeline=debug`).
+fn serve(port: u16, log: Option<&Path>) -> Served {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qwen-edit"));
+    cmd.arg("serve")
         .env("QWEN_EDIT_BACKEND", "ort")
         .env("API_HOST", "127.0.0.1")
         .env("API_PORT", port.to_string())
@@ -84,10 +86,29 @@ fn serve(port: u16) -> Served {
         .env("BATCH_TIMEOUT_MS", "1000")
         .env("BATCH_POLICY", "fixed") // the smoke client checks that four concurrent requests form one batch
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("the server starts");
-    Served(child)
+        .stderr(std::process::Stdio::null());
+    if let Some(path) = log {
+        cmd.env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "info,qwen_edit::pipeline=debug")
+            .stderr(std::fs::File::create(path).expect("the log file"));
+    }
+    Served(cmd.spawn().expect("the server starts"))
+}
+
+/// The body of `GET path` (the server answers with a content length and closes).
+fn get_text(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+}
+
+/// Sum of one histogram's `_sum` or `_count` over every `batch_size` (e.g. `suffix` "sum", `stage` "text_encoder").
+fn stage_total(metrics: &str, suffix: &str, stage: &str) -> f64 {
+    let prefix = format!("qwen_edit_stage_duration_seconds_{suffix}{{stage=\"{stage}\",");
+    metrics.lines().filter(|l| l.starts_with(&prefix)).filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok()).sum()
 }
 
 fn ready(port: u16) -> bool {
@@ -100,7 +121,10 @@ fn ready(port: u16) -> bool {
 }
 
 /// The client half of gpu-smoke.sh (scripts/gpu_smoke.py) runs everywhere in its `--cpu` mode: two ONNX
-/// Runtime servers, the same requests (true CFG, a batch of four, a second text bucket), the report.
+/// Runtime servers, the same requests (true CFG, a batch of four, a second text bucket), the report. The server
+/// under test writes its real JSON log, which the client reads (`--log`) for the report's per-stage ms: those
+/// figures are the mean over the smoke requests' batches only (not the memory probe's batches at start-up), as
+/// the server's own stage histograms in /metrics count them.
 #[test]
 fn the_smoke_client_runs_its_requests_and_report_against_cpu_servers() {
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
@@ -113,7 +137,9 @@ fn the_smoke_client_runs_its_requests_and_report_against_cpu_servers() {
     let port = |l: std::net::TcpListener| l.local_addr().unwrap().port();
     let (a, b) =
         (port(std::net::TcpListener::bind("127.0.0.1:0").unwrap()), port(std::net::TcpListener::bind("127.0.0.1:0").unwrap()));
-    let _servers = (serve(a), serve(b));
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("server.log");
+    let _servers = (serve(a, Some(&log)), serve(b, None));
     let started = std::time::Instant::now();
     while !(ready(a) && ready(b)) {
         assert!(started.elapsed().as_secs() < 120, "the servers did not become ready");
@@ -122,6 +148,8 @@ fn the_smoke_client_runs_its_requests_and_report_against_cpu_servers() {
     let out = Command::new(&python)
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gpu_smoke.py"))
         .args(["--cpu", "--port", &a.to_string(), "--reference-port", &b.to_string(), "--bundle", "tiny"])
+        .arg("--log")
+        .arg(&log)
         .output()
         .expect("python runs");
     let report = String::from_utf8_lossy(&out.stdout);
@@ -136,4 +164,40 @@ fn the_smoke_client_runs_its_requests_and_report_against_cpu_servers() {
     ] {
         assert!(report.contains(line), "no `{line}` in the report:\n{report}");
     }
+
+    // The per-stage line, against the server's stage histograms (the same batches, counted by another path).
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    let metrics = get_text(a, "/metrics");
+    let batches = stage_total(&metrics, "count", "text_encoder");
+    let mean_ms = |stage: &str| 1000.0 * stage_total(&metrics, "sum", stage) / batches;
+    assert!(batches >= 4.0, "four request groups ran: {batches} batches\n{metrics}");
+    let line = report
+        .lines()
+        .find_map(|l| l.strip_prefix("- mean per-stage ms of the "))
+        .unwrap_or_else(|| panic!("no per-stage line in the report:\n{report}\nlog:\n{log_text}"));
+    let (n, figures) = line.split_once(" batches: ").unwrap_or_else(|| panic!("{line}"));
+    assert_eq!(n.parse::<f64>().ok(), Some(batches), "the batches of the smoke requests only: {line}\n{metrics}");
+    let figures: std::collections::BTreeMap<&str, f64> = figures
+        .split(", ")
+        .map(|f| {
+            let (k, v) = f.split_once(' ').unwrap_or_else(|| panic!("{line}"));
+            (k, v.parse().unwrap_or_else(|_| panic!("{line}")))
+        })
+        .collect();
+    assert_eq!(figures.keys().copied().collect::<Vec<_>>(), ["decode", "denoise", "text", "vae_encode"], "{line}");
+    // Printed with one decimal: within 0.05 ms of the histograms' mean.
+    for (figure, stage) in [("text", "text_encoder"), ("vae_encode", "vae_encoder"), ("decode", "vae_decoder")] {
+        let want = mean_ms(stage);
+        assert!(want > 0.0 && (figures[figure] - want).abs() <= 0.051, "{figure}: {} vs {want:.3} ms\n{report}", figures[figure]);
+    }
+    // The denoising stage holds every step (the histogram's samples) and lies within the batch's time.
+    let steps = mean_ms("denoise_step");
+    assert!(figures["denoise"] >= steps - 0.051, "denoise {} < its steps {steps:.3} ms\n{report}", figures["denoise"]);
+    let batch_ms = 1000.0 * qwen_edit::metrics::sample(&metrics, "qwen_edit_batch_inference_duration_seconds_sum").unwrap()
+        / qwen_edit::metrics::sample(&metrics, "qwen_edit_batch_inference_duration_seconds_count").unwrap();
+    assert!(figures.values().sum::<f64>() <= batch_ms + 0.2, "stages {figures:?} > batch {batch_ms:.3} ms\n{report}");
+    // The log held more `batch stages` lines than that (the memory probe's at start-up), which the report leaves out.
+    let probe = log_text.lines().filter(|l| l.contains("batch stages")).count() as f64 - batches;
+    assert!(probe >= 1.0, "the start-up's batches are in the log: {probe}\n{log_text}");
+    eprintln!("{report}");
 }
