@@ -116,6 +116,48 @@ fn stage_count(text: &str, stage: &str, batch: usize) -> f64 {
     .unwrap_or(0.0)
 }
 
+/// Two concurrent requests under BATCH_SIZE=2 with a (fixed) batch timeout run as one batch of two: the stage
+/// histograms at `batch_size="2"` count one observation per stage for that batch (one per denoising step), and
+/// one `preprocess` and one `encode` per job; nothing is counted at batch size 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stages_are_timed_once_per_batch_of_two() {
+    let server = start(Settings {
+        batch_size: 2,
+        batch_timeout: Duration::from_secs(5),
+        batch_policy: qwen_edit::batcher::WaitMode::Fixed,
+        ..settings()
+    })
+    .await;
+    let addr = server.addr();
+    let img = small_image();
+    let before = get(addr, "/metrics").await.text();
+    let (a, b) = tokio::join!(
+        post_json(addr, edit_body("make it red", 5, STEPS, &img)),
+        post_json(addr, edit_body("make it red", 6, STEPS, &img))
+    );
+    for r in [&a, &b] {
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        let timings = &v["timings"];
+        assert_eq!(timings["batch_size"], 2, "the two requests ran as one batch: {timings}");
+    }
+    let after = get(addr, "/metrics").await.text();
+    let grew = |series: &str| metric(&after, series) - metric(&before, series);
+    assert_eq!((grew("qwen_edit_batch_size_count"), grew("qwen_edit_batch_size_sum")), (1.0, 2.0), "one batch of two:\n{after}");
+    for (stage, n) in [
+        ("text_encoder", 1.0),
+        ("vae_encoder", 1.0),
+        ("denoise_step", STEPS as f64),
+        ("vae_decoder", 1.0),
+        ("preprocess", 2.0),
+        ("encode", 2.0),
+    ] {
+        assert_eq!(stage_count(&after, stage, 2) - stage_count(&before, stage, 2), n, "{stage} at batch size 2:\n{after}");
+        assert_eq!(stage_count(&after, stage, 1), stage_count(&before, stage, 1), "{stage} at batch size 1:\n{after}");
+    }
+    stop(server).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn queue_status_counts_what_was_sent_and_stages_are_timed_per_batch() {
     let server = start(Settings { max_body_readers: 1, max_queue: 5, ..settings() }).await;

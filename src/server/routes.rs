@@ -445,6 +445,76 @@ mod tests {
         assert_eq!(crate::metrics::sample(&text, "qwen_edit_requests_total{outcome=\"not_ready\"}"), Some(2.0), "{text}");
     }
 
+    /// The device gauges of /metrics and the `device` block of /health, from a device status as the TensorRT
+    /// worker reports it (`TrtWorker::with_counters` registers the device probe, `TrtWorker::load` each engine's
+    /// memory). The device is EMULATED: no GPU exists here, so the probe is a closure standing in for
+    /// `cuDeviceGetName` / `cuMemGetInfo`, and its free memory changes between scrapes as a real device's does.
+    #[tokio::test]
+    async fn metrics_and_health_show_the_device_the_tensorrt_worker_reports() {
+        use crate::runtime::counters::{EngineMemory, RunCounters};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        const GIB: u64 = 1 << 30;
+        let (st, _hold) = state(Settings::builtin());
+        let scrape = |st: Arc<AppState>| async move {
+            let m = handle(st, req(Method::GET, "/metrics", "")).await;
+            String::from_utf8(m.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+        };
+        let text = scrape(st.clone()).await;
+        assert!(!text.contains("qwen_edit_device_memory") && !text.contains("qwen_edit_engine_memory"), "no device yet: {text}");
+
+        let counters = Arc::new(RunCounters::default());
+        let free = Arc::new(AtomicU64::new(30 * GIB));
+        let probe_free = free.clone();
+        counters.device.set_probe(Arc::new(move || {
+            Some(("NVIDIA L40S (emulated)".to_string(), probe_free.load(Ordering::Relaxed), 48 * GIB))
+        }));
+        let engine = |component: &str, weights_bytes, activation_bytes, io_bytes| EngineMemory {
+            component: component.into(),
+            weights_bytes,
+            activation_bytes,
+            io_bytes,
+        };
+        counters.device.add_engine(engine("text_encoder", 9 * GIB, GIB, 3 << 20));
+        counters.device.add_engine(engine("transformer", 12 * GIB, 2 * GIB, 5 << 20));
+        st.service.metrics().set_engine_counters(counters.clone());
+
+        let text = scrape(st.clone()).await;
+        let sample = |text: &str, series: &str| crate::metrics::sample(text, series);
+        assert_eq!(sample(&text, "qwen_edit_device_memory_total_bytes"), Some((48 * GIB) as f64), "{text}");
+        assert_eq!(sample(&text, "qwen_edit_device_memory_used_bytes"), Some((18 * GIB) as f64), "total - free: {text}");
+        for (component, kind, v) in [
+            ("text_encoder", "weights", 9 * GIB),
+            ("text_encoder", "activation", GIB),
+            ("text_encoder", "io", 3 << 20),
+            ("transformer", "weights", 12 * GIB),
+            ("transformer", "activation", 2 * GIB),
+            ("transformer", "io", 5 << 20),
+        ] {
+            let series = format!("qwen_edit_engine_memory_bytes{{component=\"{component}\",kind=\"{kind}\"}}");
+            assert_eq!(sample(&text, &series), Some(v as f64), "{series}:\n{text}");
+        }
+        assert!(text.contains("# HELP qwen_edit_device_memory_used_bytes Memory used on the GPU"), "{text}");
+
+        // Read at every scrape: the device's memory now, not at load.
+        free.store(20 * GIB, Ordering::Relaxed);
+        let text = scrape(st.clone()).await;
+        assert_eq!(sample(&text, "qwen_edit_device_memory_used_bytes"), Some((28 * GIB) as f64), "{text}");
+
+        let v = json(handle(st.clone(), req(Method::GET, "/health", "")).await).await;
+        let d = &v["device"];
+        assert_eq!(d["name"], "NVIDIA L40S (emulated)", "{v}");
+        assert_eq!((d["total_bytes"].as_u64(), d["used_bytes"].as_u64()), (Some(48 * GIB), Some(28 * GIB)), "{d}");
+        let engines = d["engines"].as_array().unwrap();
+        assert_eq!(engines.len(), 2, "{d}");
+        assert_eq!(
+            (engines[1]["component"].as_str(), engines[1]["weights_bytes"].as_u64(), engines[1]["activation_bytes"].as_u64()),
+            (Some("transformer"), Some(12 * GIB), Some(2 * GIB)),
+            "{d}"
+        );
+        assert_eq!(engines[0]["io_bytes"].as_u64(), Some(3 << 20), "{d}");
+        assert_eq!(v["engine"]["graph_replays"], 0, "the engine counters come with the device: {v}");
+    }
+
     #[tokio::test]
     async fn unknown_routes_and_methods() {
         let (st, _hold) = state(Settings::builtin());
