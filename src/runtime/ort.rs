@@ -21,7 +21,7 @@
 //! (ORT sessions are not run concurrently here), so no locks are needed on the hot path.
 
 use super::attention::{self, Summary};
-use super::widen::{self, Twin};
+use super::widen::{self, Bf16Io, Twin};
 use super::{check_inputs, Dim, Engine, Error, Growth, Outputs, Tensor, TensorInfo};
 use crate::runtime::DType;
 use half::{bf16, f16};
@@ -353,7 +353,7 @@ impl OrtBackend {
         let Committed { session, attention, twin } =
             self.commit(builder, component, path).map_err(|e| load_err(explain_session_error(e)))?;
         // A twin declares the bfloat16 IO of its graph (its session takes and gives float32).
-        let bf16 = twin.as_ref().map(|t| (&t.1 .0, &t.1 .1));
+        let bf16 = twin.as_ref().map(|t| &t.1);
         let io = |outlets: &[ort::value::Outlet], declared: Option<&Vec<String>>| -> Result<Vec<TensorInfo>, Error> {
             outlets
                 .iter()
@@ -366,8 +366,8 @@ impl OrtBackend {
                 })
                 .collect()
         };
-        let inputs = io(session.inputs(), bf16.map(|b| b.0))?;
-        let outputs = io(session.outputs(), bf16.map(|b| b.1))?;
+        let inputs = io(session.inputs(), bf16.map(|b| &b.inputs))?;
+        let outputs = io(session.outputs(), bf16.map(|b| &b.outputs))?;
         let run_options = if self.settings.keep_arena {
             None
         } else {
@@ -399,7 +399,7 @@ impl OrtBackend {
 struct Committed {
     session: Session,
     attention: Summary,
-    twin: Option<(Twin, (Vec<String>, Vec<String>))>,
+    twin: Option<(Twin, Bf16Io)>,
 }
 
 impl OrtBackend {

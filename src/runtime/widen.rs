@@ -53,12 +53,19 @@ fn elem_type(v: &onnx_protobuf::ValueInfoProto) -> Option<i32> {
     }
 }
 
-/// Names of the graph's inputs and outputs declared bfloat16.
-pub fn bf16_io(model: &ModelProto) -> (Vec<String>, Vec<String>) {
+/// Names of a graph's inputs and outputs declared bfloat16.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Bf16Io {
+    pub inputs: Vec<String>,
+    pub outputs: Vec<String>,
+}
+
+/// The graph's inputs and outputs declared bfloat16.
+pub fn bf16_io(model: &ModelProto) -> Bf16Io {
     let names = |v: &[onnx_protobuf::ValueInfoProto]| {
         v.iter().filter(|v| elem_type(v) == Some(BFLOAT16)).map(|v| v.name.clone()).collect::<Vec<_>>()
     };
-    model.graph.as_ref().map_or_else(Default::default, |g| (names(&g.input), names(&g.output)))
+    model.graph.as_ref().map_or_else(Bf16Io::default, |g| Bf16Io { inputs: names(&g.input), outputs: names(&g.output) })
 }
 
 /// Makes `model` its float32 twin; `model_dir` is where its external weights are (relative locations).
@@ -240,8 +247,8 @@ mod tests {
                 };
                 assert_eq!(floats(a), want, "{c}/{}", b.name);
             }
-            assert_eq!(bf16_io(&twin), (vec![], vec![]));
-            assert!(!bf16_io(&model).0.is_empty() || !bf16_io(&model).1.is_empty(), "{c}: declares bfloat16 IO");
+            assert_eq!(bf16_io(&twin), Bf16Io::default());
+            assert!(!bf16_io(&model).inputs.is_empty() || !bf16_io(&model).outputs.is_empty(), "{c}: declares bfloat16 IO");
         }
     }
 
