@@ -325,6 +325,12 @@ async fn a_stalled_batch_turns_health_not_ready_until_it_ends() {
     wait_for(addr, Duration::from_secs(5), "qwen_edit_ready goes to 0", |t| metric(t, "qwen_edit_ready") == 0.0).await;
     assert!(p.log().contains("a batch runs far longer than the recent speed predicts"), "{}", p.log());
     assert_eq!(get(addr, "/health").await.status, 503, "still stalled while the batch runs");
+    let ping = get(addr, "/ping").await;
+    assert_eq!(
+        (ping.status, ping.json()["status"].as_str()),
+        (503, Some("stalled")),
+        "RunPod's load balancer sends no more work"
+    );
 
     // The batch ends: its client hangs up, it stops at its next step, and both recover.
     reset(client);
@@ -333,6 +339,7 @@ async fn a_stalled_batch_turns_health_not_ready_until_it_ends() {
     let h = get(addr, "/health").await;
     let v = h.json();
     assert_eq!((h.status, v["status"].as_str(), v.get("stall")), (200, Some("ready"), None), "{v}");
+    assert_eq!(get(addr, "/ping").await.status, 200);
     eprintln!("recovered {:?} after the hang-up", hung_up.elapsed());
     let t = metrics(addr).await;
     assert_eq!(metric(&t, "qwen_edit_batches_stopped_total"), 1.0, "{t}");

@@ -173,9 +173,12 @@ fn health(state: &AppState) -> Response<Body> {
 }
 
 /// `GET /ping` for RunPod load-balancing endpoints: 200 when ready, 204 while the model loads, 503
-/// when draining or failed.
+/// when draining, failed or stalled (the watchdog: no more work for a hung engine).
 fn ping(state: &AppState) -> Response<Body> {
     match state.service.phase() {
+        Phase::Ready if state.service.stalled() => {
+            json_response(StatusCode::SERVICE_UNAVAILABLE, br#"{"status":"stalled"}"#.to_vec())
+        }
         Phase::Ready => json_response(StatusCode::OK, br#"{"status":"healthy"}"#.to_vec()),
         Phase::Loading => {
             let mut r = Response::new(Full::new(Bytes::new()));

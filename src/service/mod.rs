@@ -380,6 +380,11 @@ impl EditService {
         self.phase.borrow().clone()
     }
 
+    /// Whether the running batch is far over its expected time (the watchdog; `/health` says `stalled`).
+    pub fn stalled(&self) -> bool {
+        self.batcher.stall().is_some()
+    }
+
     /// Follows the phase (a front end stops when the model fails to load).
     pub fn subscribe(&self) -> watch::Receiver<Phase> {
         self.phase.subscribe()
