@@ -1,7 +1,8 @@
 //! `GET /openapi.json`: the OpenAPI 3.1 document of every route, built once. Request and response
 //! bodies of the edit routes are generated from their Rust types (schemars, JSON Schema 2020-12, the
 //! dialect of OpenAPI 3.1); the JSON built in place (health, /v2 records) is checked against the
-//! live server's answers by `tests/openapi.rs`, which also checks that the routes match the server's.
+//! live server's answers by `tests/openai_api.rs` (`the_openapi_document_is_valid_and_matches_the_server`),
+//! which also checks that the routes match the server's.
 
 use std::sync::OnceLock;
 
@@ -175,7 +176,7 @@ fn hand_schemas() -> Vec<(&'static str, Value)> {
         ),
         (
             "Ping",
-            json!({"type": "object", "required": ["status"], "properties": {"status": {"enum": ["healthy", "draining", "failed"]}, "error": {"type": "string"}}}),
+            json!({"type": "object", "required": ["status"], "properties": {"status": {"enum": ["healthy", "draining", "failed", "stalled"]}, "error": {"type": "string"}}}),
         ),
         (
             "JobState",
@@ -310,9 +311,9 @@ fn paths(refs: &Map<String, Value>) -> Value {
         "/runsync": {"post": run("The same as /run.")},
         "/v1/images/edits": {"post": edits},
         "/health": {"get": op("Readiness and status.", false, &[
-            ("200", "Ready.", Some(schema_ref("Health"))), ("503", "Loading, draining or failed.", Some(schema_ref("Health")))])},
+            ("200", "Ready.", Some(schema_ref("Health"))), ("503", "Loading, draining, failed or stalled.", Some(schema_ref("Health")))])},
         "/ping": {"get": op("RunPod load-balancer probe.", false, &[
-            ("200", "Ready.", Some(schema_ref("Ping"))), ("204", "Loading.", None), ("503", "Draining or failed.", Some(schema_ref("Ping")))])},
+            ("200", "Ready.", Some(schema_ref("Ping"))), ("204", "Loading.", None), ("503", "Draining, failed or stalled.", Some(schema_ref("Ping")))])},
         "/metrics": {"get": {"summary": "Prometheus metrics.", "security": [], "responses": {"200": {"description": "Prometheus text format 0.0.4.", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         "/queue/status": {"get": op("The queue, counts by outcome, admission and the batch policy.", false, &[
             ("200", "Queue status.", Some(schema_ref("QueueStatus")))])},
