@@ -98,9 +98,12 @@ async fn multipart_abuse_gets_a_clear_4xx_and_harms_nothing_else() {
     let whole = good_form("1", "1");
     let r = post_form(addr, &multipart(), whole[..whole.len() / 2].to_vec()).await;
     assert_eq!(openai_error(&r).0, 400, "truncated body: {}", r.text());
-    // Truncated on the wire: Content-Length promises more than comes, then the client stops sending.
-    // The connection keeps a half-close from hyper (a half-closed client still gets its answer), so
-    // the missing rest is a body that stopped arriving: 408 `body_timeout` after BODY_MIN_RATE's grace.
+    // Truncated on the wire: Content-Length promises more than comes, then the client half-closes.
+    // The server keeps the half-close from hyper (src/server/conn.rs: a half-closed client still gets
+    // its answer; only a reset means it is gone), so the missing rest is a body that stopped arriving:
+    // read_body cuts it off at BODY_MIN_RATE's deadline (the grace, then the rate for the bytes that
+    // came) with 408 `body_timeout` in OpenAI's shape, writes it, and closes the connection. Never
+    // before the grace, never an empty answer; the read waits for the close, bounded far above it.
     let head = format!(
         "POST /v1/images/edits HTTP/1.1\r\nhost: x\r\ncontent-type: {}\r\ncontent-length: {}\r\n\r\n",
         multipart(),
@@ -108,16 +111,27 @@ async fn multipart_abuse_gets_a_clear_4xx_and_harms_nothing_else() {
     );
     let mut wire = head.into_bytes();
     wire.extend_from_slice(&whole[..whole.len() / 2]);
+    let sent = std::time::Instant::now();
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     tokio::io::AsyncWriteExt::write_all(&mut s, &wire).await.unwrap();
     tokio::io::AsyncWriteExt::shutdown(&mut s).await.unwrap();
     let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read_to_end(&mut s, &mut answer)).await;
+    tokio::time::timeout(Duration::from_secs(120), tokio::io::AsyncReadExt::read_to_end(&mut s, &mut answer))
+        .await
+        .expect("the server answers a body cut on the wire and closes the connection")
+        .expect("read the answer");
+    let waited = sent.elapsed();
     let answer = String::from_utf8_lossy(&answer);
-    assert!(
-        answer.is_empty() || answer.starts_with("HTTP/1.1 400") || answer.starts_with("HTTP/1.1 408"),
-        "a body cut on the wire: {answer}"
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or_else(|| panic!("a body cut on the wire: no answer: {answer:?}"));
+    assert!(head.starts_with("HTTP/1.1 408 "), "a body cut on the wire: {answer}");
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}"));
+    assert_eq!(
+        (v["error"]["code"].as_str(), v["error"]["type"].as_str(), v["error"]["param"].is_null()),
+        (Some("body_timeout"), Some("invalid_request_error"), true),
+        "{v}"
     );
+    assert!(v["error"]["message"].as_str().is_some_and(|m| m.contains("BODY_MIN_RATE")), "{v}");
+    assert!(waited >= qwen_edit::config::BODY_RATE_GRACE, "answered after {waited:?}, before the grace: {answer}");
 
     // Over MAX_BODY_BYTES, declared: refused before it is read.
     let chunk = vec![1u8; 60 * 1024];

@@ -4,7 +4,9 @@ tiny Edit bundle with an API key and BATCH_SIZE 4; the tiny Edit Plus 2509 bundl
 script; any failed check exits non-zero with the reason. The last stdout line is a JSON summary.
 
 Checked: one image; n=2 gives /run's images for seed and seed + 1 byte for byte and runs as one batch;
-two images through `image[]` on the Plus bundle; `size` and `output_format` honoured; mask, an empty
+two images through `image[]` on the Plus bundle; `size` and `output_format` honoured; `size="auto"` gives
+the reference's size from the last image (diffusers' `calculate_dimensions` over the bundle's
+`vae.image_area`, floored to multiples of 16) and the same image as no `size`; mask, an empty
 prompt, n out of range, a bad size, a file that is not an image, response_format=url and a wrong key
 raise the client's BadRequestError / AuthenticationError with OpenAI's error shape.
 """
@@ -13,14 +15,45 @@ import argparse
 import base64
 import io
 import json
+import math
+import pathlib
 import struct
 import sys
 import urllib.request
 import zlib
 
+import httpx
 import openai
 
 STEPS = 2
+ENGINES = pathlib.Path(__file__).resolve().parents[1] / "engines"
+
+
+def auto_size(bundle: str, image: bytes) -> tuple[int, int]:
+    """The output size the server derives when `size` is `auto` or absent: diffusers'
+    `calculate_dimensions(vae.image_area, width / height)` of the (last) image, each side then floored
+    to a multiple of 16 as the server floors every output size. `bundle` is the directory under
+    engines/ that tests/openai_client.rs serves."""
+    area = json.loads((ENGINES / bundle / "manifest.json").read_text())["vae"]["image_area"]
+    w, h = png_size(image)
+    ratio = w / h
+    width = math.sqrt(area * ratio)
+    height = width / ratio
+    return round(width / 32) * 32 // 16 * 16, round(height / 32) * 32 // 16 * 16
+
+
+def recording_client(base: str, key: str) -> tuple[openai.OpenAI, list[bytes]]:
+    """A client that keeps the body of every request it sends (to see that a field is on the wire)."""
+    sent: list[bytes] = []
+    http = httpx.Client(event_hooks={"request": [lambda request: sent.append(request.read())]})
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, http_client=http), sent
+
+
+def size_sent(body: bytes) -> str | None:
+    """The `size` form field of a multipart body the SDK wrote, or None when it sent none."""
+    marker = b'name="size"\r\n\r\n'
+    at = body.find(marker)
+    return None if at < 0 else body[at + len(marker) : body.index(b"\r\n", at + len(marker))].decode()
 
 
 def png(width: int, height: int, variant: int) -> bytes:
@@ -106,6 +139,23 @@ def edit_checks(base: str, key: str) -> dict:
         },
     )
     check(ref["image"] == r.data[0].b64_json, "one image: equals /run's with the same seed")
+    want = auto_size("tiny", image)
+    check(want != png_size(image), f"the reference size differs from the image's own: {want}")
+    check(r.size == "{}x{}".format(*want), f"no size: the reference's size {want}, got {r.size}")
+
+    # size="auto" is the default spelled out: the same size and the same image as no size.
+    recording, sent = recording_client(base, key)
+    auto = recording.images.edit(
+        image=("a.png", image, "image/png"),
+        prompt="make it blue",
+        size="auto",
+        extra_body={"num_inference_steps": STEPS, "seed": 5},
+    )
+    check(size_sent(sent[-1]) == "auto", f"the SDK sent size=auto: {size_sent(sent[-1])!r}")
+    auto_png = base64.b64decode(auto.data[0].b64_json)
+    check(auto.size == "{}x{}".format(*want), f"size auto: the reference's size {want}, got {auto.size}")
+    check(png_size(auto_png) == want, f"size auto: a {want} PNG, got {png_size(auto_png)}")
+    check(auto.data[0].b64_json == r.data[0].b64_json, "size auto: the same image as the request without size")
 
     # n=2: seeds seed and seed + 1, one batch, /run's images byte for byte.
     r = client.images.edit(
@@ -252,7 +302,24 @@ def plus_checks(base: str) -> dict:
         extra_body={"num_inference_steps": STEPS, "seed": 3},
     )
     check(swapped.data[0].b64_json != r.data[0].b64_json, "Plus: the order of image[] matters")
-    return {"plus": True}
+
+    # size="auto" on Plus: the size comes from the last image (portrait), not the first (landscape),
+    # and the image equals the request without size.
+    want = auto_size("tiny-2509", second)
+    check(want != auto_size("tiny-2509", first), f"the two images' reference sizes differ: {want}")
+    images = [("one.png", first, "image/png"), ("two.png", second, "image/png")]
+    extra = {"num_inference_steps": STEPS, "seed": 3}
+    recording, sent = recording_client(base, "unused")
+    auto = recording.images.edit(image=images, prompt="put picture 1 into picture 2", size="auto", extra_body=extra)
+    plain = recording.images.edit(image=images, prompt="put picture 1 into picture 2", extra_body=extra)
+    check([size_sent(b) for b in sent] == ["auto", None], f"size=auto, then no size: {[size_sent(b) for b in sent]}")
+    check(
+        auto.size == "{}x{}".format(*want), f"Plus size auto: the last image's reference size {want}, got {auto.size}"
+    )
+    check(png_size(base64.b64decode(auto.data[0].b64_json)) == want, f"Plus size auto: a {want} PNG")
+    check(plain.size == auto.size, f"Plus: no size gives auto's size: {plain.size} vs {auto.size}")
+    check(auto.data[0].b64_json == plain.data[0].b64_json, "Plus size auto: the same image as the request without size")
+    return {"plus": True, "auto": True}
 
 
 def main() -> None:
