@@ -35,6 +35,7 @@ struct Call {
 /// A posted result.
 #[derive(Clone, Debug)]
 struct Posted {
+    at: Instant,
     body: serde_json::Value,
     request_id: Option<String>,
     query: String,
@@ -106,9 +107,9 @@ impl Plane {
         ]
     }
 
-    /// Waits (a short long poll) until `ready` says there is something to answer.
-    async fn long_poll(&self, ready: impl Fn(&PlaneState) -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+    /// Waits (a long poll of at most `wait`) until `ready` says there is something to answer.
+    async fn long_poll(&self, wait: Duration, ready: impl Fn(&PlaneState) -> bool) {
+        let deadline = tokio::time::Instant::now() + wait;
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -151,7 +152,7 @@ impl Plane {
         if let Some(code) = self.st().script.pop_front() {
             return (code, None);
         }
-        self.long_poll(|s| !s.queue.is_empty()).await;
+        self.long_poll(Duration::from_millis(300), |s| !s.queue.is_empty()).await;
         let n = if batch { param(query, "batch_size").and_then(|v| v.parse().ok()).unwrap_or(1) } else { 1 };
         let mut st = self.st();
         let mut jobs = Vec::new();
@@ -170,8 +171,10 @@ impl Plane {
         }
     }
 
+    /// Job-stop: held open until there is a job to stop (as RunPod's long poll), so a stop is
+    /// delivered at once rather than after the worker's pause between empty polls.
     async fn stop(&self) -> (u16, Option<serde_json::Value>) {
-        self.long_poll(|s| !s.stop_now.is_empty()).await;
+        self.long_poll(Duration::from_secs(60), |s| !s.stop_now.is_empty()).await;
         let ids: Vec<String> = std::mem::take(&mut self.st().stop_now);
         if ids.is_empty() {
             (204, None)
@@ -192,7 +195,7 @@ impl Plane {
         }
         // The library sends its JSON as application/x-www-form-urlencoded: read it as JSON regardless.
         let body: serde_json::Value = serde_json::from_slice(&body).expect("a result body is JSON");
-        st.results.insert(id.to_string(), Posted { body, request_id, query });
+        st.results.insert(id.to_string(), Posted { at: Instant::now(), body, request_id, query });
         drop(st);
         self.changed.notify_waiters();
         (200, None)
@@ -218,10 +221,11 @@ fn param(query: &str, name: &str) -> Option<String> {
     url::form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
 }
 
-/// `qwen-edit worker` as a child process (killed on drop) with its stderr collected.
+/// `qwen-edit worker` as a child process (killed on drop) with its stderr collected, each line with
+/// the time it arrived.
 struct WorkerProc {
     child: Child,
-    log: Arc<Mutex<Vec<String>>>,
+    log: Arc<Mutex<Vec<(Instant, String)>>>,
 }
 
 impl WorkerProc {
@@ -246,14 +250,31 @@ impl WorkerProc {
         std::thread::spawn(move || {
             use std::io::BufRead;
             for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                l.lock().unwrap().push(line);
+                l.lock().unwrap().push((Instant::now(), line));
             }
         });
         WorkerProc { child, log }
     }
 
     fn log(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        self.log.lock().unwrap().iter().map(|(_, l)| l.as_str()).collect::<Vec<_>>().join("\n")
+    }
+
+    /// The first line containing `what`, and when it arrived.
+    fn line(&self, what: &str) -> Option<(Instant, String)> {
+        self.log.lock().unwrap().iter().find(|(_, l)| l.contains(what)).cloned()
+    }
+
+    /// Waits for the first line containing `what`.
+    async fn wait_line(&self, what: &str, timeout: Duration) -> (Instant, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(found) = self.line(what) {
+                return found;
+            }
+            assert!(Instant::now() < deadline, "no log line with `{what}`:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn signal(&self, sig: &str) {
@@ -439,8 +460,101 @@ async fn job_stop_drops_a_job_and_sigterm_posts_every_taken_job() {
     assert!(worker.log().contains("every taken job is posted"), "{}", worker.log());
 }
 
+/// Job-stop while the job's batch runs: the running batch stops at its next denoising step (the
+/// pipeline's "batch stopped" line, which is also what `qwen_edit_batches_stopped_total` counts; the
+/// worker serves no /metrics), nothing is posted for the job, the heartbeat drops it, and the next
+/// job takes its place at once and waits for the engine about one step, not for the stopped job's
+/// remaining steps. Every bound is in steps measured here, on this machine, at the long job's shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn job_stop_during_a_running_batch_stops_it_at_the_next_step_and_the_next_job_runs() {
+    /// The long job: MAX_STEPS steps, with true CFG (two transformer rows a step) at an output large
+    /// enough that the steps outweigh the other stages (here ~85 ms a step, ~0.4 s for the decoder).
+    const STEPS: u32 = 100;
+    const SIDE: u32 = 512;
+    let sized = |i: u64, steps: u32| {
+        let mut v = input(i, steps, 32);
+        v["width"] = SIDE.into();
+        v["height"] = SIDE.into();
+        v["negative_prompt"] = "".into();
+        v["true_cfg_scale"] = 4.0.into();
+        v
+    };
+    let plane = Plane::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // One place: a job is taken only once the job before it is posted or stopped.
+    let mut worker = WorkerProc::spawn(&env_with(&plane, &[("BATCH_SIZE", "1")]), &[], dir.path());
+
+    // Calibration at the long job's shape, once it is warm: 2 and 22 steps give one step's time; the
+    // 2-step job's whole turnaround (take, prepare, encoders, 2 steps, decoder, post) bounds the time
+    // a job of this shape needs before its denoising starts.
+    plane.push_jobs([
+        serde_json::json!({"id": "warm", "input": sized(20, 2)}),
+        serde_json::json!({"id": "calib-2", "input": sized(21, 2)}),
+        serde_json::json!({"id": "calib-22", "input": sized(22, 22)}),
+    ]);
+    plane.wait_for("the calibration results", Duration::from_secs(300), |s| s.results.len() == 3).await;
+    let (step, before_denoise) = {
+        let st = plane.st();
+        let compute = |id: &str| {
+            let r = &st.results[id].body;
+            r["output"]["timings"]["compute_ms"].as_f64().unwrap_or_else(|| panic!("{id} failed: {}", r["error"]))
+        };
+        let step = Duration::from_secs_f64((compute("calib-22") - compute("calib-2")) / 20.0 / 1000.0);
+        (step, st.results["calib-2"].at - st.handed["calib-2"])
+    };
+    // The stop comes when the long job is surely denoising (three times what a 2-step job needs in
+    // all), with most of its steps still to run (the plane's job-stop poll is open: it goes at once).
+    let stop_after = before_denoise * 3;
+    eprintln!("one step {step:?}; a 2-step job {before_denoise:?}; the stop after {stop_after:?}");
+    assert!(
+        stop_after + step * 30 < step * STEPS,
+        "the long job ({STEPS} steps of {step:?}) is too short for this test: the stop comes after {stop_after:?}"
+    );
+
+    plane.push_jobs([
+        serde_json::json!({"id": "long", "input": sized(23, STEPS)}),
+        serde_json::json!({"id": "next", "input": input(24, 2, 32)}),
+    ]);
+    plane.wait_for("the long job taken", Duration::from_secs(60), |s| s.handed.contains_key("long")).await;
+    let handed = plane.st().handed["long"];
+    tokio::time::sleep_until((handed + stop_after).into()).await;
+    plane.st().stop_now.push("long".into());
+    plane.changed.notify_waiters();
+    plane.wait_for("the stop to be sent", Duration::from_secs(10), |s| s.stop_now.is_empty()).await;
+    // The next job comes after the long one, whether that was stopped or (too short) ran to its end.
+    plane.wait_for("the next job's result", Duration::from_secs(300), |s| s.results.contains_key("next")).await;
+    assert!(!plane.st().results.contains_key("long"), "the long job ran to its end before the stop: too short for this test");
+    let (aborted, _) = worker.wait_line("job-stop: aborting the job", Duration::from_secs(10)).await;
+    let (stopped, line) = worker.wait_line("batch stopped: nobody waits for it", Duration::from_secs(10)).await;
+
+    // The running batch (not a queued job) stopped within a few steps of the abort.
+    assert!(line.contains("batch=1"), "{line}");
+    let latency = stopped.saturating_duration_since(aborted);
+    assert!(latency <= step * 5, "the batch stopped {latency:?} after the abort, more than 5 steps of {step:?}: {line}");
+    let st = plane.st();
+    assert!(!st.results.contains_key("long") && !st.attempts.contains_key("long"), "nothing is posted for a stopped job");
+    // The next job took the freed place and waited for the engine at most a few steps, not for the
+    // tens of steps the stopped job had left.
+    let next = &st.results["next"].body["output"];
+    let queue = Duration::from_secs_f64(next["timings"]["queue_ms"].as_f64().expect("queue_ms") / 1000.0);
+    assert!(queue <= step * 5, "the next job waited {queue:?} for the engine, more than 5 steps of {step:?}");
+    let next_posted = st.results["next"].at;
+    drop(st);
+    // Once stopped, the heartbeat no longer lists it.
+    plane
+        .wait_for("an empty heartbeat after the next job", Duration::from_secs(10), |s| {
+            s.pings.iter().any(|(at, ids)| *at > next_posted && ids.is_empty())
+        })
+        .await;
+    let expected = run_images(&[input(24, 2, 32)]).await;
+    assert_eq!(plane.st().results["next"].body["output"]["image"].as_str(), Some(expected[0].as_str()), "the next job's image");
+    eprintln!("the batch stopped {latency:?} after the abort ({line}); the next job waited {queue:?}");
+    worker.signal("-TERM");
+    assert_eq!(worker.exit_code(Duration::from_secs(60)).await, 0, "{}", worker.log());
+}
+
 /// `--test-input` and ./test_input.json run one job and print its result body (the image equals
-/// /run's); without either, or with a bad job, the exit code is 1.
+/// /run's, from either); without either, or with a bad job, the exit code is 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn local_test_mode_runs_one_job() {
     let dir = tempfile::tempdir().unwrap();
@@ -454,10 +568,20 @@ async fn local_test_mode_runs_one_job() {
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
     assert_eq!(v["output"]["image"].as_str(), Some(expected[0].as_str()));
 
-    // No RunPod variables, no flag: ./test_input.json; a bad job there fails with its error.
+    // No RunPod variables, no flag: ./test_input.json. Missing: exit 1; a good job runs; a bad one fails with its error.
     let mut missing = WorkerProc::spawn(&[], &[], dir.path());
     assert_eq!(missing.exit_code(Duration::from_secs(120)).await, 1);
     assert!(missing.log().contains("test_input.json not found"), "{}", missing.log());
+    // A good job there runs as --test-input's does: the same image.
+    std::fs::write(dir.path().join("test_input.json"), serde_json::json!({"id": "t0", "input": job["input"]}).to_string())
+        .unwrap();
+    let mut file = WorkerProc::spawn(&[], &[], dir.path());
+    assert_eq!(file.exit_code(Duration::from_secs(120)).await, 0, "{}", file.log());
+    assert!(file.log().contains("test_input.json as job input"), "{}", file.log());
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(file.child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(v["output"]["image"].as_str(), Some(expected[0].as_str()), "test_input.json: the image differs from /run's");
     std::fs::write(dir.path().join("test_input.json"), serde_json::json!({"id": "t1", "input": {"prompt": "x"}}).to_string())
         .unwrap();
     let mut bad = WorkerProc::spawn(&[], &[], dir.path());
