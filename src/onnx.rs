@@ -748,11 +748,9 @@ pub(crate) mod tests {
         assert_eq!(p[0].inputs[0].max[1..], p[2].inputs[0].max[1..]);
     }
 
-    #[test]
-    fn each_run_takes_the_smallest_batch_group_that_holds_it() {
+    /// The profile `plan_run` picks for a batch of `rows` rows at profile 0's tuned shapes.
+    fn profile_for_rows(inputs: &[TensorInfo], profiles: &[Profile], rows: usize) -> Result<usize, String> {
         use crate::runtime::tensorrt::{plan_run, ProfileShapes};
-        let info = inspect(&fixture("transformer_io.onnx")).unwrap();
-        let profiles = derive_profiles("transformer", &info.inputs, &settings(Variant::Edit)).unwrap();
         let shapes: Vec<ProfileShapes> = profiles
             .iter()
             .map(|p| ProfileShapes {
@@ -760,21 +758,26 @@ pub(crate) mod tests {
                 max: p.inputs.iter().map(|i| i.max.clone()).collect(),
             })
             .collect();
-        let run = |rows: usize| {
-            let concrete: Vec<Vec<usize>> = profiles[0]
-                .inputs
-                .iter()
-                .zip(&info.inputs)
-                .map(|(p, t)| {
-                    let mut s = p.opt.clone();
-                    if matches!(t.shape.first(), Some(Dim::Dynamic(n)) if n == "batch") {
-                        s[0] = rows;
-                    }
-                    s
-                })
-                .collect();
-            plan_run(&info.inputs, &concrete, &shapes, &[]).map(|p| p.profile)
-        };
+        let concrete: Vec<Vec<usize>> = profiles[0]
+            .inputs
+            .iter()
+            .zip(inputs)
+            .map(|(p, t)| {
+                let mut s = p.opt.clone();
+                if matches!(t.shape.first(), Some(Dim::Dynamic(n)) if n == "batch") {
+                    s[0] = rows;
+                }
+                s
+            })
+            .collect();
+        plan_run(inputs, &concrete, &shapes, &[]).map(|p| p.profile)
+    }
+
+    #[test]
+    fn each_run_takes_the_smallest_batch_group_that_holds_it() {
+        let info = inspect(&fixture("transformer_io.onnx")).unwrap();
+        let profiles = derive_profiles("transformer", &info.inputs, &settings(Variant::Edit)).unwrap();
+        let run = |rows: usize| profile_for_rows(&info.inputs, &profiles, rows);
         // 1 request (1 row, 2 with CFG) -> the batch-1 profile; 2 requests with CFG -> batch 2; 3-4 -> batch 4.
         assert_eq!((run(1), run(2), run(3), run(4), run(5), run(8)), (Ok(0), Ok(0), Ok(1), Ok(1), Ok(2), Ok(2)));
         assert!(run(9).is_err());
@@ -784,7 +787,6 @@ pub(crate) mod tests {
     /// give a profile tuned (opt) for one request, which a lone request runs on; and every profile holds one row.
     #[test]
     fn a_lone_request_has_a_batch_one_profile_even_when_the_batch_sizes_leave_out_one() {
-        use crate::runtime::tensorrt::{plan_run, ProfileShapes};
         let info = inspect(&fixture("transformer_io.onnx")).unwrap();
         for (sizes, cfg, groups) in [
             (vec![4], true, vec![1, 4]),
@@ -803,27 +805,8 @@ pub(crate) mod tests {
             assert!((0..p.len()).all(|k| ts(k).min == vec![1]), "{sizes:?}: {p:?}");
             assert_eq!(ts(p.len() - 1).max, vec![4 * rows], "{sizes:?}");
             // A lone request (one row; two with CFG) runs on that profile, not on one tuned for a full batch.
-            let shapes: Vec<ProfileShapes> = p
-                .iter()
-                .map(|q| ProfileShapes {
-                    min: q.inputs.iter().map(|i| i.min.clone()).collect(),
-                    max: q.inputs.iter().map(|i| i.max.clone()).collect(),
-                })
-                .collect();
             for lone in 1..=rows {
-                let concrete: Vec<Vec<usize>> = p[0]
-                    .inputs
-                    .iter()
-                    .zip(&info.inputs)
-                    .map(|(q, t)| {
-                        let mut d = q.opt.clone();
-                        if matches!(t.shape.first(), Some(Dim::Dynamic(n)) if n == "batch") {
-                            d[0] = lone;
-                        }
-                        d
-                    })
-                    .collect();
-                assert_eq!(plan_run(&info.inputs, &concrete, &shapes, &[]).map(|r| r.profile), Ok(0), "{sizes:?}, {lone} row(s)");
+                assert_eq!(profile_for_rows(&info.inputs, &p, lone), Ok(0), "{sizes:?}, {lone} row(s)");
             }
         }
     }
