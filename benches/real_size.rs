@@ -8,12 +8,19 @@
 //! resident memory of the process (VmHWM), the largest growth of resident memory during one
 //! transformer call (the attention's share: the high-water mark is reset before each call), and the
 //! user and system CPU seconds of the process.
+//!
+//! `cargo bench --bench real_size -- --bundle DIR --transformer-tokens N`: the transformer alone, one call
+//! with N image tokens (and 64 text tokens) after a warm-up call at 64, in this fresh process; prints the
+//! growth of resident memory during the call over the resident memory before it, and its seconds. With
+//! `QWEN_EDIT_PLAIN_ATTENTION=1` the attentions run as exported (MatMul, Softmax, MatMul) instead of fused.
 
+use qwen_edit::builder::random_inputs;
+use qwen_edit::bundle::Bundle;
 use qwen_edit::imaging::{self, Limits};
 use qwen_edit::pipeline::{EditRequest, Pipeline, PipelineOptions};
-use qwen_edit::runtime::ort::OrtSettings;
-use qwen_edit::runtime::{Engine, Error, Outputs, Tensor, TensorInfo};
-use std::path::PathBuf;
+use qwen_edit::runtime::ort::{OrtBackend, OrtSettings};
+use qwen_edit::runtime::{Dim, Engine, Error, Outputs, Tensor, TensorInfo};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -86,6 +93,37 @@ fn arg(name: &str) -> Option<String> {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
 }
 
+/// One transformer call with `tokens` image tokens, alone in this process (see the module docs).
+fn transformer_only(bundle: &Path, tokens: usize, ort: OrtSettings) -> serde_json::Value {
+    let path = Bundle::open(bundle).expect("open the bundle").onnx_path("transformer").expect("a transformer");
+    let plain = ort.plain_attention;
+    let mut engine = OrtBackend::new(ort).expect("ONNX Runtime").load("transformer", &path).expect("load the transformer");
+    let infos = engine.inputs().to_vec();
+    let inputs = |img: usize| {
+        let dim = |d: &Dim| match d {
+            Dim::Fixed(n) => *n,
+            Dim::Dynamic(s) if s == "img_seq" => img,
+            Dim::Dynamic(s) if s == "txt_seq" => 64,
+            Dim::Dynamic(_) => 1,
+        };
+        let shapes: Vec<Vec<usize>> = infos.iter().map(|i| i.shape.iter().map(dim).collect()).collect();
+        random_inputs(&infos, &shapes, 1).expect("inputs")
+    };
+    let call = |engine: &mut dyn Engine, inputs: &[(String, Tensor)]| {
+        let named: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        engine.run(&named).expect("the transformer runs");
+    };
+    call(&mut engine, &inputs(64));
+    let measured = inputs(tokens);
+    reset_peak();
+    let before = status_bytes("VmRSS:");
+    let t = Instant::now();
+    call(&mut engine, &measured);
+    let seconds = t.elapsed().as_secs_f64();
+    let growth = status_bytes("VmHWM:").saturating_sub(before);
+    serde_json::json!({"image_tokens": tokens, "plain_attention": plain, "growth_bytes": growth, "seconds": seconds})
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -102,6 +140,9 @@ fn main() {
     let threads: usize = arg("--threads").map_or(2, |s| s.parse().expect("--threads"));
     let plain = std::env::var("QWEN_EDIT_PLAIN_ATTENTION").is_ok_and(|v| v == "1");
     let ort = OrtSettings { intra_threads: Some(threads), plain_attention: plain, ..Default::default() };
+    if let Some(tokens) = arg("--transformer-tokens") {
+        return emit(&transformer_only(&bundle, tokens.parse().expect("--transformer-tokens"), ort));
+    }
     let opts = PipelineOptions { backend: "ort".parse().unwrap(), ort, ..Default::default() };
     let growth = Arc::new(Mutex::new(0u64));
     let g = growth.clone();
@@ -154,6 +195,11 @@ fn main() {
         "user_s": user,
         "sys_s": sys,
     });
+    emit(&json);
+}
+
+/// Prints `json`, and writes it to `--json` if given.
+fn emit(json: &serde_json::Value) {
     println!("{json}");
     if let Some(out) = arg("--json") {
         std::fs::write(out, json.to_string()).expect("write --json");

@@ -9,6 +9,11 @@ the largest growth of resident memory during one transformer call (the kernel's 
 reset before each call): the attention's share. Writes target/bench-tables/real_size.md for
 benches/report.py.
 
+Then the attention's memory by token count: the transformer alone, one call in a fresh process at 2,048,
+4,096 and 8,192 image tokens (the edits at 512x512, ~724x724 and 1024x1024: target plus condition), with
+the attentions fused (what qwen-edit runs) and as exported (MatMul, Softmax, MatMul: the scores
+materialised); the growth of resident memory during the call. Writes target/bench-tables/attention_memory.md.
+
     source .deps/env && .venv/bin/python benches/real_size_vs_diffusers.py [--sizes 1024,512] [--runs 3]
 """
 
@@ -27,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benches"))
-from report import machine  # noqa: E402
+from report import machine  # noqa: E402 (after the sys.path lines that make it importable)
 
 CHECKPOINT = ROOT / "engines/tiny-checkpoints/edit-2509"
 BUNDLE = ROOT / "target/bench-bundles/edit-2509-1mp"
@@ -162,6 +167,43 @@ def run_qwen_edit(bundle: Path, size: int, runs: int) -> dict:
     return json.loads(target.read_text())
 
 
+ATTENTION_TOKENS = (2048, 4096, 8192)
+
+
+def run_transformer_call(bundle: Path, tokens: int, plain: bool) -> dict:
+    target = ROOT / "target/bench-tables" / f"attention_{tokens}_{'plain' if plain else 'fused'}.json"
+    cmd = ["cargo", "bench", "--bench", "real_size", "--", "--bundle", str(bundle), "--transformer-tokens", str(tokens)]
+    cmd += ["--threads", str(THREADS), "--json", str(target)]
+    env = {**os.environ, "QWEN_EDIT_PLAIN_ATTENTION": "1" if plain else "0"}
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=env)
+    return json.loads(target.read_text())
+
+
+def attention_table(bundle: Path) -> str:
+    rows = {t: tuple(run_transformer_call(bundle, t, plain) for plain in (False, True)) for t in ATTENTION_TOKENS}
+    out = [
+        "The transformer of the same bundle alone, one call in a fresh process (64 text tokens, batch 1, "
+        f"{THREADS} threads): the growth of resident memory during the call.",
+        "",
+        "| image tokens | edit size | fused attention (qwen-edit) | exported chain: MatMul, Softmax, MatMul |",
+        "| ---: | --- | ---: | ---: |",
+    ]
+    sizes = {2048: "512x512", 4096: "~724x724", 8192: "1024x1024"}
+    for t, (fused, plain) in rows.items():
+        out.append(
+            f"| {t:,} | {sizes[t]} | {gib(fused['growth_bytes'])} ({fused['seconds']:.2f} s) | "
+            f"{gib(plain['growth_bytes'])} ({plain['seconds']:.2f} s) |"
+        )
+    lo, hi = ATTENTION_TOKENS[0], ATTENTION_TOKENS[-1]
+    ratio = [rows[hi][k]["growth_bytes"] / max(rows[lo][k]["growth_bytes"], 1) for k in (0, 1)]
+    out += [
+        "",
+        f"From {lo:,} to {hi:,} tokens ({hi // lo}x): fused {ratio[0]:.1f}x, exported chain {ratio[1]:.1f}x "
+        f"(linear would be {hi // lo}x, the square {(hi // lo) ** 2}x).",
+    ]
+    return "\n".join(out) + "\n"
+
+
 def gib(b: int) -> str:
     return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
 
@@ -222,6 +264,10 @@ def main() -> int:
     out = ROOT / "target/bench-tables"
     out.mkdir(parents=True, exist_ok=True)
     (out / "real_size.md").write_text(text)
+    print("attention memory by token count", file=sys.stderr)
+    attention = attention_table(bundle)
+    print(attention)
+    (out / "attention_memory.md").write_text(attention)
     return 0
 
 

@@ -159,6 +159,9 @@ def tables() -> dict[str, str | None]:
         "real-size": file_table(
             "real_size.md", "source .deps/env && .venv/bin/python benches/real_size_vs_diffusers.py"
         ),
+        "attention-memory": file_table(
+            "attention_memory.md", "source .deps/env && .venv/bin/python benches/real_size_vs_diffusers.py"
+        ),
         "batch": pipeline_table(),
         "stages": file_table("stages.md", "cargo bench --bench pipeline"),
         "load": file_table("load.md", "cargo bench --bench load"),
