@@ -531,15 +531,15 @@ async fn job_stop_during_a_running_batch_stops_it_at_the_next_step_and_the_next_
     assert!(line.contains("batch=1"), "{line}");
     let latency = stopped.saturating_duration_since(aborted);
     assert!(latency <= step * 5, "the batch stopped {latency:?} after the abort, more than 5 steps of {step:?}: {line}");
-    let st = plane.st();
-    assert!(!st.results.contains_key("long") && !st.attempts.contains_key("long"), "nothing is posted for a stopped job");
+    let (queue, next_posted) = {
+        let st = plane.st();
+        assert!(!st.results.contains_key("long") && !st.attempts.contains_key("long"), "nothing is posted for a stopped job");
+        let next = &st.results["next"];
+        (Duration::from_secs_f64(next.body["output"]["timings"]["queue_ms"].as_f64().expect("queue_ms") / 1000.0), next.at)
+    };
     // The next job took the freed place and waited for the engine at most a few steps, not for the
     // tens of steps the stopped job had left.
-    let next = &st.results["next"].body["output"];
-    let queue = Duration::from_secs_f64(next["timings"]["queue_ms"].as_f64().expect("queue_ms") / 1000.0);
     assert!(queue <= step * 5, "the next job waited {queue:?} for the engine, more than 5 steps of {step:?}");
-    let next_posted = st.results["next"].at;
-    drop(st);
     // Once stopped, the heartbeat no longer lists it.
     plane
         .wait_for("an empty heartbeat after the next job", Duration::from_secs(10), |s| {
