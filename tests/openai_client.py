@@ -22,7 +22,7 @@ import sys
 import urllib.request
 import zlib
 
-import httpx
+import httpx2
 import openai
 
 STEPS = 2
@@ -45,7 +45,7 @@ def auto_size(bundle: str, image: bytes) -> tuple[int, int]:
 def recording_client(base: str, key: str) -> tuple[openai.OpenAI, list[bytes]]:
     """A client that keeps the body of every request it sends (to see that a field is on the wire)."""
     sent: list[bytes] = []
-    http = httpx.Client(event_hooks={"request": [lambda request: sent.append(request.read())]})
+    http = httpx2.Client(event_hooks={"request": [lambda request: sent.append(request.read())]})
     return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, http_client=http), sent
 
 
