@@ -144,18 +144,25 @@ async fn stages_are_timed_once_per_batch_of_two() {
     let after = get(addr, "/metrics").await.text();
     let grew = |series: &str| metric(&after, series) - metric(&before, series);
     assert_eq!((grew("qwen_edit_batch_size_count"), grew("qwen_edit_batch_size_sum")), (1.0, 2.0), "one batch of two:\n{after}");
-    for (stage, n) in [
-        ("text_encoder", 1.0),
-        ("vae_encoder", 1.0),
-        ("denoise_step", STEPS as f64),
-        ("vae_decoder", 1.0),
-        ("preprocess", 2.0),
-        ("encode", 2.0),
-    ] {
+    for (stage, n) in stage_observations(2) {
         assert_eq!(stage_count(&after, stage, 2) - stage_count(&before, stage, 2), n, "{stage} at batch size 2:\n{after}");
         assert_eq!(stage_count(&after, stage, 1), stage_count(&before, stage, 1), "{stage} at batch size 1:\n{after}");
     }
     stop(server).await;
+}
+
+/// What each stage histogram gains for one batch of `jobs` jobs: one observation per stage per batch, one per
+/// denoising step, one preprocess and one encode per job.
+fn stage_observations(jobs: usize) -> [(&'static str, f64); 6] {
+    let per_job = jobs as f64;
+    [
+        ("text_encoder", 1.0),
+        ("vae_encoder", 1.0),
+        ("denoise_step", STEPS as f64),
+        ("vae_decoder", 1.0),
+        ("preprocess", per_job),
+        ("encode", per_job),
+    ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -173,15 +180,7 @@ async fn queue_status_counts_what_was_sent_and_stages_are_timed_per_batch() {
         assert_eq!(r.status, 200, "{}", r.text());
         let batch = r.json()["timings"]["batch_size"].as_u64().unwrap() as usize;
         let after = get(addr, "/metrics").await.text();
-        // One observation per stage per batch; one per denoising step; one preprocess and encode per job.
-        for (stage, n) in [
-            ("text_encoder", 1.0),
-            ("vae_encoder", 1.0),
-            ("denoise_step", STEPS as f64),
-            ("vae_decoder", 1.0),
-            ("preprocess", 1.0),
-            ("encode", 1.0),
-        ] {
+        for (stage, n) in stage_observations(1) {
             assert_eq!(stage_count(&after, stage, batch) - stage_count(&before, stage, batch), n, "{stage}:\n{after}");
         }
     }
