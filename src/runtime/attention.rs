@@ -211,7 +211,7 @@ fn shape(v: &ValueInfoProto) -> Option<Shape> {
 }
 
 /// The values of a float32, float16 or bfloat16 tensor stored in the model, as f32.
-fn tensor_floats(t: &TensorProto) -> Option<Vec<f32>> {
+pub(super) fn tensor_floats(t: &TensorProto) -> Option<Vec<f32>> {
     if t.data_location.enum_value_or_default() == DataLocation::EXTERNAL {
         return None;
     }

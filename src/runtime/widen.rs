@@ -141,12 +141,9 @@ impl Weights {
         if t.data_type != BFLOAT16 {
             return Ok(());
         }
-        t.raw_data = if t.raw_data.is_empty() {
-            // ONNX keeps 16-bit values one per int32_data entry when they are not raw.
-            t.int32_data.iter().flat_map(|&v| half::bf16::from_bits(v as u16).to_f32().to_le_bytes()).collect()
-        } else {
-            widen_bits(&t.raw_data)
-        };
+        // Raw bytes or one value per int32_data entry, as the attention rewrite reads constants.
+        let values = super::attention::tensor_floats(t).ok_or_else(|| format!("tensor `{}`: no bfloat16 data", t.name))?;
+        t.raw_data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         t.int32_data.clear();
         t.data_type = FLOAT;
         Ok(())
