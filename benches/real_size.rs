@@ -12,7 +12,8 @@
 //! `cargo bench --bench real_size -- --bundle DIR --transformer-tokens N`: the transformer alone, one call
 //! with N image tokens (and 64 text tokens) after a warm-up call at 64, in this fresh process; prints the
 //! growth of resident memory during the call over the resident memory before it, and its seconds. With
-//! `QWEN_EDIT_PLAIN_ATTENTION=1` the attentions run as exported (MatMul, Softmax, MatMul) instead of fused.
+//! `QWEN_EDIT_PLAIN_GRAPH=1` the graph runs as exported (attentions as MatMul, Softmax, MatMul; no fused RMSNorm,
+//! GELU or RoPE) instead of rewritten (runtime::attention, runtime::fuse).
 
 use qwen_edit::builder::random_inputs;
 use qwen_edit::bundle::Bundle;
@@ -77,6 +78,9 @@ impl Engine for Measured {
     fn outputs(&self) -> &[TensorInfo] {
         self.inner.outputs()
     }
+    fn repeat_runs(&mut self, repeat: bool) {
+        self.inner.repeat_runs(repeat);
+    }
     fn run(&mut self, inputs: &[(&str, &Tensor)]) -> Result<Outputs, Error> {
         reset_peak();
         let before = status_bytes("VmRSS:");
@@ -96,7 +100,7 @@ fn arg(name: &str) -> Option<String> {
 /// One transformer call with `tokens` image tokens, alone in this process (see the module docs).
 fn transformer_only(bundle: &Path, tokens: usize, ort: OrtSettings) -> serde_json::Value {
     let path = Bundle::open(bundle).expect("open the bundle").onnx_path("transformer").expect("a transformer");
-    let plain = ort.plain_attention;
+    let plain = ort.plain_graph;
     let mut engine = OrtBackend::new(ort).expect("ONNX Runtime").load("transformer", &path).expect("load the transformer");
     let infos = engine.inputs().to_vec();
     let inputs = |img: usize| {
@@ -121,7 +125,7 @@ fn transformer_only(bundle: &Path, tokens: usize, ort: OrtSettings) -> serde_jso
     call(&mut engine, &measured);
     let seconds = t.elapsed().as_secs_f64();
     let growth = status_bytes("VmHWM:").saturating_sub(before);
-    serde_json::json!({"image_tokens": tokens, "plain_attention": plain, "growth_bytes": growth, "seconds": seconds})
+    serde_json::json!({"image_tokens": tokens, "plain_graph": plain, "growth_bytes": growth, "seconds": seconds})
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -138,8 +142,8 @@ fn main() {
     let size: u32 = arg("--size").map_or(1024, |s| s.parse().expect("--size"));
     let runs: usize = arg("--runs").map_or(3, |s| s.parse().expect("--runs"));
     let threads: usize = arg("--threads").map_or(2, |s| s.parse().expect("--threads"));
-    let plain = std::env::var("QWEN_EDIT_PLAIN_ATTENTION").is_ok_and(|v| v == "1");
-    let ort = OrtSettings { intra_threads: Some(threads), plain_attention: plain, ..Default::default() };
+    let plain = std::env::var("QWEN_EDIT_PLAIN_GRAPH").is_ok_and(|v| v == "1");
+    let ort = OrtSettings { intra_threads: Some(threads), plain_graph: plain, ..Default::default() };
     if let Some(tokens) = arg("--transformer-tokens") {
         return emit(&transformer_only(&bundle, tokens.parse().expect("--transformer-tokens"), ort));
     }
@@ -184,7 +188,7 @@ fn main() {
         "size": size,
         "runs": runs,
         "threads": threads,
-        "plain_attention": plain,
+        "plain_graph": plain,
         "text_encoder_s": m(0),
         "vae_encode_s": m(1),
         "transformer_s": m(2),

@@ -10,9 +10,11 @@ reset before each call): the attention's share. Writes target/bench-tables/real_
 benches/report.py.
 
 Then the attention's memory by token count: the transformer alone, one call in a fresh process at 2,048,
-4,096 and 8,192 image tokens (the edits at 512x512, ~724x724 and 1024x1024: target plus condition), with
-the attentions fused (what qwen-edit runs) and as exported (MatMul, Softmax, MatMul: the scores
-materialised); the growth of resident memory during the call. Writes target/bench-tables/attention_memory.md.
+4,096 and 8,192 image tokens (target plus condition: two 512x512, two ~724x724, two 1024x1024 pictures; this
+bundle's 1024x1024 edit is the last, its 512x512 edit has 5,120, the condition staying at the 1 MP area), with
+the attentions fused and the other rewrites of runtime::fuse (what qwen-edit runs) and the graph as exported
+(MatMul, Softmax, MatMul: the scores materialised); the growth of resident memory during the call. Writes
+target/bench-tables/attention_memory.md.
 
     source .deps/env && .venv/bin/python benches/real_size_vs_diffusers.py [--sizes 1024,512] [--runs 3]
 """
@@ -174,7 +176,7 @@ def run_transformer_call(bundle: Path, tokens: int, plain: bool) -> dict:
     target = ROOT / "target/bench-tables" / f"attention_{tokens}_{'plain' if plain else 'fused'}.json"
     cmd = ["cargo", "bench", "--bench", "real_size", "--", "--bundle", str(bundle), "--transformer-tokens", str(tokens)]
     cmd += ["--threads", str(THREADS), "--json", str(target)]
-    env = {**os.environ, "QWEN_EDIT_PLAIN_ATTENTION": "1" if plain else "0"}
+    env = {**os.environ, "QWEN_EDIT_PLAIN_GRAPH": "1" if plain else "0"}
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=env)
     return json.loads(target.read_text())
 
@@ -185,10 +187,10 @@ def attention_table(bundle: Path) -> str:
         "The transformer of the same bundle alone, one call in a fresh process (64 text tokens, batch 1, "
         f"{THREADS} threads): the growth of resident memory during the call.",
         "",
-        "| image tokens | edit size | fused attention (qwen-edit) | exported chain: MatMul, Softmax, MatMul |",
+        "| image tokens | target + condition | fused attention (qwen-edit) | exported chain: MatMul, Softmax, MatMul |",
         "| ---: | --- | ---: | ---: |",
     ]
-    sizes = {2048: "512x512", 4096: "~724x724", 8192: "1024x1024"}
+    sizes = {2048: "2 x 512x512", 4096: "2 x ~724x724", 8192: "2 x 1024x1024 (the 1024x1024 edit)"}
     for t, (fused, plain) in rows.items():
         out.append(
             f"| {t:,} | {sizes[t]} | {gib(fused['growth_bytes'])} ({fused['seconds']:.2f} s) | "

@@ -539,3 +539,49 @@ fn loop_description_is_checked() {
     assert!(DenoiseLoop { state: &wide, ..ok }.validate().is_err(), "state rows = jobs (x2 with CFG)");
     assert!(DenoiseLoop { shape: StepShape { cfg: true, ..shape }, ..ok }.validate().is_err(), "CFG needs 2 rows per job");
 }
+
+/// The host loop tells the transformer which runs repeat at the same sizes (ONNX Runtime then keeps its arena
+/// between steps instead of returning it and faulting it back in): every step but the last, and nothing after a
+/// loop, finished or stopped.
+#[test]
+fn the_host_loop_marks_the_steps_that_repeat() {
+    use qwen_edit::pipeline::Checkpoint;
+    struct Recorder {
+        inner: Box<dyn Engine>,
+        repeat: bool,
+        log: Arc<Mutex<(Vec<bool>, bool)>>,
+    }
+    impl Engine for Recorder {
+        fn component(&self) -> &str {
+            self.inner.component()
+        }
+        fn inputs(&self) -> &[TensorInfo] {
+            self.inner.inputs()
+        }
+        fn outputs(&self) -> &[TensorInfo] {
+            self.inner.outputs()
+        }
+        fn run(&mut self, inputs: &[(&str, &Tensor)]) -> Result<Outputs, Error> {
+            self.log.lock().unwrap().0.push(self.repeat);
+            self.inner.run(inputs)
+        }
+        fn repeat_runs(&mut self, repeat: bool) {
+            self.repeat = repeat;
+            self.log.lock().unwrap().1 = repeat;
+            self.inner.repeat_runs(repeat);
+        }
+    }
+    let log = Arc::new(Mutex::new((Vec::new(), false)));
+    let l2 = log.clone();
+    let mut p = open("tiny").wrap_transformer(move |inner| Box::new(Recorder { inner, repeat: false, log: l2 }));
+    let pre = p.preprocessor();
+    let job = pre.prepare(request(vec![picture(64, 64, 2)], "x", None, 3, 5)).unwrap();
+    assert!(p.run_batch(vec![job]).pop().unwrap().is_ok());
+    assert_eq!(*log.lock().unwrap(), (vec![true, true, false], false));
+    // Stopped after two of four steps: the hint is off again.
+    *log.lock().unwrap() = (Vec::new(), false);
+    let job = pre.prepare(request(vec![picture(64, 64, 2)], "x", None, 4, 5)).unwrap();
+    let r = p.run_batch_with(&[&job], &|at| !matches!(at, Checkpoint::Step(k) if k >= 2)).pop().unwrap();
+    assert!(r.is_err());
+    assert_eq!(*log.lock().unwrap(), (vec![true, true], false));
+}

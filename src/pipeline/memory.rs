@@ -11,8 +11,9 @@
 //! decoder: the output's pixels) and `rows_s` the batch's rows (jobs, twice with true CFG for the
 //! text encoder and the transformer; activations are per row, so batches scale linearly: measured
 //! on the 1 MP bundle before the fused attention, one edit 2.39 GB, two 4.72 GB). A batch needs the
-//! largest of its stages (the CPU backend gives its arena back after each run). `f_s` comes from two
-//! probe points `(x_lo, y_lo)`, `(x_hi, y_hi)`: a stage's need is `c + a x + b x^2` with a, b, c >= 0
+//! largest of its stages (the CPU backend gives its arena back after each stage; between the steps of
+//! the denoising loop, which repeat at the same sizes, it keeps it). `f_s` comes from two probe points
+//! `(x_lo, y_lo)`, `(x_hi, y_hi)`: a stage's need is `c + a x + b x^2` with a, b, c >= 0
 //! (buffers, and attention's square), so the chord bounds it between the points and `y_lo` below them.
 //! Beyond `x_hi` (only outputs larger than the bundle's area get there: prompts and condition images
 //! are bounded by the probe's high point) the bound depends on the stage's engine ([`Growth`]):

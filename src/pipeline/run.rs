@@ -417,7 +417,11 @@ impl Pipeline {
             }
             (trace, _) => {
                 let host = HostLoop { fixed: &fixed, shape, timesteps: &timesteps, dts: &dts, scales, proceed: &proceed };
-                host.run(self.engines.transformer.as_mut(), state, xs, trace)?;
+                let done = host.run(self.engines.transformer.as_mut(), state, xs, trace);
+                // A stopped or failed loop does not leave the hint on; what its last step kept goes back at the
+                // end of the next run of any component (the arena is shared).
+                self.engines.transformer.repeat_runs(false);
+                done?;
                 self.engines.counters.add(Counter::HostLoopSteps, steps as u64);
             }
         }
@@ -493,10 +497,12 @@ impl HostLoop<'_> {
     ) -> Result<(), EditError> {
         let rows = self.shape.rows();
         let mut hs = state;
+        let steps = self.timesteps.len();
         for (k, (&t, &dt)) in self.timesteps.iter().zip(self.dts).enumerate() {
             if !(self.proceed)(k) {
                 return Err(EditError::Cancelled);
             }
+            transformer.repeat_runs(k + 1 < steps);
             let t = Tensor::f32(&[rows], vec![t; rows]);
             let mut inputs = self.fixed.to_vec();
             inputs.extend([("hidden_states", Input::Host(&hs)), ("timestep", Input::Host(&t))]);

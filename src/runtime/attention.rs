@@ -10,10 +10,11 @@
 //! probabilities once. So each attention becomes, by its mask:
 //!
 //! - none (the VAE's): MultiHeadAttention, flash;
-//! - key padding, a mask `[B, 1, 1, T]` (the transformer's padded text): a `Loop` over the batch rows
-//!   in which each row attends only its valid keys (gathered with `NonZero`), with no mask, so flash.
-//!   A padded query attends the same valid keys, which is what the mask computes; and a row computes
-//!   the same alone or in a batch. A row without any valid key gives zeros (as torch's SDPA);
+//! - key padding, a mask `[B, 1, 1, T]` (the transformer's padded text): each batch row attends only its
+//!   valid keys (gathered with `NonZero`), with no mask, so flash: a `Loop` over the rows, or for a batch
+//!   of one (an `If`) the same nodes without the Loop's per-iteration copies. A padded query attends the
+//!   same valid keys, which is what the mask computes; and a row computes the same alone or in a batch.
+//!   A row without any valid key gives zeros (as torch's SDPA);
 //! - any other mask `[B|1, 1, S, T]` (vision segments, the causal language model): MultiHeadAttention's
 //!   3-D `key_padding_mask` (int32), not flash.
 //!
@@ -32,13 +33,13 @@ use onnx_protobuf::{
     ValueInfoProto,
 };
 
-const FLOAT: i32 = 1;
+pub(super) const FLOAT: i32 = 1;
 const FLOAT16: i32 = 10;
 const BFLOAT16: i32 = 16;
 const INT32: i32 = 6;
-const INT64: i32 = 7;
+pub(super) const INT64: i32 = 7;
 const BOOL: i32 = 9;
-const MS_DOMAIN: &str = "com.microsoft";
+pub(super) const MS_DOMAIN: &str = "com.microsoft";
 /// Prefix of every name the rewrite adds.
 const PREFIX: &str = "qe_attn";
 /// A bias constant at or below this masks its logit: the exported bias is the dtype's lowest finite
@@ -50,7 +51,8 @@ const MASKED: f32 = -6.0e4;
 pub struct Summary {
     /// Attentions without a mask: MultiHeadAttention, flash.
     pub flash: usize,
-    /// Key-padding attentions run per batch row over the valid keys: flash.
+    /// Key-padding attentions run per batch row over the valid keys: flash (two MultiHeadAttention nodes
+    /// each: the batch of one, and the Loop's body).
     pub per_row: usize,
     /// Attentions with any other mask: MultiHeadAttention with a 3-D key_padding_mask.
     pub masked: usize,
@@ -97,23 +99,23 @@ struct Found {
 
 /// The element type and dims (`None` = symbolic or unknown) of a tensor with a declared shape.
 #[derive(Clone, Debug)]
-struct Shape {
-    elem: i32,
-    dims: Vec<Option<i64>>,
+pub(super) struct Shape {
+    pub(super) elem: i32,
+    pub(super) dims: Vec<Option<i64>>,
 }
 
 /// Look-ups over one graph.
-struct View<'a> {
-    g: &'a GraphProto,
+pub(super) struct View<'a> {
+    pub(super) g: &'a GraphProto,
     producer: HashMap<&'a str, usize>,
     /// Uses of each name by nodes, their subgraphs and the graph outputs.
     uses: HashMap<String, usize>,
-    shapes: HashMap<&'a str, Shape>,
-    initializers: HashMap<&'a str, &'a TensorProto>,
+    pub(super) shapes: HashMap<&'a str, Shape>,
+    pub(super) initializers: HashMap<&'a str, &'a TensorProto>,
 }
 
 impl<'a> View<'a> {
-    fn new(g: &'a GraphProto) -> View<'a> {
+    pub(super) fn new(g: &'a GraphProto) -> View<'a> {
         let mut producer = HashMap::new();
         for (i, n) in g.node.iter().enumerate() {
             for o in n.output.iter().filter(|o| !o.is_empty()) {
@@ -136,16 +138,16 @@ impl<'a> View<'a> {
     }
 
     /// The node producing `name` if it is a `op`.
-    fn op(&self, name: &str, op: &str) -> Option<(usize, &'a NodeProto)> {
+    pub(super) fn op(&self, name: &str, op: &str) -> Option<(usize, &'a NodeProto)> {
         self.node(name).filter(|(_, n)| n.op_type == op && n.domain.is_empty())
     }
 
-    fn uses(&self, name: &str) -> usize {
+    pub(super) fn uses(&self, name: &str) -> usize {
         self.uses.get(name).copied().unwrap_or(0)
     }
 
     /// The float values of a constant (initializer or Constant node), if `name` is one.
-    fn floats(&self, name: &str) -> Option<Vec<f32>> {
+    pub(super) fn floats(&self, name: &str) -> Option<Vec<f32>> {
         if let Some(t) = self.initializers.get(name) {
             return tensor_floats(t);
         }
@@ -160,7 +162,7 @@ impl<'a> View<'a> {
     }
 
     /// `x` and the scalar `c` of `Mul(x, c)` / `Mul(c, x)` producing `name`.
-    fn scaled(&self, name: &str) -> Option<(usize, String, f32)> {
+    pub(super) fn scaled(&self, name: &str) -> Option<(usize, String, f32)> {
         let (i, n) = self.op(name, "Mul")?;
         for (x, c) in [(0, 1), (1, 0)] {
             if let Some(v) = self.floats(&n.input[c]) {
@@ -399,7 +401,7 @@ fn label(n: &NodeProto) -> String {
 
 /// Removes the nodes nothing uses any more (the dropped masks' bias nodes) and the shapes of the
 /// tensors that no longer exist.
-fn prune(g: &mut GraphProto) {
+pub(super) fn prune(g: &mut GraphProto) {
     loop {
         let mut uses = HashMap::new();
         count_uses(g, &mut uses);
@@ -435,6 +437,7 @@ impl Emitter {
             ints(&format!("{PREFIX}/axes1"), &[1], &[1]),
             ints(&format!("{PREFIX}/axes12"), &[2], &[1, 2]),
             ints(&format!("{PREFIX}/zero"), &[], &[0]),
+            ints(&format!("{PREFIX}/one"), &[], &[1]),
             ints(&format!("{PREFIX}/first"), &[1], &[0]),
             ints(&format!("{PREFIX}/ones2"), &[2], &[1, 1]),
         ];
@@ -524,7 +527,22 @@ impl Emitter {
         })
     }
 
-    /// A Loop over the batch rows: row b attends its valid keys only (NonZero of `keep[b]`), no mask.
+    /// Row `i` of q, k, v (`[1, S|T, D]`) attends its valid keys only (NonZero of `keep[i]`), no mask: the
+    /// nodes, named `{p}/{s}`, that give `{p}/y` (`[1, S, D]`).
+    fn one_row(&self, p: &str, [q, k, v]: [&str; 3], keep: &str, i: &str, f: &Found) -> Vec<NodeProto> {
+        let b = |s: &str| format!("{p}/{s}");
+        vec![
+            node("Gather", &b("keep"), &[keep, i], &[attr_int("axis", 0)]),
+            node("NonZero", &b("nz"), &[&b("keep")], &[]),
+            node("Squeeze", &b("idx"), &[&b("nz"), &format!("{PREFIX}/axes0")], &[]),
+            node("Gather", &b("k_valid"), &[k, &b("idx")], &[attr_int("axis", 1)]),
+            node("Gather", &b("v_valid"), &[v, &b("idx")], &[attr_int("axis", 1)]),
+            self.mha(&b("y"), &[q, &b("k_valid"), &b("v_valid")], f, false),
+        ]
+    }
+
+    /// Each batch row attends its valid keys only: a batch of one directly, a larger one in a Loop over the
+    /// rows (`If` on the batch size).
     fn per_row(&self, p: &str, [q, k, v]: [&str; 3], keep: &str, f: &Found) -> Vec<NodeProto> {
         let b = |s: &str| format!("{p}/row/{s}");
         let axes0 = format!("{PREFIX}/axes0");
@@ -532,15 +550,10 @@ impl Emitter {
         for (x, tag) in [(q, "q"), (k, "k"), (v, "v")] {
             body.push(node("Gather", &b(tag), &[x, &b("i1")], &[attr_int("axis", 0)]));
         }
-        body.push(node("Gather", &b("keep"), &[keep, &b("i")], &[attr_int("axis", 0)]));
-        body.push(node("NonZero", &b("nz"), &[&b("keep")], &[]));
-        body.push(node("Squeeze", &b("idx"), &[&b("nz"), &axes0], &[]));
-        body.push(node("Gather", &b("k_valid"), &[&b("k"), &b("idx")], &[attr_int("axis", 1)]));
-        body.push(node("Gather", &b("v_valid"), &[&b("v"), &b("idx")], &[attr_int("axis", 1)]));
-        body.push(self.mha(&b("y"), &[&b("q"), &b("k_valid"), &b("v_valid")], f, false));
-        body.push(node("Squeeze", &b("y2"), &[&b("y"), &axes0], &[]));
+        body.extend(self.one_row(&b("r"), [&b("q"), &b("k"), &b("v")], keep, &b("i"), f));
+        body.push(node("Squeeze", &b("y2"), &[&b("r/y"), &axes0], &[]));
         body.push(node("Identity", &b("cond_out"), &[&b("cond")], &[]));
-        let graph = GraphProto {
+        let body = GraphProto {
             name: b("body"),
             node: body,
             input: vec![value(&b("i"), INT64, 0), value(&b("cond"), BOOL, 0)],
@@ -548,16 +561,31 @@ impl Emitter {
             ..Default::default()
         };
         let rows = format!("{p}/rows");
+        let looped = GraphProto {
+            name: format!("{p}/rows_loop"),
+            node: vec![node("Loop", &format!("{p}/y_rows"), &[&rows, ""], &[attr_graph("body", body)])],
+            output: vec![value(&format!("{p}/y_rows"), FLOAT, 3)],
+            ..Default::default()
+        };
+        let single = GraphProto {
+            name: format!("{p}/single"),
+            node: self.one_row(&format!("{p}/one"), [q, k, v], keep, &format!("{PREFIX}/zero"), f),
+            output: vec![value(&format!("{p}/one/y"), FLOAT, 3)],
+            ..Default::default()
+        };
+        let mut branch = node("If", &format!("{p}/y"), &[&format!("{p}/single_row")], &[]);
+        branch.attribute = vec![attr_graph("then_branch", single), attr_graph("else_branch", looped)];
         vec![
             node("Shape", &format!("{p}/qshape"), &[q], &[]),
             node("Gather", &rows, &[&format!("{p}/qshape"), &format!("{PREFIX}/zero")], &[attr_int("axis", 0)]),
-            node("Loop", &format!("{p}/y"), &[&rows, ""], &[attr_graph("body", graph)]),
+            node("Equal", &format!("{p}/single_row"), &[&rows, &format!("{PREFIX}/one")], &[]),
+            branch,
         ]
     }
 }
 
 /// A node named after (and with the one output) `out`.
-fn node(op: &str, out: &str, inputs: &[&str], attrs: &[AttributeProto]) -> NodeProto {
+pub(super) fn node(op: &str, out: &str, inputs: &[&str], attrs: &[AttributeProto]) -> NodeProto {
     NodeProto {
         op_type: op.into(),
         name: out.into(),
@@ -568,11 +596,11 @@ fn node(op: &str, out: &str, inputs: &[&str], attrs: &[AttributeProto]) -> NodeP
     }
 }
 
-fn attr_int(name: &str, i: i64) -> AttributeProto {
+pub(super) fn attr_int(name: &str, i: i64) -> AttributeProto {
     AttributeProto { name: name.into(), type_: AttributeType::INT.into(), i, ..Default::default() }
 }
 
-fn attr_float(name: &str, f: f32) -> AttributeProto {
+pub(super) fn attr_float(name: &str, f: f32) -> AttributeProto {
     AttributeProto { name: name.into(), type_: AttributeType::FLOAT.into(), f, ..Default::default() }
 }
 
@@ -597,7 +625,7 @@ fn value(name: &str, elem: i32, rank: usize) -> ValueInfoProto {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::runtime::ort::{OrtBackend, OrtSettings};
     use crate::runtime::{Engine, Tensor};
@@ -612,7 +640,7 @@ mod tests {
         Dimension { value: Some(value), ..Default::default() }
     }
 
-    fn input(name: &str, elem: i32, dims: &[&str]) -> ValueInfoProto {
+    pub(in crate::runtime) fn input(name: &str, elem: i32, dims: &[&str]) -> ValueInfoProto {
         let mut v = value(name, elem, 0);
         if let Some(type_proto::Value::TensorType(t)) = v.type_.as_mut().and_then(|t| t.value.as_mut()) {
             t.shape = Some(TensorShapeProto { dim: dims.iter().map(|d| dim(d)).collect(), ..Default::default() }).into();
@@ -620,11 +648,11 @@ mod tests {
         v
     }
 
-    fn scalar(name: &str, x: f32) -> TensorProto {
+    pub(in crate::runtime) fn scalar(name: &str, x: f32) -> TensorProto {
         TensorProto { name: name.into(), data_type: FLOAT, raw_data: x.to_le_bytes().to_vec(), ..Default::default() }
     }
 
-    fn op(kind: &str, out: &str, inputs: &[&str]) -> NodeProto {
+    pub(in crate::runtime) fn op(kind: &str, out: &str, inputs: &[&str]) -> NodeProto {
         node(kind, out, inputs, &[])
     }
 
@@ -697,7 +725,7 @@ mod tests {
         ModelProto { ir_version: 8, graph: Some(g).into(), opset_import: vec![opset], ..Default::default() }
     }
 
-    fn count(m: &ModelProto, op: &str) -> usize {
+    pub(in crate::runtime) fn count(m: &ModelProto, op: &str) -> usize {
         fn walk(g: &GraphProto, op: &str) -> usize {
             g.node
                 .iter()
@@ -710,13 +738,13 @@ mod tests {
         walk(m.graph.as_ref().unwrap(), op)
     }
 
-    fn backend(plain: bool) -> OrtBackend {
-        OrtBackend::new(OrtSettings { intra_threads: Some(1), plain_attention: plain, ..Default::default() })
+    pub(in crate::runtime) fn backend(plain: bool) -> OrtBackend {
+        OrtBackend::new(OrtSettings { intra_threads: Some(1), plain_graph: plain, ..Default::default() })
             .unwrap_or_else(|e| panic!("ONNX Runtime is needed for these tests: {e}"))
     }
 
     /// Runs `model` with the rewrite (`plain` = false) or as it is, and returns `y`.
-    fn run(model: &ModelProto, plain: bool, feeds: &[(&str, Tensor)]) -> ndarray::ArrayD<f32> {
+    pub(in crate::runtime) fn run(model: &ModelProto, plain: bool, feeds: &[(&str, Tensor)]) -> ndarray::ArrayD<f32> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.onnx");
         std::fs::write(&path, model.write_to_bytes().unwrap()).unwrap();
@@ -726,7 +754,7 @@ mod tests {
     }
 
     /// Deterministic values in [-2, 2).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
+    pub(in crate::runtime) fn values(n: usize, seed: u64) -> Vec<f32> {
         let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
@@ -750,7 +778,7 @@ mod tests {
         Tensor::Bool(a)
     }
 
-    fn max_diff(a: &ndarray::ArrayD<f32>, b: &ndarray::ArrayD<f32>) -> f32 {
+    pub(in crate::runtime) fn max_diff(a: &ndarray::ArrayD<f32>, b: &ndarray::ArrayD<f32>) -> f32 {
         assert_eq!(a.shape(), b.shape());
         a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
     }
@@ -773,7 +801,7 @@ mod tests {
         let mut m = graph(2, 2, Some(&["b", "1", "1", "t"]), Form::Canonical, 1);
         let plain = m.clone();
         assert_eq!(rewrite(&mut m), Summary { per_row: 1, ..Default::default() });
-        assert_eq!((count(&m, "Softmax"), count(&m, "Loop"), count(&m, "MultiHeadAttention")), (0, 1, 1));
+        assert_eq!((count(&m, "Softmax"), count(&m, "If"), count(&m, "Loop"), count(&m, "MultiHeadAttention")), (0, 1, 1, 2));
         // Row 0 fully valid, row 1 padded in the middle (like the joint text + image keys), row 2 one key.
         let keep = |i: &[usize]| match i[0] {
             0 => true,
@@ -805,6 +833,10 @@ mod tests {
         let y = run(&m, false, &feeds);
         assert!(y.slice_axis(ndarray::Axis(0), (1..2).into()).iter().all(|&x| x == 0.0));
         assert!(y.slice_axis(ndarray::Axis(0), (0..1).into()).iter().any(|&x| x != 0.0));
+        // A batch of one (no Loop) likewise.
+        let mut feeds = qkv(1, 1, 1, 4, 6);
+        feeds.push(("mask", bool_mask(&[1, 1, 1, 6], |_| false)));
+        assert!(run(&m, false, &feeds).iter().all(|&x| x == 0.0));
     }
 
     #[test]
@@ -871,7 +903,7 @@ mod tests {
     // ------------------------------------------------------------------------------------------
     // The committed graphs, as each backend runs them
 
-    fn committed(bundle: &str, component: &str) -> (PathBuf, ModelProto) {
+    pub(in crate::runtime) fn committed(bundle: &str, component: &str) -> (PathBuf, ModelProto) {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("engines").join(bundle).join(format!("{component}.onnx"));
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         (path, ModelProto::parse_from_bytes(&bytes).unwrap())
@@ -926,7 +958,8 @@ mod tests {
             let mut rewritten = model.clone();
             assert_eq!(rewrite(&mut rewritten), want, "{bundle}/{component}");
             assert_eq!(token_softmaxes(&rewritten), Vec::<String>::new(), "{bundle}/{component}");
-            assert_eq!(count(&rewritten, "MultiHeadAttention"), want.rewritten(), "{bundle}/{component}");
+            let nodes = want.flash + want.masked + 2 * want.per_row;
+            assert_eq!(count(&rewritten, "MultiHeadAttention"), nodes, "{bundle}/{component}");
         }
     }
 

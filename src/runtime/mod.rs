@@ -5,6 +5,7 @@ pub mod attention;
 pub mod backend;
 pub mod counters;
 pub mod cuda;
+pub mod fuse;
 pub mod loader;
 pub mod nvrtc;
 pub mod ort;
@@ -194,6 +195,11 @@ pub trait Engine: Send {
     fn growth(&self) -> Growth {
         Growth::Square
     }
+    /// A hint that the next runs repeat at the same sizes (the host denoising loop's steps): on, a run keeps its
+    /// working memory for the next (ONNX Runtime's arena is otherwise returned after each run, and faulting
+    /// 120 MB back in costs a 1 MP transformer step ~10%); off again before the last. Engines with fixed memory
+    /// ignore it.
+    fn repeat_runs(&mut self, _repeat: bool) {}
     /// The device loop, for an engine that has one; `None` makes the caller step on the host.
     fn device_loop(&mut self) -> Option<&mut dyn DeviceLoop> {
         None

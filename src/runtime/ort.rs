@@ -12,7 +12,8 @@
 //! Sessions are configured like Python onnxruntime's defaults (`ORT_ENABLE_ALL`, default thread
 //! count), so results match the export's onnxruntime checks. Before a session is built, each attention
 //! of the graph becomes one `com.microsoft.MultiHeadAttention` (runtime::attention: flash attention
-//! where ONNX Runtime has it), unless `OrtSettings::plain_attention` asks for the graph as it is.
+//! where ONNX Runtime has it) and each RMSNorm, tanh GELU and RoPE one node (runtime::fuse), unless
+//! `OrtSettings::plain_graph` asks for the graph as it is.
 //! A graph with FP8 Q/DQ (found by `qdq::scan`) gets `QDQSelectorActionTransformer` disabled, which
 //! would otherwise fuse its DequantizeLinear -> MatMul into an operator without float8 kernels (the
 //! export does the same).
@@ -21,6 +22,7 @@
 //! (ORT sessions are not run concurrently here), so no locks are needed on the hot path.
 
 use super::attention::{self, Summary};
+use super::fuse::{self, Fused};
 use super::widen::{self, Bf16Io, Twin};
 use super::{check_inputs, Dim, Engine, Error, Growth, Outputs, Tensor, TensorInfo};
 use crate::runtime::DType;
@@ -117,13 +119,14 @@ pub struct OrtSettings {
     /// Graph optimization level; the default matches Python onnxruntime (`all`).
     pub optimization: Optimization,
     /// Keep the CPU memory arena (shared, or each session's) at its high-water mark between runs (ONNX Runtime's own
-    /// default). Off (the default here), every run ends by returning the arena's free memory, so a
+    /// default). Off (the default here), every run ends by returning the arena's free memory (but the steps of a
+    /// denoising loop, which repeat at the same sizes: [`Engine::repeat_runs`]), so a
     /// batch's memory is that of its largest stage, not the sum of every component's largest run
     /// ever (1 MP bundle, one edit: 2.4 GB peak instead of 6.5 GB, no slower; `pipeline::memory`).
     pub keep_arena: bool,
-    /// Run the exported attention chains as they are, without the MultiHeadAttention rewrite
-    /// (runtime::attention); for comparisons.
-    pub plain_attention: bool,
+    /// Run the exported graph as it is: no MultiHeadAttention rewrite (runtime::attention), no fused RMSNorm,
+    /// GELU or RoPE (runtime::fuse); for comparisons.
+    pub plain_graph: bool,
     /// Run a bfloat16 graph as its float32 twin (runtime::widen: the weights widened, which is exact), behind its
     /// declared bfloat16 inputs and outputs (rounded to bfloat16 as a bfloat16 engine's buffers hold them). The
     /// reference side of `qwen-edit build`'s engine checks and of gpu-smoke's ONNX Runtime server; costs twice the
@@ -335,9 +338,14 @@ impl OrtBackend {
             .map_err(|e| load_err(e.to_string()))?
             .with_optimization_level(self.settings.optimization.level())
             .map_err(|e| load_err(e.to_string()))?
-            // Every component has its own intra-op pool; a spinning pool of the component that just ran
-            // steals the cores from the next one (measured: the tiny edit took twice as long).
-            .with_intra_op_spinning(false)
+            // Within a run the pool's threads spin between operators (as torch's OpenMP threads do) instead of
+            // sleeping and being woken for each: the 256x256 tiny edit 11% faster, a 512x512 edit's transformer
+            // steps 3%. Every component has its own pool, and one still spinning after its run would steal the
+            // cores from the next component (measured: the tiny edit took twice as long), so spinning stops
+            // with each run.
+            .with_intra_op_spinning(true)
+            .map_err(|e| load_err(e.to_string()))?
+            .with_config_entry("session.force_spinning_stop", "1")
             .map_err(|e| load_err(e.to_string()))?;
         if let Some(n) = self.settings.intra_threads {
             builder = builder.with_intra_threads(n).map_err(|e| load_err(e.to_string()))?;
@@ -350,7 +358,7 @@ impl OrtBackend {
             builder =
                 builder.with_disabled_optimizers(super::qdq::ORT_FP8_DISABLED_OPTIMIZERS).map_err(|e| load_err(e.to_string()))?;
         }
-        let Committed { session, attention, twin } =
+        let Committed { session, attention, fused, twin } =
             self.commit(builder, component, path).map_err(|e| load_err(explain_session_error(e)))?;
         // A twin declares the bfloat16 IO of its graph (its session takes and gives float32).
         let bf16 = twin.as_ref().map(|t| &t.1);
@@ -377,7 +385,7 @@ impl OrtBackend {
         };
         // Flash and per-row attentions stream their scores; a masked one materialises its probabilities, a skipped
         // or un-rewritten (plain) one its whole chain.
-        let streams = !self.settings.plain_attention && attention.masked == 0 && attention.skipped.is_empty();
+        let streams = !self.settings.plain_graph && attention.masked == 0 && attention.skipped.is_empty();
         let growth = if streams { Growth::Linear } else { Growth::Square };
         let twin = twin.map(|t| t.0);
         Ok(OrtEngine {
@@ -386,7 +394,9 @@ impl OrtBackend {
             inputs,
             outputs,
             run_options,
+            repeating: false,
             attention,
+            fused,
             growth,
             fp8_qdq,
             twin,
@@ -394,22 +404,28 @@ impl OrtBackend {
     }
 }
 
-/// A session as [`OrtBackend::commit`] built it: what the attention rewrite did, and for a float32 twin its scratch
+/// A session as [`OrtBackend::commit`] built it: what the attention and fusion rewrites did, and for a float32 twin its scratch
 /// directory and the names of the inputs and outputs its graph declared bfloat16.
 struct Committed {
     session: Session,
     attention: Summary,
+    fused: Fused,
     twin: Option<(Twin, Bf16Io)>,
 }
 
 impl OrtBackend {
     /// Builds the session of the graph at `path`: a bfloat16 graph made its float32 twin first under
-    /// `bf16_as_f32`, then its attentions rewritten unless `plain_attention`.
+    /// `bf16_as_f32`, then its attentions, RMSNorms, GELUs and RoPEs rewritten unless `plain_graph`.
     fn commit(&self, mut builder: SessionBuilder, component: &str, path: &Path) -> Result<Committed, String> {
         use onnx_protobuf::Message;
         let from_file = |mut b: SessionBuilder| b.commit_from_file(path).map_err(|e| e.to_string());
-        if self.settings.plain_attention && !self.settings.bf16_as_f32 {
-            return Ok(Committed { session: from_file(builder)?, attention: Summary::default(), twin: None });
+        if self.settings.plain_graph && !self.settings.bf16_as_f32 {
+            return Ok(Committed {
+                session: from_file(builder)?,
+                attention: Summary::default(),
+                fused: Fused::default(),
+                twin: None,
+            });
         }
         let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
         let mut model =
@@ -423,13 +439,29 @@ impl OrtBackend {
         } else {
             None
         };
-        let attention = if self.settings.plain_attention { Summary::default() } else { attention::rewrite(&mut model) };
+        // The norms, GELUs and RoPEs of the transformer only: fused in the text encoder too, a job's image was no
+        // longer bitwise the same alone and batched (tests/openai_client.rs, n=2 against /run), and the text
+        // encoder is about 0.5% of a 1 MP edit.
+        let (attention, fused) = match (self.settings.plain_graph, component) {
+            (true, _) => (Summary::default(), Fused::default()),
+            (false, "transformer") => (attention::rewrite(&mut model), fuse::rewrite(&mut model)),
+            (false, _) => (attention::rewrite(&mut model), Fused::default()),
+        };
         for s in &attention.skipped {
             tracing::warn!(component, "attention left unfused: {s}");
         }
-        tracing::debug!(component, flash = attention.flash, per_row = attention.per_row, masked = attention.masked, "attention");
-        if attention.rewritten() == 0 && twin.is_none() {
-            return Ok(Committed { session: from_file(builder)?, attention, twin });
+        tracing::debug!(
+            component,
+            flash = attention.flash,
+            per_row = attention.per_row,
+            masked = attention.masked,
+            rms_norms = fused.rms_norms,
+            gelus = fused.gelus,
+            ropes = fused.ropes,
+            "fused"
+        );
+        if attention.rewritten() == 0 && fused == Fused::default() && twin.is_none() {
+            return Ok(Committed { session: from_file(builder)?, attention, fused, twin });
         }
         // The model comes from memory: its external weights are beside the file, or in the twin's scratch directory.
         let folder = match &twin {
@@ -441,7 +473,7 @@ impl OrtBackend {
         }
         let bytes = model.write_to_bytes().map_err(|e| format!("cannot serialize the rewritten model: {e}"))?;
         let session = builder.commit_from_memory(&bytes).map_err(|e| e.to_string())?;
-        Ok(Committed { session, attention, twin })
+        Ok(Committed { session, attention, fused, twin })
     }
 }
 
@@ -510,7 +542,10 @@ pub struct OrtEngine {
     outputs: Vec<TensorInfo>,
     /// Run options of every run (the arena shrinkage; see [`OrtSettings::keep_arena`]).
     run_options: Option<RunOptions>,
+    /// Set by [`Engine::repeat_runs`]: runs keep the arena's memory for the next one.
+    repeating: bool,
     attention: Summary,
+    fused: Fused,
     /// Linear when every attention of the graph streams its scores.
     growth: Growth,
     /// The graph carries FP8 Q/DQ (its session runs without the QDQ selector).
@@ -524,6 +559,11 @@ impl OrtEngine {
     /// What the attention rewrite did to this component's graph.
     pub fn attention(&self) -> &Summary {
         &self.attention
+    }
+
+    /// What the RMSNorm, GELU and RoPE rewrite did to this component's graph.
+    pub fn fused(&self) -> Fused {
+        self.fused
     }
 
     /// Whether the graph carries FP8 Q/DQ (and its session was built for it).
@@ -608,6 +648,10 @@ impl Engine for OrtEngine {
         self.growth
     }
 
+    fn repeat_runs(&mut self, repeat: bool) {
+        self.repeating = repeat;
+    }
+
     fn run(&mut self, inputs: &[(&str, &Tensor)]) -> Result<Outputs, Error> {
         check_inputs(&self.component, &self.inputs, inputs)?;
         let component = self.component.clone();
@@ -637,8 +681,8 @@ impl Engine for OrtEngine {
         }
 
         let outs = match &self.run_options {
-            Some(o) => self.session.run_with_options(values, o),
-            None => self.session.run(values),
+            Some(o) if !self.repeating => self.session.run_with_options(values, o),
+            _ => self.session.run(values),
         }
         .map_err(|e| run_err(e.to_string()))?;
         let mut result = Vec::with_capacity(self.outputs.len());
