@@ -161,6 +161,15 @@ impl<'a> View<'a> {
         }
     }
 
+    /// The values of an int64 initializer, if `name` is one.
+    pub(super) fn ints(&self, name: &str) -> Option<Vec<i64>> {
+        let t = self.initializers.get(name).filter(|t| t.data_type == INT64)?;
+        if !t.raw_data.is_empty() {
+            return Some(t.raw_data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect());
+        }
+        Some(t.int64_data.clone())
+    }
+
     /// `x` and the scalar `c` of `Mul(x, c)` / `Mul(c, x)` producing `name`.
     pub(super) fn scaled(&self, name: &str) -> Option<(usize, String, f32)> {
         let (i, n) = self.op(name, "Mul")?;
@@ -612,7 +621,7 @@ fn attr_graph(name: &str, g: GraphProto) -> AttributeProto {
     AttributeProto { name: name.into(), type_: AttributeType::GRAPH.into(), g: Some(g).into(), ..Default::default() }
 }
 
-fn ints(name: &str, dims: &[i64], values: &[i64]) -> TensorProto {
+pub(super) fn ints(name: &str, dims: &[i64], values: &[i64]) -> TensorProto {
     TensorProto { name: name.into(), dims: dims.to_vec(), data_type: INT64, int64_data: values.to_vec(), ..Default::default() }
 }
 

@@ -13,9 +13,9 @@
 
 use std::collections::HashMap;
 
-use onnx_protobuf::{ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
+use onnx_protobuf::{ModelProto, NodeProto, OperatorSetIdProto};
 
-use super::attention::{self, View, FLOAT, INT64, MS_DOMAIN};
+use super::attention::{self, View, FLOAT, MS_DOMAIN};
 
 /// What the rewrite did to one graph.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -54,7 +54,7 @@ fn scaled(view: &View<'_>, name: &str) -> Option<(String, f32)> {
 /// The value of a rank-0 int64 initializer (a Gather index that drops its axis).
 fn index(view: &View<'_>, name: &str) -> Option<i64> {
     let t = view.initializers.get(name).filter(|t| t.dims.is_empty())?;
-    match ints(view, &t.name)?.as_slice() {
+    match view.ints(&t.name)?.as_slice() {
         [i] => Some(*i),
         _ => None,
     }
@@ -98,14 +98,7 @@ pub fn rewrite(model: &mut ModelProto) -> Fused {
         }
     }
     if fused.ropes > 0 {
-        let int64s = |name: &str, v: &[i64]| TensorProto {
-            name: name.into(),
-            dims: vec![v.len() as i64],
-            data_type: INT64,
-            int64_data: v.to_vec(),
-            ..Default::default()
-        };
-        graph.initializer.extend([int64s(ROPE_START, &[0]), int64s(ROPE_FLAT, &[0, 0, -1])]);
+        graph.initializer.extend([attention::ints(ROPE_START, &[1], &[0]), attention::ints(ROPE_FLAT, &[3], &[0, 0, -1])]);
     }
     attention::prune(graph);
     if fused.gelus + fused.ropes > 0 && !model.opset_import.iter().any(|o| o.domain == MS_DOMAIN) {
@@ -117,15 +110,6 @@ pub fn rewrite(model: &mut ModelProto) -> Fused {
 /// Whether `name` is declared float32.
 fn is_f32(view: &View<'_>, name: &str) -> bool {
     view.shapes.get(name).is_some_and(|s| s.elem == FLOAT)
-}
-
-/// The values of an int64 initializer (stored in the model).
-fn ints(view: &View<'_>, name: &str) -> Option<Vec<i64>> {
-    let t = view.initializers.get(name).filter(|t| t.data_type == INT64)?;
-    if !t.raw_data.is_empty() {
-        return Some(t.raw_data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect());
-    }
-    Some(t.int64_data.clone())
 }
 
 /// Whether `w` is a float32 initializer of one dim, the last dim of `x` when that is known (its data may be
@@ -166,7 +150,7 @@ fn rms_norm(view: &View<'_>, pow: &NodeProto) -> Option<(usize, NodeProto)> {
     let (_, mean) = only_consumer(view, &pow.output[0]).filter(|(_, n)| n.op_type == "ReduceMean")?;
     let keepdims = mean.attribute.iter().find(|a| a.name == "keepdims").is_none_or(|a| a.i == 1);
     let axes = match mean.input.get(1) {
-        Some(a) => ints(view, a)?,
+        Some(a) => view.ints(a)?,
         None => mean.attribute.iter().find(|a| a.name == "axes")?.ints.clone(),
     };
     if !keepdims || (axes != [-1] && axes != [rank - 1]) {
@@ -265,7 +249,7 @@ fn rope(view: &View<'_>, stack: &NodeProto) -> Option<(usize, Vec<NodeProto>)> {
     }
     let unsqueezed = |name: &str| {
         let (_, u) = view.op(name, "Unsqueeze").filter(|_| view.uses(name) == 1)?;
-        (ints(view, u.input.get(1)?)? == [-1] && view.uses(&u.input[0]) == 1).then(|| u.input[0].clone())
+        (view.ints(u.input.get(1)?)? == [-1] && view.uses(&u.input[0]) == 1).then(|| u.input[0].clone())
     };
     let (real, imag) = (unsqueezed(&stack.input[0])?, unsqueezed(&stack.input[1])?);
     let (_, sub) = view.op(&real, "Sub")?;
@@ -294,7 +278,7 @@ fn rope(view: &View<'_>, stack: &NodeProto) -> Option<(usize, Vec<NodeProto>)> {
     // The tables: [S, H/2] unsqueezed at [0, 2].
     let table = |u: &str| {
         let (_, n) = view.op(u, "Unsqueeze")?;
-        (ints(view, n.input.get(1)?)? == [0, 2]).then(|| n.input[0].clone())
+        (view.ints(n.input.get(1)?)? == [0, 2]).then(|| n.input[0].clone())
     };
     let (cos, sin) = (table(&a.2)?, table(&b.2)?);
     // The pairs: x [B, S, N, H] (N and H static, float32) reshaped to [B, S, N, H/2, 2].
@@ -363,8 +347,7 @@ mod tests {
 
     /// `y = RMSNorm(h) * w` as torch exports it.
     fn rms_graph() -> ModelProto {
-        let axes =
-            TensorProto { name: "axes".into(), dims: vec![1], data_type: INT64, int64_data: vec![-1], ..Default::default() };
+        let axes = attention::ints("axes", &[1], &[-1]);
         let mut mean = op("ReduceMean", "m", &["p", "axes"]);
         mean.attribute.push(attention::attr_int("keepdims", 1));
         let nodes = vec![
@@ -465,13 +448,6 @@ mod tests {
     /// `y = RoPE(x)` as torch exports the transformer's (x `[b, s, 2, 8]`: two heads of 8, tables `[s, 4]`);
     /// `swap_sum`: the imaginary part's terms the other way round; `swap_diff`: `x1 sin - x0 cos` (not RoPE).
     fn rope_graph(swap_sum: bool, swap_diff: bool) -> ModelProto {
-        let i64s = |name: &str, dims: &[i64], v: &[i64]| TensorProto {
-            name: name.into(),
-            dims: dims.to_vec(),
-            data_type: INT64,
-            int64_data: v.to_vec(),
-            ..Default::default()
-        };
         let gather = |out: &str, i: &str| {
             let mut g = op("Gather", out, &["pairs", i]);
             g.attribute.push(attention::attr_int("axis", 4));
@@ -497,12 +473,12 @@ mod tests {
             op("Reshape", "y", &["st", "shape4"]),
         ];
         let inits = vec![
-            i64s("shape5", &[5], &[0, 0, 2, 4, 2]),
-            i64s("shape4", &[4], &[0, 0, 2, 8]),
-            i64s("i0", &[], &[0]),
-            i64s("i1", &[], &[1]),
-            i64s("axes02", &[2], &[0, 2]),
-            i64s("axes_last", &[1], &[-1]),
+            attention::ints("shape5", &[5], &[0, 0, 2, 4, 2]),
+            attention::ints("shape4", &[4], &[0, 0, 2, 8]),
+            attention::ints("i0", &[], &[0]),
+            attention::ints("i1", &[], &[1]),
+            attention::ints("axes02", &[2], &[0, 2]),
+            attention::ints("axes_last", &[1], &[-1]),
         ];
         let four = |n: &str| input(n, FLOAT, &["b", "s", "2", "4"]);
         let mut value_info =
